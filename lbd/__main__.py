@@ -1,0 +1,3 @@
+from lbd.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""Balancing strategies: config word → implementation, in one table."""
+
+from __future__ import annotations
+
+import random
+
+from lbd.balancing.base import Balancer, BalancerFactory, Candidate
+from lbd.balancing.least_connection import LeastConnectionBalancer
+from lbd.balancing.random_choice import RandomBalancer
+from lbd.balancing.round_robin import RoundRobinBalancer
+from lbd.config.model import StrategyName
+
+STRATEGIES: dict[StrategyName, BalancerFactory] = {
+    "random": RandomBalancer,
+    "round-robin": RoundRobinBalancer,
+    "least-connection": LeastConnectionBalancer,
+}
+
+
+def make_balancer(strategy: StrategyName, rng: random.Random | None = None) -> Balancer:
+    return STRATEGIES[strategy](rng if rng is not None else random.Random())
+
+
+__all__ = ["STRATEGIES", "Balancer", "Candidate", "make_balancer"]

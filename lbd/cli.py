@@ -1,0 +1,122 @@
+"""argv → command. The only module that decides the process exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import get_args
+
+from lbd import __version__
+from lbd.config import Config, ConfigError, listeners_of, load_file
+from lbd.loops import LOOP_FACTORIES, LoopName
+from lbd.observability.logging import LOG_LEVELS, LogFormat, configure_logging
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_USAGE = 2
+EXIT_START = 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lbd", description="A userspace L4 load balancer for Kubernetes-style Services."
+    )
+    parser.add_argument("--version", action="version", version=f"lbd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_runtime_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--loop", choices=list(LOOP_FACTORIES), default="uvloop")
+        sub.add_argument("--log-format", choices=get_args(LogFormat), default="auto")
+        sub.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+    run = commands.add_parser("run", help="serve the services of a config file")
+    run.add_argument("config", help="path to the lbd/v1 YAML config")
+    with_runtime_options(run)
+
+    check = commands.add_parser("check", help="validate a config file without binding anything")
+    check.add_argument("config", help="path to the lbd/v1 YAML config")
+
+    demo = commands.add_parser(
+        "demo", help="start demo backends and services on 127.x and show how each strategy balances"
+    )
+    demo.add_argument("--connections", type=int, default=300, help="connections per strategy")
+    demo.add_argument(
+        "--once",
+        action="store_true",
+        help="exit after the distribution table instead of staying up",
+    )
+    with_runtime_options(demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return check(args.config)
+    configure_logging(args.log_format, args.log_level)
+    if args.command == "run":
+        return run(args.config, args.loop)
+    return demo(args.loop, args.connections, args.once)
+
+
+def _load(path: str) -> Config | None:
+    try:
+        return load_file(path)
+    except ConfigError as error:
+        print(f"{path}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
+        for problem in error.problems:
+            print(str(problem), file=sys.stderr)
+        return None
+
+
+def check(path: str) -> int:
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    ports = sum(len(s.ports) for s in config.services)
+    listeners = sum(len(listeners_of(s, config.node)) for s in config.services)
+    endpoints = sum(len(s.endpoints) for s in config.services)
+    counts = ", ".join(
+        _plural(n, word)
+        for n, word in (
+            (len(config.services), "service"),
+            (ports, "port"),
+            (listeners, "listener"),
+            (endpoints, "endpoint"),
+        )
+    )
+    print(f"{path}: ok: {counts} (node {config.node.name})")
+    return EXIT_OK
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def run(path: str, loop: LoopName) -> int:
+    from lbd.runtime import ListenerError
+    from lbd.worker import serve
+
+    config = _load(path)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
+            return runner.run(serve(config))
+    except ListenerError as error:
+        print(f"{path}: {error}", file=sys.stderr)
+        return EXIT_START
+
+
+def demo(loop: LoopName, connections: int, once: bool) -> int:
+    from lbd.demo import run_demo
+    from lbd.runtime import ListenerError
+
+    try:
+        with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
+            return runner.run(run_demo(connections, once))
+    except ListenerError as error:
+        print(f"lbd demo: {error}", file=sys.stderr)
+        return EXIT_START

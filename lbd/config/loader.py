@@ -1,0 +1,304 @@
+"""YAML (``apiVersion: lbd/v1``) → ``Config``, with every problem reported as ``path: message``."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from lbd.config import fields as f
+from lbd.config.checks import check_listeners
+from lbd.config.durations import parse_duration
+from lbd.config.errors import ConfigError, FieldError, Problem
+from lbd.config.model import (
+    API_VERSION,
+    PROTOCOLS,
+    SERVICE_TYPES,
+    STRATEGIES,
+    Config,
+    Defaults,
+    Endpoint,
+    Node,
+    Protocol,
+    Service,
+    ServicePort,
+    ServiceType,
+    Timeouts,
+)
+from lbd.config.nodeports import allocate_node_ports
+from lbd.config.yamlfile import parse_yaml, read_config_file
+
+TOP_KEYS = ("apiVersion", "node", "defaults", "services")
+NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
+TUNABLE_KEYS = ("strategy", "connectTimeout", "idleTimeout", "drainTimeout", "accessLog")
+SERVICE_KEYS = (
+    "name",
+    "namespace",
+    "type",
+    "clusterIP",
+    "externalIPs",
+    "loadBalancerIPs",
+    "ports",
+    "endpoints",
+    *TUNABLE_KEYS,
+)
+PORT_KEYS = ("name", "protocol", "port", "targetPort", "nodePort")
+ENDPOINT_KEYS = ("address", "ports", "weight")
+DEFAULT_NODE_PORT_RANGE = (30000, 32767)
+
+_port_number = f.int_between(1, 65535)
+# Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
+_service_port_number = f.int_between(0, 65535)
+_weight = f.int_between(0, 1_000_000)
+
+
+def load_file(path: str | Path) -> Config:
+    source = str(path)
+    return load_text(read_config_file(path), source)
+
+
+def load_text(text: str | bytes, source: str = "<config>") -> Config:
+    document = parse_yaml(text, source)
+    problems = f.Problems()
+    config = build_config(document, problems)
+    if problems.items or config is None:
+        raise ConfigError(problems.items, source)
+    return config
+
+
+def build_config(document: object, problems: f.Problems) -> Config | None:
+    if not isinstance(document, dict):
+        problems.add("", f"the document must be a mapping, got {f.type_name(document)}")
+        return None
+    top = f.Section(document, "", problems, TOP_KEYS)
+    version = top.get("apiVersion", f.string)
+    if not f.is_missing(version) and version != API_VERSION:
+        problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
+    node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS))
+    defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
+    services: list[Service] = []
+    paths: list[str] = []
+    names: dict[str, str] = {}
+    for path, raw in top.items("services"):
+        service = _service(f.Section(raw, path, problems, SERVICE_KEYS), defaults)
+        if service is None:
+            continue
+        if service.key in names:
+            problems.add(
+                f"{path}.name", f"duplicate service {service.key} (first at {names[service.key]})"
+            )
+            continue
+        names[service.key] = path
+        services.append(service)
+        paths.append(path)
+    if problems.items:
+        return None
+    services = allocate_node_ports(services, paths, node.node_port_range, problems)
+    if problems.items:
+        return None
+    config = Config(node=node, defaults=defaults, services=tuple(services))
+    check_listeners(config, paths, problems)
+    return config
+
+
+def _node(section: f.Section) -> Node:
+    addresses = tuple(
+        _item(section, path, raw, f.ip_address) for path, raw in section.items("addresses")
+    )
+    return Node(
+        name=section.get("name", f.string, socket.gethostname()),
+        zone=section.get("zone", f.string, None),
+        addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
+        node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
+    )
+
+
+def _defaults(section: f.Section) -> Defaults:
+    base = Defaults()
+    return Defaults(
+        strategy=section.get("strategy", f.one_of(STRATEGIES), base.strategy),
+        timeouts=_timeouts(section, base.timeouts),
+        access_log=section.get("accessLog", f.boolean, base.access_log),
+    )
+
+
+def _timeouts(section: f.Section, base: Timeouts) -> Timeouts:
+    return Timeouts(
+        connect=section.get("connectTimeout", _positive_duration, base.connect),
+        idle=section.get("idleTimeout", _positive_duration, base.idle),
+        drain=section.get("drainTimeout", parse_duration, base.drain),
+    )
+
+
+def _service(section: f.Section, defaults: Defaults) -> Service | None:
+    problems_before = len(section.problems.items)
+    kind: ServiceType = section.get("type", f.one_of(SERVICE_TYPES), "ClusterIP")
+    lb_ips = _addresses(section, "loadBalancerIPs")
+    if lb_ips and kind != "LoadBalancer":
+        section.problems.add(f.join(section.path, "loadBalancerIPs"), "only for type LoadBalancer")
+    endpoints = _endpoints(section)
+    ports = _ports(section, kind, endpoints)
+    service = Service(
+        name=section.get("name", f.dns_label),
+        namespace=section.get("namespace", f.dns_label, "default"),
+        type=kind,
+        cluster_ip=section.get("clusterIP", f.unicast_address),
+        external_ips=_addresses(section, "externalIPs"),
+        load_balancer_ips=lb_ips,
+        strategy=section.get("strategy", f.one_of(STRATEGIES), defaults.strategy),
+        timeouts=_timeouts(section, defaults.timeouts),
+        access_log=section.get("accessLog", f.boolean, defaults.access_log),
+        ports=ports,
+        endpoints=endpoints,
+    )
+    return service if len(section.problems.items) == problems_before else None
+
+
+def _ports(
+    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...]
+) -> tuple[ServicePort, ...]:
+    items = section.items("ports")
+    if not items:
+        section.problems.add(f.join(section.path, "ports"), "at least one port is required")
+    ports: list[ServicePort] = []
+    seen_names: dict[str, str] = {}
+    seen_numbers: dict[tuple[str, int], str] = {}
+    for path, raw in items:
+        port_section = f.Section(raw, path, section.problems, PORT_KEYS)
+        port = _port(port_section, kind, endpoints, named=len(items) > 1)
+        if port is None:
+            continue
+        if port.name is not None:
+            if port.name in seen_names:
+                section.problems.add(
+                    f"{path}.name", f"duplicate port name (first at {seen_names[port.name]})"
+                )
+            seen_names[port.name] = path
+        number_key = (port.protocol, port.port)
+        if port.port and number_key in seen_numbers:
+            section.problems.add(
+                f"{path}.port",
+                f"{port.protocol} port {port.port} already used by {seen_numbers[number_key]}",
+            )
+        seen_numbers[number_key] = path
+        ports.append(port)
+    return tuple(ports)
+
+
+def _port(
+    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...], named: bool
+) -> ServicePort | None:
+    problems_before = len(section.problems.items)
+    name = section.get("name", f.port_name, None)
+    if named and name is None:
+        section.problems.add(
+            f.join(section.path, "name"), "required when a service has more than one port"
+        )
+    protocol: Protocol = section.get("protocol", f.one_of(PROTOCOLS), "TCP")
+    number = section.get("port", _service_port_number)
+    default_target: int | str | None = number if isinstance(number, int) and number > 0 else None
+    target: int | str | None = section.get("targetPort", _target_port, default_target)
+    if target is None and number == 0:
+        section.problems.add(f.join(section.path, "targetPort"), "required when port is 0")
+    node_port = section.get("nodePort", _port_number, None)
+    if node_port is not None and kind == "ClusterIP":
+        section.problems.add(
+            f.join(section.path, "nodePort"),
+            "only NodePort and LoadBalancer services have a nodePort",
+        )
+    if isinstance(target, str):
+        for endpoint in endpoints:
+            if endpoint.port_named(target) is None:
+                section.problems.add(
+                    f.join(section.path, "targetPort"),
+                    f'endpoint {endpoint.address} has no port named "{target}"',
+                )
+    if len(section.problems.items) != problems_before or target is None:
+        return None
+    return ServicePort(
+        name=name,
+        protocol=protocol,
+        port=number,
+        target_port=target,
+        node_port=node_port,
+    )
+
+
+def _endpoints(section: f.Section) -> tuple[Endpoint, ...]:
+    endpoints: list[Endpoint] = []
+    seen: dict[str, str] = {}
+    for path, raw in section.items("endpoints"):
+        if isinstance(raw, str):
+            address = _item(section, path, raw, f.unicast_address)
+            endpoint = Endpoint(address) if address else None
+        else:
+            endpoint = _endpoint(f.Section(raw, path, section.problems, ENDPOINT_KEYS))
+        if endpoint is None:
+            continue
+        if endpoint.address in seen:
+            section.problems.add(
+                path, f"duplicate endpoint {endpoint.address} (first at {seen[endpoint.address]})"
+            )
+            continue
+        seen[endpoint.address] = path
+        endpoints.append(endpoint)
+    return tuple(endpoints)
+
+
+def _endpoint(section: f.Section) -> Endpoint | None:
+    problems_before = len(section.problems.items)
+    address = section.get("address", f.unicast_address)
+    ports_section = f.Section(
+        section.raw("ports"), f.join(section.path, "ports"), section.problems, None
+    )
+    named: list[tuple[str, int]] = []
+    for key, value in ports_section.values.items():
+        key_path = f.join(ports_section.path, str(key))
+        try:
+            named.append((f.port_name(key), _port_number(value)))
+        except FieldError as error:
+            section.problems.add(key_path, str(error))
+    weight = section.get("weight", _weight, 1)
+    if len(section.problems.items) != problems_before:
+        return None
+    return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight)
+
+
+def _addresses(section: f.Section, key: str) -> tuple[str, ...]:
+    found = [_item(section, path, raw, f.unicast_address) for path, raw in section.items(key)]
+    return tuple(address for address in found if address)
+
+
+def _item(section: f.Section, path: str, raw: object, parse: f.Parser[str]) -> str:
+    try:
+        return parse(raw)
+    except FieldError as error:
+        section.problems.add(path, str(error))
+        return ""
+
+
+def _target_port(value: object) -> int | str | None:
+    if isinstance(value, str):
+        return f.port_name(value)
+    return _port_number(value)
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise FieldError("must be greater than 0")
+    return seconds
+
+
+def _port_range(value: object) -> tuple[int, int]:
+    text = f.string(value)
+    low_text, _, high_text = text.partition("-")
+    try:
+        low, high = int(low_text), int(high_text)
+    except ValueError:
+        raise FieldError(f"expected a range such as 30000-32767, got {text!r}") from None
+    if not 1 <= low <= high <= 65535:
+        raise FieldError(f"expected 1 <= low <= high <= 65535, got {text!r}")
+    return (low, high)
+
+
+__all__ = ["ConfigError", "Problem", "build_config", "load_file", "load_text"]

@@ -1,0 +1,142 @@
+"""The typed, frozen configuration every other module sees.
+
+The loader (``lbd.config.loader``) is the only code that reads raw YAML; everything after it
+works on these objects. Per-service values are already merged with ``defaults``, and NodePorts
+that the file left out are already allocated, so consumers never resolve anything twice.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+API_VERSION = "lbd/v1"
+
+Protocol = Literal["TCP"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+StrategyName = Literal["random", "round-robin", "least-connection"]
+ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
+
+SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
+STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
+PROTOCOLS: tuple[Protocol, ...] = ("TCP",)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One backend address of a service, as written in the config."""
+
+    address: str  # normalised IP literal
+    ports: tuple[tuple[str, int], ...] = ()  # named ports, sorted by name
+    weight: int = 1
+
+    def port_named(self, name: str) -> int | None:
+        for port_name, number in self.ports:
+            if port_name == name:
+                return number
+        return None
+
+    def target_port(self, target: int | str) -> int | None:
+        """The port number this endpoint serves for ``target`` (a number or a port name)."""
+        return target if isinstance(target, int) else self.port_named(target)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    name: str | None
+    protocol: Protocol
+    port: int
+    target_port: int | str
+    node_port: int | None  # set (allocated if omitted) for NodePort and LoadBalancer services
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float
+    idle: float
+    drain: float
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    namespace: str
+    type: ServiceType
+    cluster_ip: str
+    external_ips: tuple[str, ...]
+    load_balancer_ips: tuple[str, ...]
+    strategy: StrategyName
+    timeouts: Timeouts
+    access_log: bool
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[Endpoint, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    name: str
+    zone: str | None
+    addresses: tuple[str, ...]
+    node_port_range: tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    strategy: StrategyName = "round-robin"
+    timeouts: Timeouts = field(
+        default_factory=lambda: Timeouts(connect=1.0, idle=3600.0, drain=30.0)
+    )
+    access_log: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    node: Node
+    defaults: Defaults
+    services: tuple[Service, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerSpec:
+    """One socket lbd binds: where it listens and which service port it feeds."""
+
+    protocol: Protocol
+    address: str
+    port: int
+    kind: ListenerKind
+    service: str  # namespace/name
+    port_index: int  # index into Service.ports
+
+    @property
+    def bind_key(self) -> tuple[str, str, int]:
+        return (self.protocol, self.address, self.port)
+
+    def describe(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{self.protocol} {host}:{self.port}"
+
+
+def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:
+    """Every socket a service asks for, in a stable order (Kubernetes' Service semantics)."""
+    specs: list[ListenerSpec] = []
+    for index, port in enumerate(service.ports):
+        places: list[tuple[str, int, ListenerKind]] = [(service.cluster_ip, port.port, "clusterIP")]
+        places += [(address, port.port, "externalIP") for address in service.external_ips]
+        if service.type in ("NodePort", "LoadBalancer") and port.node_port is not None:
+            places += [(address, port.node_port, "nodePort") for address in node.addresses]
+        if service.type == "LoadBalancer":
+            places += [(a, port.port, "loadBalancerIP") for a in service.load_balancer_ips]
+        specs += [
+            ListenerSpec(port.protocol, address, number, kind, service.key, index)
+            for address, number, kind in places
+        ]
+    return specs
+
+
+def is_wildcard(address: str) -> bool:
+    return ipaddress.ip_address(address).is_unspecified

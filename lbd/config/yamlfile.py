@@ -1,0 +1,68 @@
+"""Reading YAML safely: a size cap, the safe loader, and duplicate keys reported, not dropped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lbd.config.errors import ConfigError, Problem
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+class _StrictSafeLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[object, object]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool):
+                continue  # unhashable or odd keys are reported by the section reader
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str | bytes, source: str = "<config>") -> object:
+    """The document as plain Python data; a ConfigError for anything unreadable."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            [Problem("", f"{source}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")], source
+        )
+    try:
+        documents = list(yaml.load_all(text, Loader=_StrictSafeLoader))
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise ConfigError(
+            [Problem("", f"{source}: invalid YAML at {where}: {error.problem}")], source
+        ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([Problem("", f"{source}: invalid YAML: {error}")], source) from None
+    except RecursionError:
+        raise ConfigError([Problem("", f"{source}: YAML nested too deeply")], source) from None
+    documents = [document for document in documents if document is not None]
+    if not documents:
+        raise ConfigError([Problem("", f"{source}: the file is empty")], source)
+    if len(documents) > 1:
+        raise ConfigError(
+            [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
+        )
+    return documents[0]
+
+
+def read_config_file(path: str | Path) -> bytes:
+    """The file's bytes, capped; a ConfigError (not an OSError) when it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(
+            [Problem("", f"{path}: cannot read: {error.strerror}")], str(path)
+        ) from None
+    return data

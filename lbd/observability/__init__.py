@@ -1,0 +1,1 @@
+"""Logs (and, later, metrics): defined once, used everywhere."""

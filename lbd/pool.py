@@ -1,0 +1,78 @@
+"""The endpoints of one service port and their live state: the single owner of that state.
+
+Health (later) says "live", config says "exists"; ``eligible()`` needs both. Active connection
+counts are written only through ``acquire``/``release`` so that moving the counts somewhere
+shared between workers is a change inside this class, not a rewrite of its callers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterable
+
+
+class UpstreamEndpoint:
+    """One (address, port) that connections of a service port can be sent to."""
+
+    __slots__ = ("active", "address", "draining", "family", "port", "weight")
+
+    def __init__(self, address: str, port: int, weight: int = 1) -> None:
+        self.address = address
+        self.port = port
+        self.weight = weight
+        self.active = 0
+        self.draining = False  # removed from the config; kept while connections remain
+        self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.address, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.family == socket.AF_INET6 else self.address
+        return f"{host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"UpstreamEndpoint({self}, weight={self.weight}, active={self.active})"
+
+
+class Pool:
+    __slots__ = ("_eligible", "members")
+
+    def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
+        self.members: list[UpstreamEndpoint] = list(members)
+        self._eligible: list[UpstreamEndpoint] = []
+        self._refresh()
+
+    def eligible(self) -> list[UpstreamEndpoint]:
+        """Endpoints that may take a new connection. Do not mutate the returned list."""
+        return self._eligible
+
+    def acquire(self, endpoint: UpstreamEndpoint) -> None:
+        endpoint.active += 1
+
+    def release(self, endpoint: UpstreamEndpoint) -> None:
+        endpoint.active -= 1
+
+    def update(self, wanted: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
+        """Make the members (address, port, weight); keep the objects of endpoints that stay so
+        their counts and balancer positions survive. Returns (added, removed)."""
+        current = {member.key: member for member in self.members}
+        members: list[UpstreamEndpoint] = []
+        added = 0
+        for address, port, weight in wanted:
+            member = current.pop((address, port), None)
+            if member is None:
+                member = UpstreamEndpoint(address, port, weight)
+                added += 1
+            member.weight = weight
+            member.draining = False
+            members.append(member)
+        for gone in current.values():
+            gone.draining = True
+        self.members = members
+        self._refresh()
+        return added, len(current)
+
+    def _refresh(self) -> None:
+        self._eligible = [m for m in self.members if m.weight > 0 and not m.draining]

@@ -1,0 +1,111 @@
+"""Running lbd as a real process: start it, wait for a log event, signal it, read its logs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class LbdProcess:
+    process: asyncio.subprocess.Process
+    events: list[dict[str, object]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    _new_line: asyncio.Event = field(default_factory=asyncio.Event)
+    _reader: asyncio.Task[None] | None = None
+
+    async def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            text = line.decode(errors="replace").rstrip("\n")
+            self.lines.append(text)
+            with contextlib.suppress(ValueError):
+                self.events.append(json.loads(text))
+            self._new_line.set()
+
+    async def wait_event(
+        self, name: str, timeout: float = 10.0, count: int = 1
+    ) -> dict[str, object]:
+        """The ``count``-th log event whose message is ``name``; fails after ``timeout``."""
+
+        async def found() -> dict[str, object]:
+            while True:
+                matches = [e for e in self.events if e.get("event") == name]
+                if len(matches) >= count:
+                    return matches[count - 1]
+                if self.process.returncode is not None and self._reader and self._reader.done():
+                    raise AssertionError(f"lbd exited before {name!r}:\n" + "\n".join(self.lines))
+                self._new_line.clear()
+                await self._new_line.wait()
+
+        try:
+            return await asyncio.wait_for(found(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"no {name!r} within {timeout}s:\n" + "\n".join(self.lines)
+            ) from None
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    async def wait_exit(self, timeout: float = 10.0) -> int:
+        code = await asyncio.wait_for(self.process.wait(), timeout)
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, timeout)
+        return code
+
+    def listener(self, kind: str = "clusterIP") -> tuple[str, int]:
+        for event in self.events:
+            if event.get("event") == "listening" and event.get("kind") == kind:
+                host, _, port = str(event["listener"]).split(" ", 1)[1].rpartition(":")
+                return host.strip("[]"), int(port)
+        raise AssertionError(f"no {kind} listener logged")
+
+
+async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lbd",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+@contextlib.asynccontextmanager
+async def lbd_process(config_path: Path, *extra: str) -> AsyncIterator[LbdProcess]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "lbd",
+        "run",
+        str(config_path),
+        "--log-format",
+        "json",
+        *extra,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lbd = LbdProcess(process)
+    lbd._reader = asyncio.create_task(lbd._read_stderr())
+    try:
+        yield lbd
+    finally:
+        if process.returncode is None:
+            process.kill()  # our own child, by PID
+            await process.wait()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lbd._reader, 5)

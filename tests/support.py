@@ -1,0 +1,195 @@
+"""Test helpers: fresh 127.x addresses, real backends on port 0, an in-process lbd."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from lbd.config import Config, load_text
+from lbd.runtime import Runtime
+
+_addresses = itertools.count(1)
+# One /16 per test process, so two suites running at once on a machine do not collide.
+_BLOCK = 100 + os.getpid() % 100
+
+
+def fresh_ip() -> str:
+    """A 127.x address no other test in this process uses (every 127.x is local)."""
+    n = next(_addresses)
+    return f"127.{_BLOCK}.{n // 250}.{n % 250 + 1}"
+
+
+def dead_port(address: str) -> int:
+    """A port on ``address`` with nothing listening: connects to it are refused."""
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
+
+
+def config(yaml_text: str) -> Config:
+    return load_text(yaml_text, "<test>")
+
+
+def service_yaml(
+    name: str,
+    endpoints: list[tuple[str, int]],
+    *,
+    cluster_ip: str | None = None,
+    strategy: str = "round-robin",
+    extra: str = "",
+    port: int = 0,
+) -> str:
+    """One ClusterIP service on port 0 (the kernel picks) with numeric-port endpoints."""
+    eps = "".join(f"      - {{address: '{a}', ports: {{p: {p}}}}}\n" for a, p in endpoints)
+    return (
+        f"  - name: {name}\n"
+        f"    clusterIP: '{cluster_ip or fresh_ip()}'\n"
+        f"    strategy: {strategy}\n"
+        f"    ports: [{{port: {port}, targetPort: p}}]\n"
+        + (f"    endpoints:\n{eps}" if endpoints else "    endpoints: []\n")
+        + extra
+    )
+
+
+def document(*services: str, defaults: str = "", node: str = "") -> str:
+    return (
+        "apiVersion: lbd/v1\n"
+        + (f"node: {node}\n" if node else "")
+        + (f"defaults: {defaults}\n" if defaults else "")
+        + "services:\n"
+        + "".join(services)
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(cfg: Config) -> AsyncIterator[Runtime]:
+    """An lbd runtime serving ``cfg`` in this loop; always torn down."""
+    runtime = Runtime(cfg)
+    await runtime.start()
+    try:
+        yield runtime
+    finally:
+        runtime.stop_accepting()
+        runtime.close_all("test_teardown")
+        await settle()
+
+
+def address_of(
+    runtime: Runtime, service: str = "default/svc", kind: str = "clusterIP"
+) -> tuple[str, int]:
+    return runtime.listener_for(service, 0, kind).bound
+
+
+# -- backends -------------------------------------------------------------------------------
+
+
+@dataclass
+class BackendStats:
+    connections: int = 0
+    open: int = 0
+    received: int = 0
+    resets: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    transports: set[asyncio.BaseTransport] = field(default_factory=set)
+
+
+class NamedEcho(asyncio.Protocol):
+    """Says its name on connect, echoes what it gets, and half-closes after the client does."""
+
+    def __init__(self, name: str, stats: BackendStats) -> None:
+        self.name = name
+        self.stats = stats
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.stats.connections += 1
+        self.stats.open += 1
+        self.stats.transports.add(transport)
+        if self.name:
+            self.transport.write(f"{self.name}\n".encode())  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        self.stats.received += len(data)
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def eof_received(self) -> bool:
+        assert self.transport is not None
+        self.transport.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stats.open -= 1
+        if self.transport is not None:
+            self.stats.transports.discard(self.transport)
+        if isinstance(exc, ConnectionResetError):
+            self.stats.resets += 1
+        self.stats.closed.set()
+
+
+@contextlib.asynccontextmanager
+async def echo_backend(
+    name: str = "", address: str | None = None
+) -> AsyncIterator[tuple[str, int, BackendStats]]:
+    loop = asyncio.get_running_loop()
+    stats = BackendStats()
+    host = address or fresh_ip()
+    server = await loop.create_server(lambda: NamedEcho(name, stats), host, 0)
+    try:
+        yield host, server.sockets[0].getsockname()[1], stats
+    finally:
+        server.close()
+        await close_transports(stats.transports)
+
+
+async def close_transports(transports: set[asyncio.BaseTransport]) -> None:
+    """Let connections that are finishing finish, then abort the rest, so no transport
+    outlives its test (warnings are errors)."""
+    for _ in range(100):
+        if not transports:
+            break
+        await asyncio.sleep(0.005)
+    for transport in list(transports):
+        transport.abort()  # type: ignore[attr-defined]
+    await settle()
+
+
+async def settle() -> None:
+    """A few loop turns: closing a transport completes on a later iteration."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+@contextlib.asynccontextmanager
+async def echo_backends(count: int) -> AsyncIterator[list[tuple[str, int, BackendStats]]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(echo_backend(f"backend-{i}")) for i in range(count)]
+
+
+async def read_name(host: str, port: int, timeout: float = 5.0) -> str:
+    """Connect, read the backend's name line, close."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    return line.decode().strip()
+
+
+@contextlib.contextmanager
+def listening_socket(address: str, backlog: int) -> Iterator[socket.socket]:
+    sock = socket.socket()
+    try:
+        sock.bind((address, 0))
+        sock.listen(backlog)
+        yield sock
+    finally:
+        sock.close()

@@ -1,0 +1,192 @@
+"""lbd as people run it: real processes, real signals, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.procs import lbd_process, run_cli
+from tests.support import document, echo_backend, fresh_ip, read_name, service_yaml
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, text: str, name: str = "lbd.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+async def test_check_good_config_prints_a_summary(tmp_path: Path) -> None:
+    path = write(tmp_path, document(service_yaml("svc", [("127.0.0.1", 8080)])))
+    code, out, err = await run_cli("check", str(path))
+    assert code == 0, err
+    assert (
+        out
+        == f"{path}: ok: 1 service, 1 port, 1 listener, 1 endpoint (node {out.split('node ')[1]}"
+    )
+    assert err == ""
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+async def test_shipped_configs_are_valid(example: Path) -> None:
+    code, _, err = await run_cli("check", str(example))
+    assert code == 0, err
+
+
+async def test_check_bad_config_lists_every_problem_and_exits_1(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "apiVersion: lbd/v1\nservices:\n"
+        "  - name: web\n    clusterIP: 127.96.0.10\n    ports: [{port: 80, targetPort: htp}]\n"
+        "    endpoints: [{address: 127.0.1.2, ports: {http: 8080}}]\n"
+        "    strategy: fastest\n",
+    )
+    code, out, err = await run_cli("check", str(path))
+    assert code == 1 and out == ""
+    assert err.splitlines() == [
+        f"{path}: 2 problems",
+        'services[0].ports[0].targetPort: endpoint 127.0.1.2 has no port named "htp"',
+        "services[0].strategy: must be one of random, round-robin, least-connection, got 'fastest'",
+    ]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "content", ["", "[1, 2", "\x00\xff binary", "apiVersion: lbd/v1\nservices: 5\n"]
+)
+async def test_run_refuses_bad_input_with_the_same_messages_as_check(
+    tmp_path: Path, content: str
+) -> None:
+    path = write(tmp_path, content)
+    check_code, _, check_err = await run_cli("check", str(path))
+    run_code, _, run_err = await run_cli("run", str(path))
+    assert check_code == run_code == 1
+    assert run_err == check_err and "Traceback" not in run_err
+
+
+async def test_run_missing_file(tmp_path: Path) -> None:
+    code, _, err = await run_cli("run", str(tmp_path / "missing.yaml"))
+    assert code == 1
+    assert "cannot read: No such file or directory" in err
+
+
+async def test_run_exits_3_when_a_listener_cannot_bind(tmp_path: Path) -> None:
+    host = fresh_ip()
+    blocker = await asyncio.start_server(lambda r, w: None, host, 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        path = write(
+            tmp_path,
+            document(
+                service_yaml("svc", [], cluster_ip=host, port=port).replace(
+                    "targetPort: p", "targetPort: 9"
+                )
+            ),
+        )
+        code, _, err = await run_cli("run", str(path))
+    finally:
+        blocker.close()
+    assert code == 3
+    assert (
+        f"cannot bind TCP {host}:{port} (clusterIP of default/svc): Address already in use" in err
+    )
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_run_serves_logs_listeners_and_stops_cleanly_on_sigterm(
+    tmp_path: Path, loop: str
+) -> None:
+    async with echo_backend("b1") as (bh, bp, _):
+        path = write(
+            tmp_path, document(service_yaml("svc", [(bh, bp)]), defaults="{accessLog: true}")
+        )
+        async with lbd_process(path, "--loop", loop) as lbd:
+            await lbd.wait_event("lbd started")
+            host, port = lbd.listener()
+            assert await read_name(host, port) == "b1"
+            access = await lbd.wait_event("connection closed")
+            assert access["service"] == "default/svc" and access["endpoint"] == f"{bh}:{bp}"
+            assert access["bytes_sent"] == 3 and access["end"] in ("completed", "client_closed")
+            assert access["client"] == "127.0.0.1"
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+            await lbd.wait_event("lbd stopped")
+
+
+async def test_sigterm_drains_open_connections_then_exits(tmp_path: Path) -> None:
+    async with echo_backend("") as (bh, bp, _):
+        path = write(
+            tmp_path, document(service_yaml("svc", [(bh, bp)]), defaults="{drainTimeout: 10s}")
+        )
+        async with lbd_process(path) as lbd:
+            await lbd.wait_event("lbd started")
+            host, port = lbd.listener()
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"before")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"before"
+            lbd.signal(signal.SIGTERM)
+            await lbd.wait_event("shutdown: draining")
+            # New connections are refused; the open one keeps flowing.
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection(host, port)
+            writer.write(b"during")
+            assert await asyncio.wait_for(reader.readexactly(6), 5) == b"during"
+            writer.close()
+            started = time.monotonic()
+            assert await lbd.wait_exit() == 0
+            assert time.monotonic() - started < 2  # exits as soon as the last one is done
+
+
+async def test_drain_timeout_closes_what_is_left(tmp_path: Path) -> None:
+    async with echo_backend("") as (bh, bp, _):
+        path = write(
+            tmp_path, document(service_yaml("svc", [(bh, bp)]), defaults="{drainTimeout: 500ms}")
+        )
+        async with lbd_process(path) as lbd:
+            await lbd.wait_event("lbd started")
+            reader, writer = await asyncio.open_connection(*lbd.listener())
+            writer.write(b"x")
+            await asyncio.wait_for(reader.readexactly(1), 5)
+            started = time.monotonic()
+            lbd.signal(signal.SIGTERM)
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by lbd at the deadline
+            assert 0.4 < time.monotonic() - started < 2
+            assert await lbd.wait_exit() == 0
+            writer.close()
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
+    async with echo_backend("") as (bh, bp, _):
+        path = write(
+            tmp_path, document(service_yaml("svc", [(bh, bp)]), defaults="{drainTimeout: 1h}")
+        )
+        async with lbd_process(path) as lbd:
+            await lbd.wait_event("lbd started")
+            reader, writer = await asyncio.open_connection(*lbd.listener())
+            writer.write(b"x")
+            await asyncio.wait_for(reader.readexactly(1), 5)
+            lbd.signal(signal.SIGINT)
+            await lbd.wait_event("shutdown: draining")
+            lbd.signal(signal.SIGINT)
+            assert await lbd.wait_exit(timeout=3) == 0
+            writer.close()
+
+
+async def test_demo_once_prints_a_distribution_per_strategy() -> None:
+    code, out, err = await run_cli(
+        "demo", "--once", "--connections", "60", "--log-level", "warning"
+    )
+    assert code == 0, err
+    table = out[out.index("strategy") :]
+    for row in ("random", "round-robin", "least-connection", "NodePort (rr)"):
+        line = next(line for line in table.splitlines() if line.startswith(row))
+        counts = [int(cell.split("(")[0]) for cell in line[len(row) :].split(")") if cell.strip()]
+        assert sum(counts) == 60, line
+    assert "error" not in table
+    assert "curl http://127.96.0.2:8080/" in out

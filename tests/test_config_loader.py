@@ -1,0 +1,363 @@
+"""The loader: one test per kind of bad input, each checking the exact ``path: message``."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from lbd.config import ConfigError, load_file, load_text
+from lbd.config.durations import parse_duration
+from lbd.config.errors import FieldError
+from lbd.config.model import listeners_of
+from lbd.config.yamlfile import MAX_CONFIG_BYTES
+
+GOOD = """
+apiVersion: lbd/v1
+node:
+  name: node-a
+  zone: zone-a
+  addresses: [127.0.0.5]
+  nodePortRange: 30000-32767
+defaults:
+  strategy: random
+  connectTimeout: 250ms
+  idleTimeout: 1h30m
+  drainTimeout: 5
+  accessLog: true
+services:
+  - name: web
+    namespace: shop
+    type: LoadBalancer
+    clusterIP: 127.96.0.10
+    externalIPs: [127.98.0.1]
+    loadBalancerIPs: [127.97.0.1]
+    strategy: least-connection
+    ports:
+      - name: http
+        port: 80
+        targetPort: http
+        nodePort: 30080
+      - name: admin
+        port: 81
+    endpoints:
+      - address: 127.0.1.1
+        ports: {http: 8080}
+        weight: 3
+      - {address: 127.0.1.2, ports: {http: 8081}, weight: 0}
+  - name: db
+    clusterIP: "::1"
+    ports: [{port: 5432}]
+    endpoints: [127.0.2.1, "::1"]
+"""
+
+
+def problems_of(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_text(textwrap.dedent(text), "<test>")
+    return [str(p) for p in caught.value.problems]
+
+
+def with_service(body: str, head: str = "apiVersion: lbd/v1\n") -> str:
+    return head + "services:\n" + textwrap.indent(textwrap.dedent(body), "  ")
+
+
+def test_good_config_is_typed_and_merged_with_defaults() -> None:
+    config = load_text(GOOD)
+    web, db = config.services
+    assert config.node.name == "node-a" and config.node.addresses == ("127.0.0.5",)
+    assert web.key == "shop/web" and web.type == "LoadBalancer"
+    assert web.strategy == "least-connection"
+    assert db.strategy == "random"  # from defaults
+    assert web.timeouts.connect == 0.25 and web.timeouts.idle == 5400 and web.timeouts.drain == 5
+    assert web.access_log is True
+    assert web.ports[0].target_port == "http" and web.ports[0].node_port == 30080
+    assert web.ports[1].target_port == 81  # default: the port itself
+    assert 30000 <= (web.ports[1].node_port or 0) <= 32767  # allocated
+    assert web.endpoints[0].target_port("http") == 8080 and web.endpoints[1].weight == 0
+    assert db.cluster_ip == "::1" and db.namespace == "default"
+    assert db.ports[0].node_port is None
+    kinds = [spec.kind for spec in listeners_of(web, config.node)]
+    assert kinds == ["clusterIP", "externalIP", "nodePort", "loadBalancerIP"] * 2
+
+
+def test_defaults_when_optional_sections_are_missing() -> None:
+    config = load_text(
+        "apiVersion: lbd/v1\nservices: [{name: a, clusterIP: 127.0.0.9, ports: [{port: 1}]}]"
+    )
+    assert config.node.addresses == ("0.0.0.0",)
+    assert config.node.node_port_range == (30000, 32767)
+    service = config.services[0]
+    assert service.strategy == "round-robin" and service.type == "ClusterIP"
+    assert (service.timeouts.connect, service.timeouts.idle, service.timeouts.drain) == (
+        1,
+        3600,
+        30,
+    )
+    assert service.endpoints == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1h30m", 5400),
+        (2, 2),
+        (1.5, 1.5),
+        ("0.5s", 0.5),
+    ],
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "1d", "ms", "-1s", "1 h", True, [1], -3])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(FieldError):
+        parse_duration(text)
+
+
+def test_unknown_key_has_did_you_mean() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n  stratgy: random\n  ports: [{port: 1}]\n"
+    )
+    [problem] = problems_of(text)
+    assert problem.startswith("services[0].stratgy: unknown key (did you mean 'strategy'?)")
+
+
+def test_unknown_top_level_key_from_a_later_issue_is_an_error_not_ignored() -> None:
+    assert problems_of("apiVersion: lbd/v1\nservices: []\nworkers: 4\n")[0].startswith(
+        "workers: unknown key"
+    )
+
+
+def test_wrong_types() -> None:
+    text = with_service(
+        "- name: 7\n  clusterIP: [127.0.0.9]\n  ports: {port: 1}\n  accessLog: 'yes'\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports: expected a list, got a mapping",
+        "services[0].ports: at least one port is required",
+        "services[0].name: expected a string, got a number",
+        "services[0].clusterIP: expected a string, got a list",
+        "services[0].accessLog: expected true or false, got 'yes'",
+    ]
+
+
+def test_port_out_of_range() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 70000, targetPort: 0}]\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports[0].port: must be between 0 and 65535, got 70000",
+        "services[0].ports[0].targetPort: must be between 1 and 65535, got 0",
+    ]
+
+
+def test_invalid_ip_addresses() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.999\n  externalIPs: [0.0.0.0]\n  ports: [{port: 1}]\n"
+        "  endpoints: [not-an-ip]\n"
+    )
+    assert problems_of(text) == [
+        "services[0].endpoints[0]: expected an IP address, got 'not-an-ip'",
+        "services[0].clusterIP: expected an IP address, got '127.0.0.999'",
+        "services[0].externalIPs[0]: must be a unicast address, got 0.0.0.0",
+    ]
+
+
+def test_duplicate_service_names_per_namespace() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 1}]}\n"
+        "- {name: a, namespace: other, clusterIP: 127.0.0.9, ports: [{port: 2}]}\n"
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 3}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[2].name: duplicate service default/a (first at services[0])"
+    ]
+
+
+def test_duplicate_listener_across_services() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 80}]}\n"
+        "- {name: b, clusterIP: 127.0.0.8, externalIPs: [127.0.0.9], ports: [{port: 80}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[1].ports[0]: externalIP listener TCP 127.0.0.9:80 conflicts with the clusterIP "
+        "listener TCP 127.0.0.9:80 of default/a (services[0].ports[0])"
+    ]
+
+
+def test_wildcard_node_address_conflicts_with_a_specific_listener_on_the_same_port() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 30080}]}\n"
+        "- {name: b, type: NodePort, clusterIP: 127.0.0.8, ports: [{port: 80, nodePort: 30080}]}\n",
+        head="apiVersion: lbd/v1\nnode: {addresses: [0.0.0.0]}\n",
+    )
+    assert problems_of(text) == [
+        "services[1].ports[0]: nodePort listener TCP 0.0.0.0:30080 conflicts with the clusterIP "
+        "listener TCP 127.0.0.9:30080 of default/a (services[0].ports[0])"
+    ]
+
+
+def test_node_port_outside_range_and_taken_twice() -> None:
+    text = with_service(
+        "- {name: a, type: NodePort, clusterIP: 127.0.0.9, ports: [{port: 1, nodePort: 29999}]}\n"
+        "- {name: b, type: NodePort, clusterIP: 127.0.0.8, ports: [{port: 1, nodePort: 30001}]}\n"
+        "- {name: c, type: NodePort, clusterIP: 127.0.0.7, ports: [{port: 1, nodePort: 30001}]}\n",
+        head="apiVersion: lbd/v1\nnode: {addresses: [127.0.0.5]}\n",
+    )
+    assert problems_of(text) == [
+        "services[0].ports[0].nodePort: 29999 is outside nodePortRange 30000-32767",
+        "services[2].ports[0].nodePort: TCP nodePort 30001 already used by services[1].ports[0].nodePort",
+    ]
+
+
+def test_node_port_on_cluster_ip_service_and_lb_ips_on_node_port_service() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 1, nodePort: 30001}]}\n"
+        "- {name: b, type: NodePort, clusterIP: 127.0.0.8, loadBalancerIPs: [127.0.0.1], ports: [{port: 1}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports[0].nodePort: only NodePort and LoadBalancer services have a nodePort",
+        "services[1].loadBalancerIPs: only for type LoadBalancer",
+    ]
+
+
+def test_named_target_port_missing_on_an_endpoint() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 80, targetPort: htp}]\n"
+        "  endpoints:\n  - {address: 127.0.1.1, ports: {htp: 8080}}\n  - {address: 127.0.1.2, ports: {http: 8080}}\n"
+    )
+    assert problems_of(text) == [
+        'services[0].ports[0].targetPort: endpoint 127.0.1.2 has no port named "htp"'
+    ]
+
+
+def test_port_names_required_and_unique_with_several_ports() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 80}, {name: x, port: 81}, {name: x, port: 80}]\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports[0].name: required when a service has more than one port",
+        "services[0].ports[2].name: duplicate port name (first at services[0].ports[1])",
+    ]
+
+
+def test_bad_enums_have_did_you_mean() -> None:
+    text = with_service(
+        "- {name: a, type: Nodeport, clusterIP: 127.0.0.9, strategy: roundrobin, ports: [{port: 1, protocol: SCTP}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, got 'Nodeport' "
+        "(did you mean 'NodePort'?)",
+        "services[0].ports[0].protocol: must be one of TCP, got 'SCTP'",
+        "services[0].strategy: must be one of random, round-robin, least-connection, got "
+        "'roundrobin' (did you mean 'round-robin'?)",
+    ]
+
+
+def test_names_must_be_dns_labels_and_weights_non_negative() -> None:
+    text = with_service(
+        "- name: Web_1\n  clusterIP: 127.0.0.9\n  ports: [{port: 1}]\n"
+        "  endpoints: [{address: 127.0.0.1, weight: -1}]\n"
+    )
+    assert problems_of(text) == [
+        "services[0].endpoints[0].weight: must be between 0 and 1000000, got -1",
+        "services[0].name: must be a DNS label (lower-case letters, digits and '-', at most 63), "
+        "got 'Web_1'",
+    ]
+
+
+def test_duplicate_endpoint() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 1}], endpoints: [127.0.0.1, 127.0.0.1]}\n"
+    )
+    assert problems_of(text) == [
+        "services[0].endpoints[1]: duplicate endpoint 127.0.0.1 (first at services[0].endpoints[0])"
+    ]
+
+
+def test_missing_required_fields() -> None:
+    assert problems_of("apiVersion: lbd/v1\nservices: [{}]\n") == [
+        "services[0].ports: at least one port is required",
+        "services[0].name: required",
+        "services[0].clusterIP: required",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", "<test>: the file is empty"),
+        ("# only a comment\n", "<test>: the file is empty"),
+        ("- a\n- b\n", "the document must be a mapping, got a list"),
+        ("just text", "the document must be a mapping, got a string"),
+        ("apiVersion: v1\nservices: []", "apiVersion: must be 'lbd/v1', got 'v1'"),
+        ("services: []", "apiVersion: required"),
+        (
+            "apiVersion: lbd/v1\nservices: []\nservices: []\n",
+            "<test>: invalid YAML at line 3, column 1: duplicate key 'services'",
+        ),
+        (
+            "apiVersion: lbd/v1\nservices: [\n",
+            "<test>: invalid YAML at line 3, column 1: expected the node content, but found '<stream end>'",
+        ),
+        (
+            "apiVersion: lbd/v1\n---\napiVersion: lbd/v1\n",
+            "<test>: expected one YAML document, found 2",
+        ),
+        (
+            "apiVersion: !!python/object:os.system ls\n",
+            "<test>: invalid YAML at line 1, column 13: could not determine a constructor for the tag 'tag:yaml.org,2002:python/object:os.system'",
+        ),
+    ],
+)
+def test_documents_that_are_not_configs(text: str, expected: str) -> None:
+    assert problems_of(text) == [expected]
+
+
+def test_size_cap() -> None:
+    assert problems_of("#" * (MAX_CONFIG_BYTES + 1)) == ["<test>: larger than 16 MiB"]
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: nope, ports: [{port: 1}]}\n- {name: b, clusterIP: 127.0.0.1, ports: [{port: -1}]}\n",
+        head="apiVersion: lbd/v2\n",
+    )
+    assert len(problems_of(text)) == 3
+
+
+def test_unreadable_file(tmp_path: pytest.TempPathFactory) -> None:
+    missing = f"{tmp_path}/nope.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_file(missing)
+    assert str(caught.value) == f"{missing}: cannot read: No such file or directory"
+
+
+def test_node_port_allocation_is_deterministic_and_stable() -> None:
+    base = "apiVersion: lbd/v1\nnode: {addresses: [127.0.0.5], nodePortRange: 30000-30009}\nservices:\n"
+    one = "  - {name: a, type: NodePort, clusterIP: 127.0.0.9, ports: [{port: 1}]}\n"
+    other = (
+        "  - {name: b, type: NodePort, clusterIP: 127.0.0.8, ports: [{port: 1, nodePort: 30005}]}\n"
+    )
+    first = load_text(base + one).services[0].ports[0].node_port
+    assert first is not None and 30000 <= first <= 30009
+    assert load_text(base + one).services[0].ports[0].node_port == first
+    # Another service placed before it (with an explicit port elsewhere) does not move it.
+    if first != 30005:
+        assert load_text(base + other + one).services[1].ports[0].node_port == first
+
+
+def test_node_port_range_exhausted() -> None:
+    text = (
+        "apiVersion: lbd/v1\nnode: {addresses: [127.0.0.5], nodePortRange: 30000-30001}\nservices:\n"
+        "  - {name: a, type: NodePort, clusterIP: 127.0.0.9, ports: [{name: x, port: 1}, {name: y, port: 2}, {name: z, port: 3}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports[2].nodePort: no free nodePort left in 30000-30001"
+    ]

@@ -1,0 +1,423 @@
+"""The TCP data path with real sockets on 127.x, on uvloop and on asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import struct
+import time
+from collections import Counter
+
+import pytest
+
+from tests.support import (
+    address_of,
+    config,
+    dead_port,
+    document,
+    echo_backend,
+    echo_backends,
+    fresh_ip,
+    listening_socket,
+    read_name,
+    running,
+    service_yaml,
+)
+
+MiB = 1024 * 1024
+
+
+async def test_round_robin_through_lbd_spreads_evenly() -> None:
+    async with echo_backends(3) as backends:
+        cfg = config(document(service_yaml("svc", [(h, p) for h, p, _ in backends])))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            names = Counter([await read_name(host, port) for _ in range(30)])
+    assert names == {"backend-0": 10, "backend-1": 10, "backend-2": 10}
+
+
+async def test_weights_apply_through_lbd() -> None:
+    async with echo_backends(2) as backends:
+        (h0, p0, _), (h1, p1, _) = backends
+        text = document(
+            "  - name: svc\n"
+            f"    clusterIP: {fresh_ip()}\n"
+            "    ports: [{port: 0, targetPort: p}]\n"
+            "    endpoints:\n"
+            f"      - {{address: {h0}, ports: {{p: {p0}}}, weight: 3}}\n"
+            f"      - {{address: {h1}, ports: {{p: {p1}}}, weight: 1}}\n"
+        )
+        async with running(config(text)) as runtime:
+            host, port = address_of(runtime)
+            names = Counter([await read_name(host, port) for _ in range(40)])
+    assert names == {"backend-0": 30, "backend-1": 10}
+
+
+async def test_every_listener_kind_forwards() -> None:
+    node_ip, lb_ip, ext_ip = fresh_ip(), fresh_ip(), fresh_ip()
+    node_port = 30000 + os.getpid() % 2700
+    async with echo_backend("only") as (bh, bp, _):
+        text = document(
+            "  - name: svc\n"
+            "    type: LoadBalancer\n"
+            f"    clusterIP: {fresh_ip()}\n"
+            f"    externalIPs: [{ext_ip}]\n"
+            f"    loadBalancerIPs: [{lb_ip}]\n"
+            f"    ports: [{{port: 0, targetPort: {bp}, nodePort: {node_port}}}]\n"
+            f"    endpoints: [{bh}]\n",
+            node=f"{{addresses: [{node_ip}]}}",
+        )
+        async with running(config(text)) as runtime:
+            kinds = {listener.spec.kind: listener.bound for listener in runtime.listeners}
+            assert set(kinds) == {"clusterIP", "externalIP", "nodePort", "loadBalancerIP"}
+            assert kinds["nodePort"] == (node_ip, node_port)
+            assert kinds["externalIP"][0] == ext_ip and kinds["loadBalancerIP"][0] == lb_ip
+            for host, port in kinds.values():
+                assert await read_name(host, port) == "only"
+
+
+async def test_ipv6_listener_and_endpoint() -> None:
+    async with echo_backend("v6", "::1") as (bh, bp, _):
+        cfg = config(document(service_yaml("svc", [(bh, bp)], cluster_ip="::1")))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            assert await read_name(host, port) == "v6"
+
+
+async def test_retry_past_a_dead_endpoint_is_invisible_to_clients() -> None:
+    dead_host = fresh_ip()
+    async with echo_backend("alive") as (bh, bp, stats):
+        cfg = config(document(service_yaml("svc", [(dead_host, dead_port(dead_host)), (bh, bp)])))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            names = [await read_name(host, port) for _ in range(20)]
+            route_stats = runtime.listeners[0].route.stats
+    assert names == ["alive"] * 20
+    assert route_stats.upstream_cx_connect_fail == 10  # round-robin sent every other try there
+    assert route_stats.upstream_cx_retries == 10
+    assert stats.connections == 20
+
+
+async def test_all_endpoints_dead_resets_the_client() -> None:
+    hosts = [fresh_ip(), fresh_ip()]
+    cfg = config(document(service_yaml("svc", [(h, dead_port(h)) for h in hosts])))
+    async with running(cfg) as runtime:
+        host, port = address_of(runtime)
+        reader, writer = await asyncio.open_connection(host, port)
+        with pytest.raises(ConnectionResetError):
+            await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        stats = runtime.listeners[0].route.stats
+        assert stats.upstream_cx_connect_fail == 2  # each endpoint tried once
+        assert stats.upstream_cx_none_succeeded == 1
+
+
+async def _connect_and_read(host: str, port: int) -> bytes:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        data = await asyncio.wait_for(reader.read(), 1)
+        assert data != b"", "accepted then closed cleanly: should be refused or reset"
+        return data
+    finally:
+        writer.close()
+
+
+async def test_no_endpoints_refuses_within_100ms() -> None:
+    cfg = config(document(service_yaml("svc", [])))
+    async with running(cfg) as runtime:
+        host, port = address_of(runtime)
+        started = time.monotonic()
+        with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
+            await _connect_and_read(host, port)
+        assert time.monotonic() - started < 0.1
+        assert runtime.listeners[0].route.stats.downstream_cx_refused_no_endpoint == 1
+
+
+async def test_zero_weight_endpoints_take_no_connections() -> None:
+    async with echo_backends(2) as backends:
+        (h0, p0, _), (h1, p1, _) = backends
+        text = document(
+            f"  - name: svc\n    clusterIP: {fresh_ip()}\n    ports: [{{port: 0, targetPort: p}}]\n"
+            f"    endpoints:\n      - {{address: {h0}, ports: {{p: {p0}}}, weight: 0}}\n"
+            f"      - {{address: {h1}, ports: {{p: {p1}}}}}\n"
+        )
+        async with running(config(text)) as runtime:
+            host, port = address_of(runtime)
+            assert {await read_name(host, port) for _ in range(6)} == {"backend-1"}
+
+
+async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
+    # A listener whose accept queue is full drops SYNs: connects to it hang (a black hole).
+    blackhole = fresh_ip()
+    with listening_socket(blackhole, backlog=0) as full:
+        # listen(0) queues one connection; this one fills the queue, later SYNs are dropped.
+        filler = [socket.create_connection(full.getsockname(), timeout=2)]
+        async with echo_backend("alive") as (bh, bp, _):
+            text = document(
+                service_yaml("svc", [(blackhole, full.getsockname()[1]), (bh, bp)]),
+                defaults="{connectTimeout: 400ms}",
+            )
+            async with running(config(text)) as runtime:
+                host, port = address_of(runtime)
+                started = time.monotonic()
+                names = [await read_name(host, port) for _ in range(2)]
+                elapsed = time.monotonic() - started
+                stats = runtime.listeners[0].route.stats
+        for sock in filler:
+            sock.close()
+    assert names == ["alive", "alive"]
+    assert stats.upstream_cx_connect_timeout == 1
+    # The first of two candidates gets a quarter of connectTimeout (escalating tries).
+    assert 0.09 < elapsed < 0.4
+
+
+async def _pump(writer: asyncio.StreamWriter, total: int, seed: bytes) -> str:
+    digest = hashlib.sha256()
+    block = hashlib.sha256(seed).digest() * (65536 // 32)
+    sent = 0
+    counter = 0
+    while sent < total:
+        chunk = block[: min(len(block), total - sent)]
+        chunk = struct.pack("!Q", counter) + chunk[8:] if len(chunk) > 8 else chunk
+        counter += 1
+        digest.update(chunk)
+        writer.write(chunk)
+        await writer.drain()
+        sent += len(chunk)
+    writer.write_eof()
+    return digest.hexdigest()
+
+
+async def _drain_hash(reader: asyncio.StreamReader) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := await reader.read(MiB):
+        digest.update(chunk)
+        total += len(chunk)
+    return digest.hexdigest(), total
+
+
+async def test_64_mib_each_way_at_once_with_half_close_is_byte_exact() -> None:
+    size = 64 * MiB
+    results: dict[str, object] = {}
+    done = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent, (received, count) = await asyncio.gather(
+            _pump(writer, size, b"up"), _drain_hash(reader)
+        )
+        results.update(backend_sent=sent, backend_received=received, backend_count=count)
+        writer.close()
+        done.set()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(backend, bh, 0)
+    bp = server.sockets[0].getsockname()[1]
+    try:
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            host, port = address_of(runtime)
+            reader, writer = await asyncio.open_connection(host, port)
+            sent, (received, count) = await asyncio.wait_for(
+                asyncio.gather(_pump(writer, size, b"down"), _drain_hash(reader)), 60
+            )
+            await asyncio.wait_for(done.wait(), 10)
+            writer.close()
+    finally:
+        server.close()
+    assert count == size and results["backend_count"] == size
+    assert received == results["backend_sent"]
+    assert sent == results["backend_received"]
+
+
+async def test_half_close_keeps_the_other_direction_open() -> None:
+    async with echo_backend("") as (bh, bp, _):
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            host, port = address_of(runtime)
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"request")
+            writer.write_eof()  # the client is done sending; it still expects the answer
+            assert await asyncio.wait_for(reader.read(), 5) == b"request"
+            writer.close()
+
+
+async def test_slow_reader_keeps_lbd_buffers_bounded() -> None:
+    size = 24 * MiB
+    max_buffered = 0
+    finished = asyncio.Event()
+
+    async def fast_writer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _pump(writer, size, b"fast")
+        writer.close()
+        finished.set()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(fast_writer, bh, 0)
+    bp = server.sockets[0].getsockname()[1]
+    try:
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            host, port = address_of(runtime)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+            received = 0
+            while chunk := await asyncio.wait_for(reader.read(64 * 1024), 10):
+                received += len(chunk)
+                for connection in runtime.connections:
+                    buffered = connection.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+                    if connection.upstream is not None:  # type: ignore[attr-defined]
+                        buffered += connection.upstream.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+                    max_buffered = max(max_buffered, buffered)
+                await asyncio.sleep(0.0005)  # a slow reader: about 64 KiB per loop turn
+            writer.close()
+    finally:
+        server.close()
+    assert received == size
+    # lbd never holds more than about two socket buffers, not the 24 MiB the backend pushed.
+    assert max_buffered < 1 * MiB, max_buffered
+
+
+async def test_100_concurrent_clients() -> None:
+    async with echo_backends(3) as backends:
+        cfg = config(
+            document(
+                service_yaml("svc", [(h, p) for h, p, _ in backends], strategy="least-connection")
+            )
+        )
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+
+            async def client(i: int) -> tuple[str, bytes]:
+                reader, writer = await asyncio.open_connection(host, port)
+                payload = os.urandom(32 * 1024) + str(i).encode()
+                name = (await reader.readline()).decode().strip()
+                writer.write(payload)
+                writer.write_eof()
+                echoed = await reader.read()
+                writer.close()
+                return name, echoed if echoed == payload else b"MISMATCH"
+
+            results = await asyncio.wait_for(asyncio.gather(*(client(i) for i in range(100))), 30)
+            assert all(echoed != b"MISMATCH" for _, echoed in results)
+            counts = Counter(name for name, _ in results)
+            assert sum(counts.values()) == 100 and len(counts) == 3
+            assert runtime.listeners[0].route.stats.downstream_cx_total == 100
+            for _ in range(100):
+                if not runtime.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert len(runtime.connections) == 0
+            assert all(ep.active == 0 for ep in runtime.listeners[0].route.pool.members)
+
+
+async def test_upstream_reset_reaches_the_client_as_a_reset() -> None:
+    async def resetter(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(5)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(resetter, bh, 0)
+    try:
+        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"hello")
+            with pytest.raises(ConnectionResetError):
+                await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+    finally:
+        server.close()
+
+
+async def test_client_reset_reaches_the_backend_as_a_reset() -> None:
+    async with echo_backend("") as (bh, bp, stats):
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            host, port = address_of(runtime)
+            sock = socket.create_connection((host, port))
+            sock.sendall(b"x")
+            for _ in range(200):
+                if stats.received:
+                    break
+                await asyncio.sleep(0.005)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            await asyncio.wait_for(stats.closed.wait(), 5)
+    assert stats.resets == 1
+
+
+async def test_idle_timeout_closes_idle_connections_only() -> None:
+    async with echo_backend("") as (bh, bp, _):
+        text = document(service_yaml("svc", [(bh, bp)]), defaults="{idleTimeout: 300ms}")
+        async with running(config(text)) as runtime:
+            host, port = address_of(runtime)
+            idle_reader, idle_writer = await asyncio.open_connection(host, port)
+            busy_reader, busy_writer = await asyncio.open_connection(host, port)
+            started = time.monotonic()
+            for _ in range(6):  # 600 ms of traffic every 100 ms: never idle for 300 ms
+                busy_writer.write(b"ping")
+                assert await asyncio.wait_for(busy_reader.readexactly(4), 1) == b"ping"
+                await asyncio.sleep(0.1)
+            assert await asyncio.wait_for(idle_reader.read(), 2) == b""  # closed by lbd
+            closed_after = time.monotonic() - started
+            busy_writer.write(b"pong")
+            assert await asyncio.wait_for(busy_reader.readexactly(4), 1) == b"pong"
+            for writer in (idle_writer, busy_writer):
+                writer.close()
+            assert runtime.listeners[0].route.stats.idle_timeouts == 1
+    assert 0.25 < closed_after < 1.0
+
+
+async def test_client_bytes_sent_before_the_upstream_exists_are_kept() -> None:
+    async with echo_backend("") as (bh, bp, _):
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            host, port = address_of(runtime)
+            with socket.create_connection((host, port)) as sock:
+                sock.sendall(b"early bytes")  # before lbd has connected upstream
+                sock.shutdown(socket.SHUT_WR)
+                sock.settimeout(5)
+                received = b""
+                while chunk := await asyncio.to_thread(sock.recv, 1024):
+                    received += chunk
+    assert received == b"early bytes"
+
+
+async def test_connections_release_their_endpoint_counts() -> None:
+    async with echo_backend("x") as (bh, bp, _):
+        async with running(
+            config(document(service_yaml("svc", [(bh, bp)], strategy="least-connection")))
+        ) as runtime:
+            host, port = address_of(runtime)
+            writers = []
+            for _ in range(5):
+                reader, writer = await asyncio.open_connection(host, port)
+                await reader.readline()
+                writers.append(writer)
+            endpoint = runtime.listeners[0].route.pool.members[0]
+            assert endpoint.active == 5
+            for writer in writers:
+                writer.close()
+            for _ in range(200):
+                if endpoint.active == 0:
+                    break
+                await asyncio.sleep(0.005)
+            assert endpoint.active == 0
+
+
+async def test_both_halves_use_tcp_nodelay() -> None:
+    async with echo_backend("x") as (bh, bp, _):
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            reader, writer = await asyncio.open_connection(*address_of(runtime))
+            await reader.readline()
+            [connection] = list(runtime.connections)
+            assert connection.upstream is not None
+            for transport in (connection.transport, connection.upstream.transport):
+                assert transport is not None
+                sock = transport.get_extra_info("socket")
+                assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            writer.close()
