@@ -19,7 +19,9 @@ def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> s
     never silently takes IPv4 traffic meant for another listener.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP (not 0) is inherited by accepted sockets; asyncio's transports set
+    # TCP_NODELAY only on sockets that say they are TCP.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
