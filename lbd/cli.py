@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import get_args
 
 from lbd import __version__
-from lbd.config import Config, ConfigError, listeners_of, load_file
+from lbd.config import Config, ConfigError, listeners_of, load_text
+from lbd.config.yamlfile import read_config_file
 from lbd.loops import LOOP_FACTORIES, LoopName
 from lbd.observability.logging import LOG_LEVELS, LogFormat, configure_logging
 
@@ -33,10 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="serve the services of a config file")
     run.add_argument("config", help="path to the lbd/v1 YAML config")
+    run.add_argument("--pid-file", help="write the process id here (for `lbd reload`)")
+    run.add_argument(
+        "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
+    )
     with_runtime_options(run)
 
     check = commands.add_parser("check", help="validate a config file without binding anything")
     check.add_argument("config", help="path to the lbd/v1 YAML config")
+    check.add_argument(
+        "--diff", metavar="NEW", help="also print what reloading from CONFIG to NEW would do"
+    )
+
+    reload = commands.add_parser("reload", help="ask a running lbd to reload its config (SIGHUP)")
+    reload.add_argument("--pid-file", required=True, help="the file `lbd run --pid-file` wrote")
 
     demo = commands.add_parser(
         "demo", help="start demo backends and services on 127.x and show how each strategy balances"
@@ -54,16 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check":
-        return check(args.config)
+        return check(args.config) if args.diff is None else check_diff(args.config, args.diff)
+    if args.command == "reload":
+        return send_reload(args.pid_file)
     configure_logging(args.log_format, args.log_level)
     if args.command == "run":
-        return run(args.config, args.loop)
+        return run(args.config, args.loop, args.pid_file, watch=not args.no_watch)
     return demo(args.loop, args.connections, args.once)
 
 
 def _load(path: str) -> Config | None:
+    loaded = _load_with_bytes(path)
+    return loaded[0] if loaded else None
+
+
+def _load_with_bytes(path: str) -> tuple[Config, bytes] | None:
     try:
-        return load_file(path)
+        data = read_config_file(path)
+        return load_text(data, path), data
     except ConfigError as error:
         print(f"{path}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
         for problem in error.problems:
@@ -95,19 +117,58 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def run(path: str, loop: LoopName) -> int:
+def check_diff(running: str, new: str) -> int:
+    from lbd.config.diff import diff_configs
+
+    old_config, new_config = _load(running), _load(new)
+    if old_config is None or new_config is None:
+        return EXIT_CONFIG
+    diff = diff_configs(old_config, new_config)
+    if diff.empty:
+        print(f"{new}: ok: a reload from {running} would change nothing")
+        return EXIT_OK
+    for line in diff.describe():
+        print(line)
+    summary = diff.summary()
+    print(
+        f"{new}: ok: {_plural(summary['listeners_added'], 'listener')} added, "
+        f"{summary['listeners_removed']} removed, {summary['listeners_repointed']} re-pointed; "
+        f"{_plural(summary['endpoints_added'], 'endpoint')} added, "
+        f"{summary['endpoints_draining']} would start draining"
+    )
+    return EXIT_OK
+
+
+def send_reload(pid_file: str) -> int:
+    try:
+        pid = int(Path(pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as error:
+        print(f"lbd reload: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
+        return EXIT_START
+    print(f"lbd reload: sent SIGHUP to {pid}")
+    return EXIT_OK
+
+
+def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
     from lbd.runtime import ListenerError
     from lbd.worker import serve
 
-    config = _load(path)
-    if config is None:
+    loaded = _load_with_bytes(path)
+    if loaded is None:
         return EXIT_CONFIG
+    config, data = loaded
+    if pid_file:
+        Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
-            return runner.run(serve(config))
+            return runner.run(serve(config, source=(path, data), watch=watch))
     except ListenerError as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
+    finally:
+        if pid_file:
+            Path(pid_file).unlink(missing_ok=True)
 
 
 def demo(loop: LoopName, connections: int, once: bool) -> int:

@@ -37,16 +37,22 @@ class UpstreamEndpoint:
 
 
 class Pool:
-    __slots__ = ("_eligible", "members")
+    __slots__ = ("_draining", "_eligible", "members")
 
     def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
         self.members: list[UpstreamEndpoint] = list(members)
+        # Removed endpoints that still carry connections: re-adding one revives the same
+        # object, so its active count (least-connection) stays right.
+        self._draining: dict[tuple[str, int], UpstreamEndpoint] = {}
         self._eligible: list[UpstreamEndpoint] = []
         self._refresh()
 
     def eligible(self) -> list[UpstreamEndpoint]:
         """Endpoints that may take a new connection. Do not mutate the returned list."""
         return self._eligible
+
+    def draining(self) -> list[UpstreamEndpoint]:
+        return [m for m in self._draining.values() if m.active > 0]
 
     def acquire(self, endpoint: UpstreamEndpoint) -> None:
         endpoint.active += 1
@@ -61,7 +67,8 @@ class Pool:
         members: list[UpstreamEndpoint] = []
         added = 0
         for address, port, weight in wanted:
-            member = current.pop((address, port), None)
+            key = (address, port)
+            member = current.pop(key, None) or self._draining.pop(key, None)
             if member is None:
                 member = UpstreamEndpoint(address, port, weight)
                 added += 1
@@ -70,9 +77,15 @@ class Pool:
             members.append(member)
         for gone in current.values():
             gone.draining = True
+            self._draining[gone.key] = gone
+        self._draining = {k: m for k, m in self._draining.items() if m.active > 0}
         self.members = members
         self._refresh()
         return added, len(current)
+
+    def drain_all(self) -> None:
+        """The service port is gone: every endpoint drains."""
+        self.update(())
 
     def _refresh(self) -> None:
         self._eligible = [m for m in self.members if m.weight > 0 and not m.draining]

@@ -10,7 +10,8 @@ import random
 from dataclasses import dataclass, field
 
 from lbd.balancing import Balancer, make_balancer
-from lbd.config.model import Service, ServicePort, StrategyName
+from lbd.config.model import StrategyName
+from lbd.config.routes import RouteSpec
 from lbd.pool import Pool
 
 # Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
@@ -58,34 +59,37 @@ class Route:
     drain_timeout: float
     access_log: bool
     stats: RouteStats = field(default_factory=RouteStats)
+    removed: bool = False  # no longer in the config: its connections drain
 
     @property
     def label(self) -> str:
         return f"{self.namespace}/{self.service}:{self.port_name}"
 
+    @classmethod
+    def from_spec(cls, spec: RouteSpec, rng: random.Random | None = None) -> Route:
+        pool = Pool()
+        pool.update(spec.targets)
+        return cls(
+            namespace=spec.namespace,
+            service=spec.service,
+            port_name=spec.port_name,
+            strategy=spec.strategy,
+            balancer=make_balancer(spec.strategy, rng),
+            pool=pool,
+            connect_timeout=spec.connect_timeout,
+            idle_timeout=spec.idle_timeout,
+            drain_timeout=spec.drain_timeout,
+            access_log=spec.access_log,
+        )
 
-def endpoint_targets(service: Service, port: ServicePort) -> list[tuple[str, int, int]]:
-    """(address, port, weight) of every endpoint that serves this port."""
-    targets: list[tuple[str, int, int]] = []
-    for endpoint in service.endpoints:
-        number = endpoint.target_port(port.target_port)
-        if number is not None:
-            targets.append((endpoint.address, number, endpoint.weight))
-    return targets
-
-
-def build_route(service: Service, port: ServicePort, rng: random.Random | None = None) -> Route:
-    pool = Pool()
-    pool.update(endpoint_targets(service, port))
-    return Route(
-        namespace=service.namespace,
-        service=service.name,
-        port_name=port.name or str(port.port),
-        strategy=service.strategy,
-        balancer=make_balancer(service.strategy, rng),
-        pool=pool,
-        connect_timeout=service.timeouts.connect,
-        idle_timeout=service.timeouts.idle,
-        drain_timeout=service.timeouts.drain,
-        access_log=service.access_log,
-    )
+    def update(self, spec: RouteSpec, rng: random.Random | None = None) -> None:
+        """Apply a changed spec in place: counters, pool members and (unless the strategy
+        changed) the balancer's position survive."""
+        if spec.strategy != self.strategy:
+            self.strategy = spec.strategy
+            self.balancer = make_balancer(spec.strategy, rng)
+        self.connect_timeout = spec.connect_timeout
+        self.idle_timeout = spec.idle_timeout
+        self.drain_timeout = spec.drain_timeout
+        self.access_log = spec.access_log
+        self.pool.update(spec.targets)

@@ -1,7 +1,14 @@
 """The one owner of a worker's live state: routes, listeners and connections.
 
-``start`` binds every listener or none; ``stop_accepting``/``drain``/``close_all`` are the
-shutdown phases the worker drives. Reload (``apply`` of a diff) will live here too.
+Start-up and reload are the same operation, ``apply(config)``, in three phases:
+
+1. prepare: bind every new listener (not yet accepting). Any failure closes what was bound and
+   raises; nothing running has been touched, so a bad reload changes nothing.
+2. commit: synchronously (no await, so no connection sees half of it) update routes in place,
+   re-point kept listeners, close removed ones, and mark connections that must drain.
+3. serve: new listeners start accepting.
+
+An unchanged listener keeps its socket and its accept queue; an identical config is a no-op.
 """
 
 from __future__ import annotations
@@ -13,11 +20,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from lbd.config.model import Config, ListenerSpec, listeners_of
+from lbd.config.diff import ConfigDiff, diff_configs
+from lbd.config.model import Config, ListenerSpec
+from lbd.config.routes import RouteKey, route_specs
 from lbd.net.connections import ConnectionSet
 from lbd.net.listeners import bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
-from lbd.route import Route, build_route
+from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
 
@@ -26,70 +35,161 @@ class ListenerError(Exception):
     """A listener could not be bound; names the listener and the service."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Listener:
     spec: ListenerSpec
     route: Route
     sock: socket.socket
+    bound: tuple[str, int]  # the real address, port 0 resolved
     server: asyncio.Server | None = None
+    removed: bool = False  # closed by a reload: its connections drain
 
-    @property
-    def bound(self) -> tuple[str, int]:
-        """The real address, port 0 resolved."""
-        host, port = self.sock.getsockname()[:2]
-        return host, port
+    def describe(self) -> str:
+        host, port = self.bound
+        return (
+            f"{self.spec.protocol} [{host}]:{port}"
+            if ":" in host
+            else f"{self.spec.protocol} {host}:{port}"
+        )
+
+    def close(self) -> None:
+        self.removed = True
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.sock.close()
+
+
+@dataclass(slots=True)
+class ProcessStats:
+    """Process-wide counters; written only by the worker's event loop."""
+
+    config_reloads_ok: int = 0
+    config_reloads_failed: int = 0
+    config_reloads_noop: int = 0
+    last_reload_time: float = 0.0  # wall-clock seconds
+    config_hash: str = ""
+    listener_bind_failures: int = 0
+
+
+def empty_like(config: Config) -> Config:
+    return Config(node=config.node, defaults=config.defaults, services=())
 
 
 class Runtime:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
-        self.config = config
+        self.config = empty_like(config)  # what is applied; start() applies `config`
+        self._initial = config
+        self._rng = rng
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
-        self.routes: dict[tuple[str, int], Route] = {}
-        self.listeners: list[Listener] = []
-        for service in config.services:
-            for index, port in enumerate(service.ports):
-                self.routes[(service.key, index)] = build_route(service, port, rng)
+        self.routes: dict[RouteKey, Route] = {}
+        self.listeners: dict[tuple[object, ...], Listener] = {}
+        self.stats = ProcessStats()
 
     async def start(self) -> None:
-        """Bind every listener, or none: a failure closes what was opened and raises."""
-        loop = asyncio.get_running_loop()
-        specs = [spec for s in self.config.services for spec in listeners_of(s, self.config.node)]
-        try:
-            for spec in specs:
-                route = self.routes[(spec.service, spec.port_index)]
-                try:
-                    sock = bind_tcp_listener(spec.address, spec.port)
-                except OSError as error:
-                    raise ListenerError(
-                        f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
-                        f"{error.strerror or error}"
-                    ) from None
-                listener = Listener(spec, route, sock)
-                self.listeners.append(listener)
-                listener.server = await loop.create_server(
-                    lambda route=route: Downstream(route, self.connections),  # type: ignore[misc]
-                    sock=sock,
-                    backlog=4096,
-                )
-        except BaseException:
-            self.stop_accepting()
-            self.listeners.clear()
-            raise
-        for listener in self.listeners:
-            host, port = listener.bound
+        """Bind every listener of the initial config, or none."""
+        await self.apply(self._initial)
+
+    async def apply(self, new: Config) -> ConfigDiff:
+        diff = diff_configs(self.config, new)
+        if diff.empty:
+            self.config = new
+            return diff
+        specs = route_specs(new)
+        # Routes for new service ports exist before commit so new listeners can point at them;
+        # nothing reaches them until the listeners start serving.
+        added = {
+            key: Route.from_spec(spec, self._rng)
+            for key, spec in specs.items()
+            if key not in self.routes
+        }
+        prepared = await self._prepare(diff.listeners_added, {**self.routes, **added})
+        self._commit(new, diff, prepared, added)
+        for listener in prepared:
+            assert listener.server is not None
+            await listener.server.start_serving()
+        for listener in prepared:
             log.info(
                 "listening",
-                listener=f"{listener.spec.protocol} {host}:{port}"
-                if ":" not in host
-                else f"{listener.spec.protocol} [{host}]:{port}",
+                listener=listener.describe(),
                 kind=listener.spec.kind,
                 route=listener.route.label,
                 strategy=listener.route.strategy,
                 endpoints=len(listener.route.pool.members),
             )
+        return diff
+
+    async def _prepare(
+        self, specs: tuple[ListenerSpec, ...], routes: dict[RouteKey, Route]
+    ) -> list[Listener]:
+        loop = asyncio.get_running_loop()
+        prepared: list[Listener] = []
+        try:
+            for spec in specs:
+                try:
+                    sock = bind_tcp_listener(spec.address, spec.port)
+                except OSError as error:
+                    self.stats.listener_bind_failures += 1
+                    raise ListenerError(
+                        f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
+                        f"{error.strerror or error}"
+                    ) from None
+                host, port = sock.getsockname()[:2]
+                listener = Listener(spec, routes[spec.route_key], sock, (host, port))
+                prepared.append(listener)
+                listener.server = await loop.create_server(
+                    lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
+                    sock=sock,
+                    backlog=4096,
+                    start_serving=False,
+                )
+        except BaseException:
+            for listener in prepared:
+                listener.close()
+            raise
+        return prepared
+
+    def _commit(
+        self, new: Config, diff: ConfigDiff, prepared: list[Listener], added: dict[RouteKey, Route]
+    ) -> None:
+        specs = route_specs(new)
+        for change in diff.routes_changed:
+            self.routes[change.key].update(specs[change.key], self._rng)
+        self.routes.update(added)
+        for key in [key for key in self.routes if key not in specs]:
+            route = self.routes.pop(key)
+            route.removed = True
+            route.pool.drain_all()
+        for spec in diff.listeners_removed:
+            listener = self.listeners.pop(spec.identity)
+            listener.close()
+            log.info("listener closed", listener=listener.describe(), route=listener.route.label)
+        for spec in diff.listeners_repointed:
+            listener = self.listeners[spec.identity]
+            listener.spec = spec
+            listener.route = self.routes[spec.route_key]
+        for listener in prepared:
+            self.listeners[listener.spec.identity] = listener
+        self.config = new
+        self._mark_draining()
+
+    def _mark_draining(self) -> None:
+        """Connections whose endpoint, service port or listener is gone drain; a connection
+        whose endpoint came back before its deadline stops draining."""
+        for connection in self.connections:
+            endpoint = connection.endpoint
+            gone = (
+                connection.listener.removed
+                or connection.route.removed
+                or (endpoint is not None and endpoint.draining)
+            )
+            if gone:
+                connection.start_draining(connection.route.drain_timeout)
+            else:
+                connection.stop_draining()
 
     def listener_for(self, service: str, port_index: int = 0, kind: str = "clusterIP") -> Listener:
-        for listener in self.listeners:
+        for listener in self.listeners.values():
             spec = listener.spec
             if spec.service == service and spec.port_index == port_index and spec.kind == kind:
                 return listener
@@ -97,30 +197,15 @@ class Runtime:
 
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket; open connections carry on."""
-        for listener in self.listeners:
-            if listener.server is not None:
-                listener.server.close()
-            else:
-                listener.sock.close()
+        for listener in self.listeners.values():
+            listener.close()
 
     async def drain(self) -> None:
-        """Shutdown phase 2: wait for connections to end; each is closed when its service's
-        drainTimeout has passed. Returns when none is left."""
-        loop = asyncio.get_running_loop()
-        timers = [
-            loop.call_later(timeout, self._close_draining, timeout)
-            for timeout in {c.route.drain_timeout for c in self.connections}
-        ]
-        try:
-            await self.connections.wait_empty()
-        finally:
-            for timer in timers:
-                timer.cancel()
-
-    def _close_draining(self, timeout: float) -> None:
+        """Shutdown phase 2: every connection may finish within its service's drainTimeout, and
+        is closed then. Returns when none is left."""
         for connection in self.connections:
-            if connection.route.drain_timeout == timeout:
-                connection.finish("drain_timeout")
+            connection.start_draining(connection.route.drain_timeout)
+        await self.connections.wait_empty()
 
     def close_all(self, reason: str) -> None:
         """Shutdown phase 3: end whatever is still open."""

@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from lbd.config.model import Config
+from lbd.config.watcher import watch_config
+from lbd.reload import Reloader
 from lbd.runtime import Runtime
 
 log = structlog.get_logger("lbd.worker")
@@ -38,15 +40,23 @@ class ShutdownState:
 
 async def serve(
     config: Config,
+    *,
+    source: tuple[str, bytes] | None = None,
+    watch: bool = False,
     ready: Callable[[Runtime], Awaitable[None]] | None = None,
     state: ShutdownState | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    """Run until SIGTERM/SIGINT; returns the process exit code.
+
+    ``source`` is the config file's path and the bytes ``config`` was loaded from: with it,
+    SIGHUP (and, with ``watch``, any change of the file) reloads the config in place.
+    """
     loop = asyncio.get_running_loop()
     state = state or ShutdownState()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, state.on_signal, signum)
     runtime = Runtime(config)
+    background: list[asyncio.Task[None]] = []
     try:
         await runtime.start()
         log.info(
@@ -55,12 +65,25 @@ async def serve(
             listeners=len(runtime.listeners),
             node=config.node.name,
         )
+        if source is not None:
+            reloader = Reloader(runtime, *source)
+            loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
+            background.append(asyncio.create_task(reloader.run()))
+            if watch:
+                background.append(
+                    asyncio.create_task(
+                        watch_config(source[0], lambda: reloader.request("file"), state.should_exit)
+                    )
+                )
         if ready is not None:
             await ready(runtime)
         await state.should_exit.wait()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
-        for signum in STOP_SIGNALS:
+        for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
 

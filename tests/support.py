@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from lbd.config import Config, load_text
+from lbd.route import Route
 from lbd.runtime import Runtime
 
 _addresses = itertools.count(1)
@@ -77,6 +78,12 @@ async def running(cfg: Config) -> AsyncIterator[Runtime]:
         runtime.stop_accepting()
         runtime.close_all("test_teardown")
         await settle()
+
+
+def route_of(runtime: Runtime) -> Route:
+    """The only service port's live route."""
+    [route] = runtime.routes.values()
+    return route
 
 
 def address_of(

@@ -190,3 +190,75 @@ async def test_demo_once_prints_a_distribution_per_strategy() -> None:
         assert sum(counts) == 60, line
     assert "error" not in table
     assert "curl http://127.96.0.2:8080/" in out
+
+
+async def test_lbd_reload_sends_sighup_via_the_pid_file(tmp_path: Path) -> None:
+    async with echo_backend("old") as (h1, p1, _), echo_backend("new") as (h2, p2, _):
+        ip = fresh_ip()
+        path = write(tmp_path, document(service_yaml("svc", [(h1, p1)], cluster_ip=ip)))
+        pid_file = tmp_path / "lbd.pid"
+        async with lbd_process(path, "--pid-file", str(pid_file), "--no-watch") as lbd:
+            await lbd.wait_event("lbd started")
+            host, port = lbd.listener()
+            assert int(pid_file.read_text()) == lbd.process.pid
+            assert await read_name(host, port) == "old"
+            path.write_text(document(service_yaml("svc", [(h2, p2)], cluster_ip=ip)))
+            code, out, err = await run_cli("reload", "--pid-file", str(pid_file))
+            assert code == 0, err
+            assert out == f"lbd reload: sent SIGHUP to {lbd.process.pid}\n"
+            event = await lbd.wait_event("config reloaded")
+            assert event["reason"] == "SIGHUP" and event["endpoints_added"] == 1
+            assert event["endpoints_draining"] == 1 and isinstance(event["duration_ms"], float)
+            assert await read_name(host, port) == "new"
+            path.write_text("apiVersion: lbd/v1\nservices: [{name: svc}]\n")
+            lbd.signal(signal.SIGHUP)
+            failed = await lbd.wait_event("config reload failed, keeping the running config")
+            assert failed["problems"] == [
+                "services[0].ports: at least one port is required",
+                "services[0].clusterIP: required",
+            ]
+            assert await read_name(host, port) == "new"
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+        assert not pid_file.exists()
+
+
+async def test_reload_with_a_missing_pid_file_fails_cleanly(tmp_path: Path) -> None:
+    code, _, err = await run_cli("reload", "--pid-file", str(tmp_path / "nope.pid"))
+    assert code == 3
+    assert "cannot signal the process" in err and "Traceback" not in err
+
+
+async def test_check_diff_previews_a_reload(tmp_path: Path) -> None:
+    running = write(
+        tmp_path,
+        document(
+            service_yaml(
+                "web", [("127.0.1.1", 8080), ("127.0.1.2", 8080)], cluster_ip="127.96.0.10", port=80
+            ),
+            service_yaml("db", [("127.0.2.1", 5432)], cluster_ip="127.96.0.11", port=5432),
+        ),
+        "running.yaml",
+    )
+    new = write(
+        tmp_path,
+        document(
+            service_yaml(
+                "web", [("127.0.1.2", 8080), ("127.0.1.3", 8080)], cluster_ip="127.96.0.10", port=80
+            )
+        ),
+        "new.yaml",
+    )
+    code, out, err = await run_cli("check", str(running), "--diff", str(new))
+    assert code == 0, err
+    assert out.splitlines() == [
+        "- listener TCP 127.96.0.11:5432 (clusterIP of default/db:5432)",
+        "- service port default/db:5432: 1 endpoints start draining",
+        "+ endpoint 127.0.1.3:8080 of default/web:80",
+        "- endpoint 127.0.1.1:8080 of default/web:80 (starts draining)",
+        f"{new}: ok: 0 listeners added, 1 removed, 0 re-pointed; 1 endpoint added, "
+        "2 would start draining",
+    ]
+    code, out, _ = await run_cli("check", str(new), "--diff", str(new))
+    assert code == 0
+    assert out == f"{new}: ok: a reload from {new} would change nothing\n"

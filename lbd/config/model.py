@@ -110,11 +110,24 @@ class ListenerSpec:
     port: int
     kind: ListenerKind
     service: str  # namespace/name
-    port_index: int  # index into Service.ports
+    port_index: int  # index into Service.ports (for error paths; not stable across reloads)
+    port_id: str  # the port's name, or its number when unnamed: stable across reloads
 
     @property
     def bind_key(self) -> tuple[str, str, int]:
         return (self.protocol, self.address, self.port)
+
+    @property
+    def route_key(self) -> tuple[str, str]:
+        return (self.service, self.port_id)
+
+    @property
+    def identity(self) -> tuple[object, ...]:
+        """What makes two specs the same socket across a reload. Port 0 sockets are told apart
+        by their owner, since the kernel gives each its own port."""
+        if self.port:
+            return self.bind_key
+        return (*self.bind_key, self.service, self.port_id, self.kind)
 
     def describe(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
@@ -132,10 +145,15 @@ def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:
         if service.type == "LoadBalancer":
             places += [(a, port.port, "loadBalancerIP") for a in service.load_balancer_ips]
         specs += [
-            ListenerSpec(port.protocol, address, number, kind, service.key, index)
+            ListenerSpec(port.protocol, address, number, kind, service.key, index, port_id(port))
             for address, number, kind in places
         ]
     return specs
+
+
+def port_id(port: ServicePort) -> str:
+    """A service port's stable identity within its service: its name, or its number."""
+    return port.name or str(port.port)
 
 
 def is_wildcard(address: str) -> bool:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
@@ -22,6 +22,14 @@ from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
 if TYPE_CHECKING:
     from lbd.net.connections import ConnectionSet
     from lbd.pool import UpstreamEndpoint
+
+
+class ListenerView(Protocol):
+    """What a connection needs of the listener that accepted it."""
+
+    route: Route
+    removed: bool
+
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -43,6 +51,7 @@ class Downstream(asyncio.Protocol):
 
     __slots__ = (
         "_connect_task",
+        "_drain_timer",
         "_idle_timer",
         "_loop",
         "_pending",
@@ -52,6 +61,7 @@ class Downstream(asyncio.Protocol):
         "connections",
         "endpoint",
         "last_activity",
+        "listener",
         "received",
         "route",
         "sent",
@@ -61,8 +71,9 @@ class Downstream(asyncio.Protocol):
         "upstream_eof",
     )
 
-    def __init__(self, route: Route, connections: ConnectionSet[Downstream]) -> None:
-        self.route = route
+    def __init__(self, listener: ListenerView, connections: ConnectionSet[Downstream]) -> None:
+        self.listener = listener
+        self.route = listener.route  # kept for the connection's life, even if re-pointed
         self.connections = connections
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
@@ -70,6 +81,7 @@ class Downstream(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._connect_task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.client = ""
         self.client_eof = False
         self.upstream_eof = False
@@ -215,6 +227,18 @@ class Downstream(asyncio.Protocol):
         else:
             self._idle_timer = self._loop.call_at(deadline, self._check_idle)
 
+    # -- draining (reload, shutdown) ---------------------------------------------------------
+
+    def start_draining(self, timeout: float) -> None:
+        """Keep flowing, but close when ``timeout`` has passed (the first deadline holds)."""
+        if self._drain_timer is None and not self.closed:
+            self._drain_timer = self._loop.call_later(timeout, self.finish, "drain_timeout")
+
+    def stop_draining(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+
     # -- the end ---------------------------------------------------------------------------------
 
     def finish(self, reason: str, *, abort: bool = False) -> None:
@@ -227,6 +251,8 @@ class Downstream(asyncio.Protocol):
             self._connect_task.cancel()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         for transport in (self.transport, self.upstream.transport if self.upstream else None):
             if transport is None or transport.is_closing():
                 continue

@@ -1,0 +1,106 @@
+"""Reload: read the file, validate all of it, diff, apply; or change nothing at all.
+
+Requests (file watcher, SIGHUP, admin API) only record that a reload is wanted; one task does
+the work, so bursts coalesce into one reload and two reloads never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from lbd.config import ConfigError, load_text
+from lbd.config.diff import ConfigDiff
+from lbd.config.yamlfile import read_config_file
+from lbd.runtime import ListenerError, Runtime
+
+log = structlog.get_logger("lbd.reload")
+
+Outcome = Literal["applied", "unchanged", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    outcome: Outcome
+    duration_s: float
+    diff: ConfigDiff | None = None
+    problems: tuple[str, ...] = ()
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+class Reloader:
+    def __init__(self, runtime: Runtime, path: str, applied: bytes) -> None:
+        self.runtime = runtime
+        self.path = path
+        self._applied_hash = content_hash(applied)
+        runtime.stats.config_hash = self._applied_hash
+        self._wanted = asyncio.Event()
+        self._reasons: list[str] = []
+        self._lock = asyncio.Lock()
+
+    def request(self, reason: str) -> None:
+        """Record that a reload is wanted (safe from a signal handler or a watcher)."""
+        self._reasons.append(reason)
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Serve requests until cancelled; requests made during a reload cause one more."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            reasons, self._reasons = self._reasons, []
+            await self.reload(", ".join(sorted(set(reasons))))
+
+    async def reload(self, reason: str) -> ReloadResult:
+        async with self._lock:
+            return await self._reload(reason)
+
+    async def _reload(self, reason: str) -> ReloadResult:
+        started = time.perf_counter()
+        stats = self.runtime.stats
+        try:
+            data = read_config_file(self.path)
+            digest = content_hash(data)
+            if digest == self._applied_hash:
+                stats.config_reloads_noop += 1
+                log.debug("config unchanged", reason=reason)
+                return ReloadResult("unchanged", time.perf_counter() - started)
+            config = load_text(data, self.path)
+            diff = await self.runtime.apply(config)
+        except ConfigError as error:
+            return self._failed(reason, started, [str(p) for p in error.problems])
+        except ListenerError as error:
+            return self._failed(reason, started, [f"{self.path}: {error}"])
+        self._applied_hash = digest
+        stats.config_reloads_ok += 1
+        stats.last_reload_time = time.time()
+        stats.config_hash = digest
+        duration = time.perf_counter() - started
+        log.info(
+            "config reloaded",
+            reason=reason,
+            duration_ms=round(duration * 1000, 1),
+            **diff.summary(),
+        )
+        for line in diff.describe():
+            log.info("config change", change=line)
+        return ReloadResult("applied", duration, diff)
+
+    def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
+        self.runtime.stats.config_reloads_failed += 1
+        # One error event, with the same path: message lines as `lbd check`; nothing changed.
+        log.error(
+            "config reload failed, keeping the running config",
+            reason=reason,
+            problems=problems,
+            detail="\n".join(problems),
+        )
+        return ReloadResult("failed", time.perf_counter() - started, problems=tuple(problems))
