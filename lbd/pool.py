@@ -8,7 +8,7 @@ shared between workers is a change inside this class, not a rewrite of its calle
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class UpstreamEndpoint:
@@ -36,12 +36,35 @@ class UpstreamEndpoint:
         return f"UpstreamEndpoint({self}, weight={self.weight}, active={self.active})"
 
 
+PoolWatcher = Callable[["Pool"], None]
+
+
 class Pool:
-    __slots__ = ("_eligible", "members")
+    """Watchers (``watch``) are told, synchronously, whenever the members or the eligible
+    endpoints change, so state tied to an endpoint (UDP sessions) can follow at once: a
+    datagram that arrives after ``update()`` returns already sees the new endpoints."""
+
+    __slots__ = ("_eligible", "_watchers", "members")
 
     def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
         self.members: list[UpstreamEndpoint] = list(members)
         self._eligible: list[UpstreamEndpoint] = []
+        self._watchers: list[PoolWatcher] = []
+        self._refresh()
+
+    def watch(self, watcher: PoolWatcher) -> Callable[[], None]:
+        """Call ``watcher(pool)`` after every change of members or eligibility; returns the
+        function that stops it. Watchers must not raise: they run inside ``update``."""
+        self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return unwatch
+
+    def refresh(self) -> None:
+        """Recompute eligibility after an endpoint's state changed (e.g. health)."""
         self._refresh()
 
     def eligible(self) -> list[UpstreamEndpoint]:
@@ -70,9 +93,16 @@ class Pool:
             members.append(member)
         for gone in current.values():
             gone.draining = True
+        changed = members != self.members
         self.members = members
-        self._refresh()
+        self._refresh(changed)
         return added, len(current)
 
-    def _refresh(self) -> None:
-        self._eligible = [m for m in self.members if m.weight > 0 and not m.draining]
+    def _refresh(self, members_changed: bool = False) -> None:
+        eligible = [m for m in self.members if m.weight > 0 and not m.draining]
+        # Endpoints compare by identity: a list equal to the old one is the same endpoints.
+        changed = members_changed or eligible != self._eligible
+        self._eligible = eligible
+        if changed:
+            for watcher in list(self._watchers):
+                watcher(self)

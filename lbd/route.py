@@ -43,6 +43,25 @@ class RouteStats:
     downstream_bytes_received: int = 0
     upstream_bytes_received: int = 0
     idle_timeouts: int = 0
+    # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
+    udp_sess_total: int = 0
+    udp_sess_active: int = 0
+    udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
+    udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
+    udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
+    udp_sess_idle_timeout: int = 0
+    udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
+    udp_downstream_rx_datagrams: int = 0
+    udp_downstream_rx_bytes: int = 0
+    udp_downstream_rx_errors: int = 0
+    udp_downstream_tx_datagrams: int = 0
+    udp_downstream_tx_errors: int = 0  # replies dropped: client send buffer full or error
+    udp_upstream_tx_datagrams: int = 0
+    udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
+    udp_upstream_rx_datagrams: int = 0
+    udp_upstream_rx_bytes: int = 0
+    udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
+    udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +76,8 @@ class Route:
     idle_timeout: float
     drain_timeout: float
     access_log: bool
+    udp_idle_timeout: float = 30.0
+    max_udp_sessions: int = 65536
     stats: RouteStats = field(default_factory=RouteStats)
 
     @property
@@ -88,4 +109,6 @@ def build_route(service: Service, port: ServicePort, rng: random.Random | None =
         idle_timeout=service.timeouts.idle,
         drain_timeout=service.timeouts.drain,
         access_log=service.access_log,
+        udp_idle_timeout=service.timeouts.udp_idle,
+        max_udp_sessions=service.max_udp_sessions,
     )

@@ -17,6 +17,7 @@ from lbd.config.model import Config, ListenerSpec, listeners_of
 from lbd.net.connections import ConnectionSet
 from lbd.net.listeners import bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
+from lbd.net.udp_proxy import UdpListener
 from lbd.route import Route, build_route
 
 log = structlog.get_logger("lbd.runtime")
@@ -30,12 +31,16 @@ class ListenerError(Exception):
 class Listener:
     spec: ListenerSpec
     route: Route
-    sock: socket.socket
-    server: asyncio.Server | None = None
+    sock: socket.socket | None = None  # TCP
+    server: asyncio.Server | None = None  # TCP
+    udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
 
     @property
     def bound(self) -> tuple[str, int]:
         """The real address, port 0 resolved."""
+        if self.udp is not None:
+            return self.udp.bound
+        assert self.sock is not None
         host, port = self.sock.getsockname()[:2]
         return host, port
 
@@ -58,6 +63,11 @@ class Runtime:
             for spec in specs:
                 route = self.routes[(spec.service, spec.port_index)]
                 try:
+                    if spec.protocol == "UDP":
+                        udp = UdpListener(spec.address, spec.port, route)
+                        udp.start()
+                        self.listeners.append(Listener(spec, route, udp=udp))
+                        continue
                     sock = bind_tcp_listener(spec.address, spec.port)
                 except OSError as error:
                     raise ListenerError(
@@ -96,11 +106,15 @@ class Runtime:
         raise KeyError((service, port_index, kind))
 
     def stop_accepting(self) -> None:
-        """Shutdown phase 1: close every listening socket; open connections carry on."""
+        """Shutdown phase 1: close every listening socket; open connections carry on.
+
+        UDP sessions end here: their replies can only leave through the listener socket."""
         for listener in self.listeners:
-            if listener.server is not None:
+            if listener.udp is not None:
+                listener.udp.close()
+            elif listener.server is not None:
                 listener.server.close()
-            else:
+            elif listener.sock is not None:
                 listener.sock.close()
 
     async def drain(self) -> None:

@@ -254,7 +254,7 @@ def test_bad_enums_have_did_you_mean() -> None:
     assert problems_of(text) == [
         "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, got 'Nodeport' "
         "(did you mean 'NodePort'?)",
-        "services[0].ports[0].protocol: must be one of TCP, got 'SCTP'",
+        "services[0].ports[0].protocol: must be one of TCP, UDP, got 'SCTP'",
         "services[0].strategy: must be one of random, round-robin, least-connection, got "
         "'roundrobin' (did you mean 'round-robin'?)",
     ]
