@@ -81,6 +81,12 @@ def load(target: tuple[str, int], flows: int, duration: float) -> float:
             sock.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc; clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_ready(target: tuple[str, int], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -130,6 +136,8 @@ def nginx_config(workdir: Path) -> Path:
         f"load_module {NGINX_STREAM_MODULE};\n"
         "worker_processes 1;\n"
         "daemon off;\n"
+        # One process doing the work (no master), so its CPU time is what /proc shows.
+        "master_process off;\n"
         f"pid {workdir}/nginx.pid;\n"
         f"error_log {workdir}/nginx-error.log warn;\n"
         "events { worker_connections 4096; }\n"
@@ -141,8 +149,10 @@ def nginx_config(workdir: Path) -> Path:
     return path
 
 
-def measure(args: argparse.Namespace) -> dict[str, list[float]]:
+def measure(args: argparse.Namespace) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Requests/s, and the proxy's CPU microseconds per request, per target."""
     results: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="lbd-udp-bench-") as tmp:
         workdir = Path(tmp)
         targets: dict[str, tuple[list[str], tuple[str, int], Path | None]] = {
@@ -178,14 +188,21 @@ def measure(args: argparse.Namespace) -> dict[str, list[float]]:
             for _ in range(args.repeats):
                 for name, (command, address, cwd) in targets.items():
                     with contextlib.ExitStack() as stack:
-                        if command:
-                            stack.enter_context(process(command, cwd))
+                        proc = stack.enter_context(process(command, cwd)) if command else None
                         wait_ready(address)
                         load(address, args.flows, 0.3)  # warm-up: sessions exist, caches warm
+                        before = cpu_seconds(proc.pid) if proc else 0.0
+                        start = time.monotonic()
                         rate = load(address, args.flows, args.duration)
+                        used = cpu_seconds(proc.pid) - before if proc else 0.0
+                        requests = rate * (time.monotonic() - start)
                     results.setdefault(name, []).append(rate)
-                    print(f"{name:>7}: {rate:10.0f} req/s", file=sys.stderr)
-    return results
+                    note = ""
+                    if proc:
+                        cpu.setdefault(name, []).append(used / requests * 1e6)
+                        note = f", {cpu[name][-1]:5.1f} us CPU/request"
+                    print(f"{name:>7}: {rate:10.0f} req/s{note}", file=sys.stderr)
+    return results, cpu
 
 
 def main() -> None:
@@ -197,12 +214,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     args = parser.parse_args()
-    results = measure(args)
+    results, cpu = measure(args)
     medians = {name: statistics.median(rates) for name, rates in results.items()}
     summary: dict[str, object] = {
         "workload": f"64-byte UDP request/response, {args.flows} flows, one in flight each",
         "req_per_s_median": {k: round(v) for k, v in medians.items()},
         "samples": {k: [round(r) for r in v] for k, v in results.items()},
+        # Less sensitive to other load on the machine than the rate: the proxy's own cost.
+        "proxy_cpu_us_per_request_median": {
+            k: round(statistics.median(v), 2) for k, v in cpu.items()
+        },
         "lbd_vs_direct": round(medians["lbd"] / medians["direct"], 3),
     }
     if "nginx" in medians:

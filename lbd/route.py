@@ -60,6 +60,7 @@ class RouteStats:
     udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
     udp_upstream_rx_datagrams: int = 0
     udp_upstream_rx_bytes: int = 0
+    udp_upstream_rx_errors: int = 0
     udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
     udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
 

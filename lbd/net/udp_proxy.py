@@ -142,6 +142,12 @@ class UdpListener:
             for session in stale:
                 session.finish("endpoint_gone")
         if not eligible:
+            if self.sock is not None:
+                log.info(
+                    "udp listener closed: no endpoint, the kernel answers port unreachable",
+                    listener=f"{self.address}:{self.port}",
+                    route=self.route.label,
+                )
             self._shut()
         elif self.sock is None and self._rebind is None:
             self._try_open()
@@ -362,7 +368,7 @@ class UdpSession:
             except BlockingIOError:
                 break
             except OSError as error:
-                self._upstream_error(error)
+                self._upstream_error(error, reading=True)
                 break
             received += 1
             nbytes += n
@@ -384,15 +390,19 @@ class UdpSession:
             stats.udp_upstream_rx_bytes += nbytes
             stats.udp_downstream_tx_datagrams += sent
 
-    def _upstream_error(self, error: OSError) -> None:
+    def _upstream_error(self, error: OSError, *, reading: bool = False) -> None:
         stats = self.listener.route.stats
         if error.errno in ICMP_ERRNOS:
             # The endpoint (or the path to it) refused: end the session so the client's next
             # datagram picks again, instead of pinning it to a dead endpoint until idle.
             stats.udp_upstream_icmp_errors += 1
             self.finish("upstream_unreachable")
+        elif reading:
+            # Any other receive error would repeat on every wakeup: end the session.
+            stats.udp_upstream_rx_errors += 1
+            self.finish("upstream_error")
         else:
-            stats.udp_upstream_tx_errors += 1
+            stats.udp_upstream_tx_errors += 1  # e.g. ENOBUFS or a firewall's EPERM: dropped
 
     def _check_idle(self) -> None:
         listener = self.listener
