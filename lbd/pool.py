@@ -8,7 +8,7 @@ shared between workers is a change inside this class, not a rewrite of its calle
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 
 class UpstreamEndpoint:
@@ -36,8 +36,15 @@ class UpstreamEndpoint:
         return f"UpstreamEndpoint({self}, weight={self.weight}, active={self.active})"
 
 
+PoolWatcher = Callable[["Pool"], None]
+
+
 class Pool:
-    __slots__ = ("_draining", "_eligible", "members")
+    """Watchers (``watch``) are told, synchronously, whenever the members or the eligible
+    endpoints change, so state tied to an endpoint (UDP sessions) can follow at once: a
+    datagram that arrives after ``update()`` returns already sees the new endpoints."""
+
+    __slots__ = ("_draining", "_eligible", "_watchers", "members")
 
     def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
         self.members: list[UpstreamEndpoint] = list(members)
@@ -45,6 +52,22 @@ class Pool:
         # object, so its active count (least-connection) stays right.
         self._draining: dict[tuple[str, int], UpstreamEndpoint] = {}
         self._eligible: list[UpstreamEndpoint] = []
+        self._watchers: list[PoolWatcher] = []
+        self._refresh()
+
+    def watch(self, watcher: PoolWatcher) -> Callable[[], None]:
+        """Call ``watcher(pool)`` after every change of members or eligibility; returns the
+        function that stops it. Watchers must not raise: they run inside ``update``."""
+        self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return unwatch
+
+    def refresh(self) -> None:
+        """Recompute eligibility after an endpoint's state changed (e.g. health)."""
         self._refresh()
 
     def eligible(self) -> list[UpstreamEndpoint]:
@@ -79,13 +102,20 @@ class Pool:
             gone.draining = True
             self._draining[gone.key] = gone
         self._draining = {k: m for k, m in self._draining.items() if m.active > 0}
+        changed = members != self.members
         self.members = members
-        self._refresh()
+        self._refresh(changed)
         return added, len(current)
 
     def drain_all(self) -> None:
         """The service port is gone: every endpoint drains."""
         self.update(())
 
-    def _refresh(self) -> None:
-        self._eligible = [m for m in self.members if m.weight > 0 and not m.draining]
+    def _refresh(self, members_changed: bool = False) -> None:
+        eligible = [m for m in self.members if m.weight > 0 and not m.draining]
+        # Endpoints compare by identity: a list equal to the old one is the same endpoints.
+        changed = members_changed or eligible != self._eligible
+        self._eligible = eligible
+        if changed:
+            for watcher in list(self._watchers):
+                watcher(self)

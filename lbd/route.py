@@ -44,6 +44,26 @@ class RouteStats:
     downstream_bytes_received: int = 0
     upstream_bytes_received: int = 0
     idle_timeouts: int = 0
+    # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
+    udp_sess_total: int = 0
+    udp_sess_active: int = 0
+    udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
+    udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
+    udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
+    udp_sess_idle_timeout: int = 0
+    udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
+    udp_downstream_rx_datagrams: int = 0
+    udp_downstream_rx_bytes: int = 0
+    udp_downstream_rx_errors: int = 0
+    udp_downstream_tx_datagrams: int = 0
+    udp_downstream_tx_errors: int = 0  # replies dropped: client send buffer full or error
+    udp_upstream_tx_datagrams: int = 0
+    udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
+    udp_upstream_rx_datagrams: int = 0
+    udp_upstream_rx_bytes: int = 0
+    udp_upstream_rx_errors: int = 0
+    udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
+    udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
 
 
 @dataclass(slots=True, eq=False)
@@ -58,6 +78,8 @@ class Route:
     idle_timeout: float
     drain_timeout: float
     access_log: bool
+    udp_idle_timeout: float = 30.0
+    max_udp_sessions: int = 65536
     stats: RouteStats = field(default_factory=RouteStats)
     removed: bool = False  # no longer in the config: its connections drain
 
@@ -80,6 +102,8 @@ class Route:
             idle_timeout=spec.idle_timeout,
             drain_timeout=spec.drain_timeout,
             access_log=spec.access_log,
+            udp_idle_timeout=spec.udp_idle_timeout,
+            max_udp_sessions=spec.max_udp_sessions,
         )
 
     def update(self, spec: RouteSpec, rng: random.Random | None = None) -> None:
@@ -92,4 +116,6 @@ class Route:
         self.idle_timeout = spec.idle_timeout
         self.drain_timeout = spec.drain_timeout
         self.access_log = spec.access_log
+        self.udp_idle_timeout = spec.udp_idle_timeout
+        self.max_udp_sessions = spec.max_udp_sessions
         self.pool.update(spec.targets)

@@ -26,6 +26,7 @@ from lbd.config.routes import RouteKey, route_specs
 from lbd.net.connections import ConnectionSet
 from lbd.net.listeners import bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
+from lbd.net.udp_proxy import UdpListener
 from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
@@ -39,9 +40,10 @@ class ListenerError(Exception):
 class Listener:
     spec: ListenerSpec
     route: Route
-    sock: socket.socket
     bound: tuple[str, int]  # the real address, port 0 resolved
-    server: asyncio.Server | None = None
+    sock: socket.socket | None = None  # TCP
+    server: asyncio.Server | None = None  # TCP
+    udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
     removed: bool = False  # closed by a reload: its connections drain
 
     def describe(self) -> str:
@@ -53,11 +55,27 @@ class Listener:
         )
 
     def close(self) -> None:
+        """Stop accepting. TCP connections carry on; UDP sessions end, since their replies can
+        only leave through the listener socket."""
         self.removed = True
-        if self.server is not None:
+        if self.udp is not None:
+            self.udp.close()
+        elif self.server is not None:
             self.server.close()
-        else:
+        elif self.sock is not None:
             self.sock.close()
+
+    def repoint(self, spec: ListenerSpec, route: Route) -> None:
+        self.spec = spec
+        self.route = route
+        if self.udp is not None:
+            self.udp.repoint(route)
+
+    async def start(self) -> None:
+        if self.udp is not None:
+            self.udp.start()
+        elif self.server is not None:
+            await self.server.start_serving()
 
 
 @dataclass(slots=True)
@@ -106,8 +124,7 @@ class Runtime:
         prepared = await self._prepare(diff.listeners_added, {**self.routes, **added})
         self._commit(new, diff, prepared, added)
         for listener in prepared:
-            assert listener.server is not None
-            await listener.server.start_serving()
+            await listener.start()
         for listener in prepared:
             log.info(
                 "listening",
@@ -126,7 +143,13 @@ class Runtime:
         prepared: list[Listener] = []
         try:
             for spec in specs:
+                route = routes[spec.route_key]
                 try:
+                    if spec.protocol == "UDP":
+                        udp = UdpListener(spec.address, spec.port, route)
+                        udp.bind()
+                        prepared.append(Listener(spec, route, udp.bound, udp=udp))
+                        continue
                     sock = bind_tcp_listener(spec.address, spec.port)
                 except OSError as error:
                     self.stats.listener_bind_failures += 1
@@ -135,7 +158,7 @@ class Runtime:
                         f"{error.strerror or error}"
                     ) from None
                 host, port = sock.getsockname()[:2]
-                listener = Listener(spec, routes[spec.route_key], sock, (host, port))
+                listener = Listener(spec, route, (host, port), sock=sock)
                 prepared.append(listener)
                 listener.server = await loop.create_server(
                     lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
@@ -165,9 +188,7 @@ class Runtime:
             listener.close()
             log.info("listener closed", listener=listener.describe(), route=listener.route.label)
         for spec in diff.listeners_repointed:
-            listener = self.listeners[spec.identity]
-            listener.spec = spec
-            listener.route = self.routes[spec.route_key]
+            self.listeners[spec.identity].repoint(spec, self.routes[spec.route_key])
         for listener in prepared:
             self.listeners[listener.spec.identity] = listener
         self.config = new

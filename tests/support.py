@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from lbd.config import Config, load_text
@@ -44,6 +44,7 @@ def service_yaml(
     strategy: str = "round-robin",
     extra: str = "",
     port: int = 0,
+    protocol: str = "TCP",
 ) -> str:
     """One ClusterIP service on port 0 (the kernel picks) with numeric-port endpoints."""
     eps = "".join(f"      - {{address: '{a}', ports: {{p: {p}}}}}\n" for a, p in endpoints)
@@ -51,7 +52,7 @@ def service_yaml(
         f"  - name: {name}\n"
         f"    clusterIP: '{cluster_ip or fresh_ip()}'\n"
         f"    strategy: {strategy}\n"
-        f"    ports: [{{port: {port}, targetPort: p}}]\n"
+        f"    ports: [{{port: {port}, targetPort: p, protocol: {protocol}}}]\n"
         + (f"    endpoints:\n{eps}" if endpoints else "    endpoints: []\n")
         + extra
     )
@@ -200,3 +201,120 @@ def listening_socket(address: str, backlog: int) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+# -- UDP ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class UdpBackendStats:
+    datagrams: int = 0
+    peers: list[tuple[str, int]] = field(default_factory=list)  # distinct, in order of arrival
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    """Echoes each datagram; with a name, prefixes the reply with ``name`` and a space."""
+
+    def __init__(self, name: str, stats: UdpBackendStats) -> None:
+        self.prefix = f"{name} ".encode() if name else b""
+        self.stats = stats
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.stats.datagrams += 1
+        if addr not in self.stats.peers:
+            self.stats.peers.append(addr)
+        assert self.transport is not None
+        self.transport.sendto(self.prefix + data, addr)
+
+
+@contextlib.asynccontextmanager
+async def udp_echo_backend(
+    name: str = "", address: str | None = None
+) -> AsyncIterator[tuple[str, int, UdpBackendStats]]:
+    loop = asyncio.get_running_loop()
+    stats = UdpBackendStats()
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: UdpEcho(name, stats), local_addr=(address or fresh_ip(), 0)
+    )
+    try:
+        host, port = transport.get_extra_info("sockname")[:2]
+        yield host, port, stats
+    finally:
+        transport.close()
+        await settle()
+
+
+@contextlib.asynccontextmanager
+async def udp_echo_backends(count: int) -> AsyncIterator[list[tuple[str, int, UdpBackendStats]]]:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(udp_echo_backend(f"backend-{i}")) for i in range(count)
+        ]
+
+
+class UdpClientProtocol(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes | Exception] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.received.put_nowait(exc)
+
+
+class UdpClient:
+    """A *connected* UDP client socket: it accepts only datagrams from the address it sent to,
+    and receives that address's ICMP errors (ECONNREFUSED) as exceptions from ``recv``."""
+
+    def __init__(self, transport: asyncio.DatagramTransport, protocol: UdpClientProtocol) -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    @property
+    def local(self) -> tuple[str, int]:
+        host, port = self.transport.get_extra_info("sockname")[:2]
+        return host, port
+
+    def send(self, data: bytes) -> None:
+        self.transport.sendto(data)
+
+    async def recv(self, timeout: float = 5.0) -> bytes:
+        item = await asyncio.wait_for(self.protocol.received.get(), timeout)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def ask(self, data: bytes, timeout: float = 5.0) -> bytes:
+        self.send(data)
+        return await self.recv(timeout)
+
+
+@contextlib.asynccontextmanager
+async def udp_client(
+    target: tuple[str, int], local_ip: str | None = None
+) -> AsyncIterator[UdpClient]:
+    loop = asyncio.get_running_loop()
+    local = local_ip or fresh_ip()
+    family = socket.AF_INET6 if ":" in local else socket.AF_INET
+    transport, protocol = await loop.create_datagram_endpoint(
+        UdpClientProtocol, local_addr=(local, 0), remote_addr=target, family=family
+    )
+    try:
+        yield UdpClient(transport, protocol)
+    finally:
+        transport.close()
+        await settle()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for a condition on lbd's state (a counter), checking every loop turn or 5 ms."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError("condition not reached")
+        await asyncio.sleep(0.005)

@@ -254,7 +254,7 @@ def test_bad_enums_have_did_you_mean() -> None:
     assert problems_of(text) == [
         "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, got 'Nodeport' "
         "(did you mean 'NodePort'?)",
-        "services[0].ports[0].protocol: must be one of TCP, got 'SCTP'",
+        "services[0].ports[0].protocol: must be one of TCP, UDP, got 'SCTP'",
         "services[0].strategy: must be one of random, round-robin, least-connection, got "
         "'roundrobin' (did you mean 'round-robin'?)",
     ]
@@ -363,4 +363,76 @@ def test_node_port_range_exhausted() -> None:
     )
     assert problems_of(text) == [
         "services[0].ports[2].nodePort: no free nodePort left in 30000-30001"
+    ]
+
+
+def test_udp_tunables_default_and_merge() -> None:
+    config = load_text(
+        "apiVersion: lbd/v1\n"
+        "defaults: {udpIdleTimeout: 10s, maxUdpSessions: 100}\n"
+        "services:\n"
+        "  - {name: a, clusterIP: 127.0.0.9, ports: [{port: 53, protocol: UDP}]}\n"
+        "  - {name: b, clusterIP: 127.0.0.8, udpIdleTimeout: 2m, maxUdpSessions: 7,\n"
+        "     ports: [{port: 53, protocol: UDP}]}\n"
+    )
+    a, b = config.services
+    assert a.ports[0].protocol == "UDP"
+    assert (a.timeouts.udp_idle, a.max_udp_sessions) == (10, 100)
+    assert (b.timeouts.udp_idle, b.max_udp_sessions) == (120, 7)
+    bare = load_text(
+        "apiVersion: lbd/v1\nservices: [{name: a, clusterIP: 127.0.0.9, ports: [{port: 1}]}]"
+    )
+    assert (bare.services[0].timeouts.udp_idle, bare.services[0].max_udp_sessions) == (30, 65536)
+
+
+def test_bad_udp_idle_timeout() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, udpIdleTimeout: 0s, ports: [{port: 1, protocol: UDP}]}\n",
+        head="apiVersion: lbd/v1\ndefaults: {udpIdleTimeout: soon}\n",
+    )
+    assert problems_of(text) == [
+        "defaults.udpIdleTimeout: expected a duration such as 250ms, 30s, 5m or 1h30m, got 'soon'",
+        "services[0].udpIdleTimeout: must be greater than 0",
+    ]
+
+
+def test_bad_max_udp_sessions() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, maxUdpSessions: 0, ports: [{port: 1, protocol: UDP}]}\n"
+        "- {name: b, clusterIP: 127.0.0.8, maxUdpSessions: many, ports: [{port: 1, protocol: UDP}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[0].maxUdpSessions: must be between 1 and 1000000, got 0",
+        "services[1].maxUdpSessions: expected a whole number, got a string 'many'",
+    ]
+
+
+def test_same_port_on_tcp_and_udp_is_fine_but_not_twice_on_one_protocol() -> None:
+    ok = load_text(
+        with_service(
+            "- name: dns\n  clusterIP: 127.0.0.9\n  type: NodePort\n"
+            "  ports: [{name: t, port: 53}, {name: u, port: 53, protocol: UDP}]\n"
+        )
+    )
+    tcp, udp = ok.services[0].ports
+    assert (tcp.protocol, udp.protocol) == ("TCP", "UDP")
+    assert tcp.node_port != udp.node_port  # allocated per protocol, from different hashes
+    text = with_service(
+        "- name: dns\n  clusterIP: 127.0.0.9\n"
+        "  ports: [{name: t, port: 53, protocol: UDP}, {name: u, port: 53, protocol: UDP}]\n"
+    )
+    assert problems_of(text) == [
+        "services[0].ports[1].port: UDP port 53 already used by services[0].ports[0]"
+    ]
+
+
+def test_udp_listener_conflicts_across_services_but_not_with_tcp() -> None:
+    text = with_service(
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 53, protocol: UDP}]}\n"
+        "- {name: b, clusterIP: 127.0.0.8, externalIPs: [127.0.0.9], ports: [{port: 53}]}\n"
+        "- {name: c, clusterIP: 127.0.0.7, externalIPs: [127.0.0.9], ports: [{port: 53, protocol: UDP}]}\n"
+    )
+    assert problems_of(text) == [
+        "services[2].ports[0]: externalIP listener UDP 127.0.0.9:53 conflicts with the clusterIP "
+        "listener UDP 127.0.0.9:53 of default/a (services[0].ports[0])"
     ]

@@ -29,7 +29,15 @@ from lbd.config.yamlfile import parse_yaml, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
-TUNABLE_KEYS = ("strategy", "connectTimeout", "idleTimeout", "drainTimeout", "accessLog")
+TUNABLE_KEYS = (
+    "strategy",
+    "connectTimeout",
+    "idleTimeout",
+    "drainTimeout",
+    "udpIdleTimeout",
+    "maxUdpSessions",
+    "accessLog",
+)
 SERVICE_KEYS = (
     "name",
     "namespace",
@@ -49,6 +57,9 @@ _port_number = f.int_between(1, 65535)
 # Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
 _service_port_number = f.int_between(0, 65535)
 _weight = f.int_between(0, 1_000_000)
+# One session holds one socket (a file descriptor and an ephemeral port): a million is already
+# past what one host's port range can carry towards one endpoint address.
+_max_udp_sessions = f.int_between(1, 1_000_000)
 
 
 def load_file(path: str | Path) -> Config:
@@ -118,6 +129,7 @@ def _defaults(section: f.Section) -> Defaults:
         strategy=section.get("strategy", f.one_of(STRATEGIES), base.strategy),
         timeouts=_timeouts(section, base.timeouts),
         access_log=section.get("accessLog", f.boolean, base.access_log),
+        max_udp_sessions=section.get("maxUdpSessions", _max_udp_sessions, base.max_udp_sessions),
     )
 
 
@@ -126,6 +138,7 @@ def _timeouts(section: f.Section, base: Timeouts) -> Timeouts:
         connect=section.get("connectTimeout", _positive_duration, base.connect),
         idle=section.get("idleTimeout", _positive_duration, base.idle),
         drain=section.get("drainTimeout", parse_duration, base.drain),
+        udp_idle=section.get("udpIdleTimeout", _positive_duration, base.udp_idle),
     )
 
 
@@ -147,6 +160,9 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         strategy=section.get("strategy", f.one_of(STRATEGIES), defaults.strategy),
         timeouts=_timeouts(section, defaults.timeouts),
         access_log=section.get("accessLog", f.boolean, defaults.access_log),
+        max_udp_sessions=section.get(
+            "maxUdpSessions", _max_udp_sessions, defaults.max_udp_sessions
+        ),
         ports=ports,
         endpoints=endpoints,
     )

@@ -13,14 +13,15 @@ from typing import Literal
 
 API_VERSION = "lbd/v1"
 
-Protocol = Literal["TCP"]
+Protocol = Literal["TCP", "UDP"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 StrategyName = Literal["random", "round-robin", "least-connection"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
 STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
-PROTOCOLS: tuple[Protocol, ...] = ("TCP",)
+PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
+DEFAULT_MAX_UDP_SESSIONS = 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Timeouts:
     connect: float
     idle: float
     drain: float
+    udp_idle: float  # a UDP session with no datagram either way for this long ends
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,7 @@ class Service:
     strategy: StrategyName
     timeouts: Timeouts
     access_log: bool
+    max_udp_sessions: int  # per UDP service port; new clients beyond it are dropped
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
 
@@ -89,9 +92,10 @@ class Node:
 class Defaults:
     strategy: StrategyName = "round-robin"
     timeouts: Timeouts = field(
-        default_factory=lambda: Timeouts(connect=1.0, idle=3600.0, drain=30.0)
+        default_factory=lambda: Timeouts(connect=1.0, idle=3600.0, drain=30.0, udp_idle=30.0)
     )
     access_log: bool = False
+    max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ class RouteSpec:
     idle_timeout: float
     drain_timeout: float
     access_log: bool
+    udp_idle_timeout: float
+    max_udp_sessions: int
     targets: tuple[Target, ...]
 
     @property
@@ -53,6 +55,8 @@ def route_spec(service: Service, port: ServicePort) -> RouteSpec:
         idle_timeout=service.timeouts.idle,
         drain_timeout=service.timeouts.drain,
         access_log=service.access_log,
+        udp_idle_timeout=service.timeouts.udp_idle,
+        max_udp_sessions=service.max_udp_sessions,
         targets=endpoint_targets(service, port),
     )
 

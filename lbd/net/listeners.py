@@ -8,7 +8,11 @@ import socket
 # Not in Python's socket module before 3.12; values from <linux/in.h> and <linux/in6.h>.
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)
 IPV6_FREEBIND = getattr(socket, "IPV6_FREEBIND", 78)
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 LISTEN_BACKLOG = 4096
+# A UDP listener carries every client of a service port: a deep receive queue absorbs bursts
+# (the kernel caps it at net.core.rmem_max / wmem_max; 64 KiB datagrams need room for several).
+UDP_LISTENER_BUFFER = 4 * 1024 * 1024
 
 
 def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -40,7 +44,37 @@ def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> s
     return sock
 
 
-def _try_setsockopt(sock: socket.socket, level: int, option: int) -> None:
-    # An old kernel without the option: binding then needs the address to exist.
+def _try_setsockopt(sock: socket.socket, level: int, option: int, value: int = 1) -> None:
+    # An old kernel without the option: binding then needs the address to exist (FREEBIND),
+    # or the socket keeps the kernel's default buffer size.
     with contextlib.suppress(OSError):
-        sock.setsockopt(level, option, 1)
+        sock.setsockopt(level, option, value)
+
+
+def bind_udp_listener(address: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket on (address, port).
+
+    No SO_REUSEADDR: for UDP it would let a second socket share the port and take part of its
+    datagrams. A wildcard address gets IP_PKTINFO (IPV6_RECVPKTINFO), so each datagram says
+    which local address it was sent to and the reply can leave from exactly that address.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_LISTENER_BUFFER)
+        _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_LISTENER_BUFFER)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _try_setsockopt(sock, socket.IPPROTO_IPV6, IPV6_FREEBIND)
+            if address == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            _try_setsockopt(sock, socket.IPPROTO_IP, IP_FREEBIND)
+            if address == "0.0.0.0":
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
