@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from lbd.balancing import Balancer, make_balancer
 from lbd.config.model import Service, ServicePort, StrategyName
+from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool
 
 # Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
@@ -30,7 +31,9 @@ def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> f
 
 @dataclass(slots=True)
 class RouteStats:
-    """Counters of one route; the single writer is the worker's event loop."""
+    """Counters of one route; the single writer is the worker's event loop. Per-endpoint
+    counters live on each ``UpstreamEndpoint.stats``; ``lbd.observability.metrics`` exports
+    both at scrape time."""
 
     downstream_cx_total: int = 0
     downstream_cx_active: int = 0
@@ -40,9 +43,10 @@ class RouteStats:
     upstream_cx_connect_timeout: int = 0
     upstream_cx_retries: int = 0
     upstream_cx_none_succeeded: int = 0
-    downstream_bytes_received: int = 0
-    upstream_bytes_received: int = 0
+    downstream_bytes_received: int = 0  # of closed connections; open ones add theirs at scrape
+    upstream_bytes_received: int = 0  # = bytes sent to clients
     idle_timeouts: int = 0
+    cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
 
 
 @dataclass(slots=True, eq=False)

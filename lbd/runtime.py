@@ -13,10 +13,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from lbd import __version__
 from lbd.config.model import Config, ListenerSpec, listeners_of
+from lbd.config.render import config_hash
 from lbd.net.connections import ConnectionSet
 from lbd.net.listeners import bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
+from lbd.observability.metrics import Snapshot, runtime_snapshot
+from lbd.observability.stats import ProcessStats
 from lbd.route import Route, build_route
 
 log = structlog.get_logger("lbd.runtime")
@@ -43,6 +47,9 @@ class Listener:
 class Runtime:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self.config = config
+        self.config_hash = config_hash(config)
+        self.process = ProcessStats()
+        self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         self.routes: dict[tuple[str, int], Route] = {}
         self.listeners: list[Listener] = []
@@ -75,6 +82,7 @@ class Runtime:
             self.stop_accepting()
             self.listeners.clear()
             raise
+        self.ready = True
         for listener in self.listeners:
             host, port = listener.bound
             log.info(
@@ -95,8 +103,14 @@ class Runtime:
                 return listener
         raise KeyError((service, port_index, kind))
 
+    def metrics_snapshot(self) -> Snapshot:
+        return runtime_snapshot(
+            self.routes.values(), self.connections, self.process, self.config_hash, __version__
+        )
+
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket; open connections carry on."""
+        self.ready = False
         for listener in self.listeners:
             if listener.server is not None:
                 listener.server.close()
