@@ -95,9 +95,15 @@ class AdminServer:
 
     def _tcp_socket(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self.admin.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            return socket.create_server((self.admin.address, self.admin.port), family=family)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.admin.address, self.admin.port))
+            sock.listen(64)
+            sock.setblocking(False)
+            return sock
         except OSError as error:
+            sock.close()
             raise AdminError(
                 f"admin.address: cannot bind {self.admin.describe()}: {error.strerror or error}"
             ) from None
