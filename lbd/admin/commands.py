@@ -46,9 +46,7 @@ async def status(args: argparse.Namespace, target: AdminTarget) -> int:
         previous = (now, totals)
         text = json.dumps(view, indent=2) if args.json else status_table(view, cx_rates)
         if args.watch and sys.stdout.isatty():
-            text = (
-                CLEAR_SCREEN + f"lbd at {target.describe()}, every {args.interval:g}s\n\n" + text
-            )
+            text = CLEAR_SCREEN + f"lbd at {target.describe()}, every {args.interval:g}s\n\n" + text
         elif args.watch and shown:
             text = "\n" + text
         print(text, flush=True)
