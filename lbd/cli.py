@@ -9,13 +9,16 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from lbd import __version__
 from lbd.config import Config, ConfigError, listeners_of, load_text
 from lbd.config.yamlfile import read_config_file
 from lbd.loops import LOOP_FACTORIES, LoopName
 from lbd.observability.logging import LOG_LEVELS, LogFormat, configure_logging
+
+if TYPE_CHECKING:
+    from lbd.admin.client import AdminTarget
 
 EXIT_OK = 0
 EXIT_CONFIG = 1
@@ -62,6 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit after the distribution table instead of staying up",
     )
     with_runtime_options(demo)
+
+    def with_admin_target(sub: argparse.ArgumentParser) -> None:
+        where = sub.add_mutually_exclusive_group()
+        where.add_argument("--admin", metavar="HOST:PORT", help="default: 127.0.0.1:9180")
+        where.add_argument("--socket", metavar="PATH", help="the admin unix socket")
+        where.add_argument("--config", metavar="FILE", help="use the admin section of this config")
+
+    status = commands.add_parser(
+        "status", help="services, listeners and endpoints of a running lbd"
+    )
+    with_admin_target(status)
+    status.add_argument("--watch", action="store_true", help="refresh until Ctrl+C")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--count", type=int, default=0, help="with --watch: stop after N tables")
+    status.add_argument("--json", action="store_true", help="print the /services JSON")
+
+    explain = commands.add_parser(
+        "explain", help="which endpoints a connection may go to, and why not the others"
+    )
+    explain.add_argument("service", help="NAMESPACE/NAME (or NAME in default)")
+    explain.add_argument("--port", help="port name or number; needed when the service has several")
+    explain.add_argument("--client", help="the client's IP address")
+    explain.add_argument("--json", action="store_true", help="print the /explain JSON")
+    with_admin_target(explain)
     return parser
 
 
@@ -71,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check(args.config) if args.diff is None else check_diff(args.config, args.diff)
     if args.command == "reload":
         return send_reload(args.pid_file)
+    if args.command in ("status", "explain"):
+        from lbd.admin.commands import admin_command
+
+        target = _admin_target(args)
+        if target is None:
+            return EXIT_CONFIG
+        return admin_command(args, target)
     configure_logging(args.log_format, args.log_level)
     if args.command == "run":
         return run(args.config, args.loop, args.pid_file, watch=not args.no_watch)
@@ -91,6 +125,17 @@ def _load_with_bytes(path: str) -> tuple[Config, bytes] | None:
         for problem in error.problems:
             print(str(problem), file=sys.stderr)
         return None
+
+
+def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
+    from lbd.admin.client import AdminTarget
+
+    if args.socket:
+        return AdminTarget(socket=args.socket)
+    if args.config:
+        config = _load(args.config)
+        return AdminTarget.of(config.admin) if config is not None else None
+    return AdminTarget(address=args.admin or "127.0.0.1:9180")
 
 
 def check(path: str) -> int:
@@ -151,6 +196,7 @@ def send_reload(pid_file: str) -> int:
 
 
 def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
+    from lbd.admin.server import AdminError
     from lbd.runtime import ListenerError
     from lbd.worker import serve
 
@@ -163,7 +209,7 @@ def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
             return runner.run(serve(config, source=(path, data), watch=watch))
-    except ListenerError as error:
+    except (ListenerError, AdminError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
     finally:

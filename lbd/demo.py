@@ -31,6 +31,7 @@ NODEPORT_CLUSTER_IP = "127.96.0.4"
 NODE_ADDRESS = "127.0.0.5"
 SERVICE_PORT = 8080
 NODE_PORT = 30080
+ADMIN = "127.96.0.9:9180"
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ def demo_config(ports: dict[str, int]) -> str:
     return (
         "apiVersion: lbd/v1\n"
         f"node: {{name: demo-node, addresses: [{NODE_ADDRESS}]}}\n"
+        f"admin: {{address: '{ADMIN}'}}\n"
         "defaults: {connectTimeout: 1s, idleTimeout: 5m, drainTimeout: 2s}\n"
         "services:\n" + "".join(services)
     )
@@ -177,6 +179,8 @@ async def run_demo(connections: int, once: bool) -> int:
             print(f"  curl http://{cluster_ip}:{SERVICE_PORT}/      # ClusterIP, {strategy}")
         print(f"  curl http://{NODE_ADDRESS}:{NODE_PORT}/      # NodePort")
         print(f"  nc {STRATEGY_SERVICES['round-robin']} {SERVICE_PORT}               # type lines")
+        print(f"  lbd status --admin {ADMIN} --watch        # endpoints, connections, rates")
+        print(f"  curl http://{ADMIN}/metrics          # Prometheus metrics")
         print("Ctrl+C to stop." if not once else "")
         sys.stdout.flush()
         if once:

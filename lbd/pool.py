@@ -10,19 +10,45 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable, Iterable
 
+from lbd.observability.stats import EndpointStats
+
+# Why an endpoint takes no new connections, as codes (stable, for /explain and tooling) with
+# what they mean. Later features add theirs here (not_ready, unhealthy, ejected, other_node,
+# other_zone, affinity) and check them in ``ineligible_reason`` or ``lbd.explain``.
+REASONS: dict[str, str] = {
+    "draining": "removed from the config; kept only while its connections finish",
+    "admin_drained": "drained through the admin API",
+    "weight_zero": "weight is 0",
+}
+
 
 class UpstreamEndpoint:
     """One (address, port) that connections of a service port can be sent to."""
 
-    __slots__ = ("active", "address", "draining", "family", "port", "weight")
+    __slots__ = (
+        "active",
+        "address",
+        "admin_drained",
+        "config_weight",
+        "draining",
+        "family",
+        "port",
+        "stats",
+        "weight",
+        "weight_override",
+    )
 
     def __init__(self, address: str, port: int, weight: int = 1) -> None:
         self.address = address
         self.port = port
-        self.weight = weight
+        self.weight = weight  # what balancers use: the override if one is set, else config's
+        self.config_weight = weight
+        self.weight_override: int | None = None  # set through the admin API
+        self.admin_drained = False  # set through the admin API
         self.active = 0
         self.draining = False  # removed from the config; kept while connections remain
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.stats = EndpointStats()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -35,6 +61,30 @@ class UpstreamEndpoint:
     def __repr__(self) -> str:
         return f"UpstreamEndpoint({self}, weight={self.weight}, active={self.active})"
 
+    @property
+    def overridden(self) -> bool:
+        return self.admin_drained or self.weight_override is not None
+
+    def clear_overrides(self) -> None:
+        self.admin_drained = False
+        self.weight_override = None
+        self.weight = self.config_weight
+
+
+def ineligible_reason(endpoint: UpstreamEndpoint) -> str | None:
+    """Why ``endpoint`` may not take a new connection (a ``REASONS`` code), or None.
+
+    The one place that decides eligibility from the endpoint's own state: ``Pool`` builds its
+    eligible list with it and ``/explain`` reports it, so the two never disagree.
+    """
+    if endpoint.draining:
+        return "draining"
+    if endpoint.admin_drained:
+        return "admin_drained"
+    if endpoint.weight <= 0:
+        return "weight_zero"
+    return None
+
 
 PoolWatcher = Callable[["Pool"], None]
 
@@ -44,13 +94,14 @@ class Pool:
     endpoints change, so state tied to an endpoint (UDP sessions) can follow at once: a
     datagram that arrives after ``update()`` returns already sees the new endpoints."""
 
-    __slots__ = ("_draining", "_eligible", "_watchers", "members")
+    __slots__ = ("_eligible", "_watchers", "draining", "members")
 
     def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
         self.members: list[UpstreamEndpoint] = list(members)
-        # Removed endpoints that still carry connections: re-adding one revives the same
+        # Removed by a reload but still carrying connections: shown by the admin API and
+        # metrics until the last one ends (``release``); re-adding one revives the same
         # object, so its active count (least-connection) stays right.
-        self._draining: dict[tuple[str, int], UpstreamEndpoint] = {}
+        self.draining: list[UpstreamEndpoint] = []
         self._eligible: list[UpstreamEndpoint] = []
         self._watchers: list[PoolWatcher] = []
         self._refresh()
@@ -74,45 +125,69 @@ class Pool:
         """Endpoints that may take a new connection. Do not mutate the returned list."""
         return self._eligible
 
-    def draining(self) -> list[UpstreamEndpoint]:
-        return [m for m in self._draining.values() if m.active > 0]
-
     def acquire(self, endpoint: UpstreamEndpoint) -> None:
         endpoint.active += 1
 
     def release(self, endpoint: UpstreamEndpoint) -> None:
         endpoint.active -= 1
+        if endpoint.draining and not endpoint.active and endpoint in self.draining:
+            self.draining.remove(endpoint)
 
     def update(self, wanted: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
         """Make the members (address, port, weight); keep the objects of endpoints that stay so
-        their counts and balancer positions survive. Returns (added, removed)."""
+        their counts and balancer positions survive. Returns (added, removed).
+
+        Admin overrides survive an update that leaves the endpoint as it was, and are cleared
+        by one that changes it (its config weight, or its removal)."""
         current = {member.key: member for member in self.members}
+        removed = len(current)
+        current.update((m.key, m) for m in self.draining if m.key not in current)
         members: list[UpstreamEndpoint] = []
         added = 0
         for address, port, weight in wanted:
-            key = (address, port)
-            member = current.pop(key, None) or self._draining.pop(key, None)
+            member = current.pop((address, port), None)
+            if member is None or member.draining:
+                added += 1
+            else:
+                removed -= 1
             if member is None:
                 member = UpstreamEndpoint(address, port, weight)
-                added += 1
-            member.weight = weight
+            elif member.draining or member.config_weight != weight:
+                member.config_weight = weight
+                member.clear_overrides()
             member.draining = False
             members.append(member)
         for gone in current.values():
-            gone.draining = True
-            self._draining[gone.key] = gone
-        self._draining = {k: m for k, m in self._draining.items() if m.active > 0}
+            if not gone.draining:
+                gone.draining = True
+                gone.clear_overrides()
         changed = members != self.members
         self.members = members
+        self.draining = [m for m in current.values() if m.active]
         self._refresh(changed)
-        return added, len(current)
+        return added, removed
 
     def drain_all(self) -> None:
         """The service port is gone: every endpoint drains."""
         self.update(())
 
+    def find(self, address: str, port: int | None = None) -> list[UpstreamEndpoint]:
+        """Current members at ``address`` (and ``port``, when given)."""
+        return [
+            m for m in self.members if m.address == address and (port is None or m.port == port)
+        ]
+
+    def set_admin_drained(self, endpoint: UpstreamEndpoint, drained: bool) -> None:
+        endpoint.admin_drained = drained
+        self._refresh()
+
+    def set_weight_override(self, endpoint: UpstreamEndpoint, weight: int | None) -> None:
+        endpoint.weight_override = weight
+        endpoint.weight = endpoint.config_weight if weight is None else weight
+        self._refresh()
+
     def _refresh(self, members_changed: bool = False) -> None:
-        eligible = [m for m in self.members if m.weight > 0 and not m.draining]
+        eligible = [m for m in self.members if ineligible_reason(m) is None]
         # Endpoints compare by identity: a list equal to the old one is the same endpoints.
         changed = members_changed or eligible != self._eligible
         self._eligible = eligible

@@ -41,7 +41,6 @@ class Reloader:
         self.runtime = runtime
         self.path = path
         self._applied_hash = content_hash(applied)
-        runtime.stats.config_hash = self._applied_hash
         self._wanted = asyncio.Event()
         self._reasons: list[str] = []
         self._lock = asyncio.Lock()
@@ -65,12 +64,12 @@ class Reloader:
 
     async def _reload(self, reason: str) -> ReloadResult:
         started = time.perf_counter()
-        stats = self.runtime.stats
+        process = self.runtime.process
         try:
             data = read_config_file(self.path)
             digest = content_hash(data)
             if digest == self._applied_hash:
-                stats.config_reloads_noop += 1
+                process.reloads_unchanged += 1
                 log.debug("config unchanged", reason=reason)
                 return ReloadResult("unchanged", time.perf_counter() - started)
             config = load_text(data, self.path)
@@ -80,9 +79,7 @@ class Reloader:
         except ListenerError as error:
             return self._failed(reason, started, [f"{self.path}: {error}"])
         self._applied_hash = digest
-        stats.config_reloads_ok += 1
-        stats.last_reload_time = time.time()
-        stats.config_hash = digest
+        process.reload_succeeded()
         duration = time.perf_counter() - started
         log.info(
             "config reloaded",
@@ -95,7 +92,7 @@ class Reloader:
         return ReloadResult("applied", duration, diff)
 
     def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
-        self.runtime.stats.config_reloads_failed += 1
+        self.runtime.process.reload_failed()
         # One error event, with the same path: message lines as `lbd check`; nothing changed.
         log.error(
             "config reload failed, keeping the running config",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from lbd.balancing import Balancer, make_balancer
 from lbd.config.model import StrategyName
 from lbd.config.routes import RouteSpec
+from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool
 
 # Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
@@ -31,7 +32,9 @@ def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> f
 
 @dataclass(slots=True)
 class RouteStats:
-    """Counters of one route; the single writer is the worker's event loop."""
+    """Counters of one route; the single writer is the worker's event loop. Per-endpoint
+    counters live on each ``UpstreamEndpoint.stats``; ``lbd.observability.metrics`` exports
+    both at scrape time."""
 
     downstream_cx_total: int = 0
     downstream_cx_active: int = 0
@@ -41,8 +44,8 @@ class RouteStats:
     upstream_cx_connect_timeout: int = 0
     upstream_cx_retries: int = 0
     upstream_cx_none_succeeded: int = 0
-    downstream_bytes_received: int = 0
-    upstream_bytes_received: int = 0
+    downstream_bytes_received: int = 0  # of closed connections; open ones add theirs at scrape
+    upstream_bytes_received: int = 0  # = bytes sent to clients
     idle_timeouts: int = 0
     # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
     udp_sess_total: int = 0
@@ -64,6 +67,7 @@ class RouteStats:
     udp_upstream_rx_errors: int = 0
     udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
     udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
+    cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
 
 
 @dataclass(slots=True, eq=False)
@@ -71,6 +75,7 @@ class Route:
     namespace: str
     service: str
     port_name: str  # the port's name, or its number when unnamed
+    protocol: str
     strategy: StrategyName
     balancer: Balancer
     pool: Pool
@@ -95,6 +100,7 @@ class Route:
             namespace=spec.namespace,
             service=spec.service,
             port_name=spec.port_name,
+            protocol=spec.protocol,
             strategy=spec.strategy,
             balancer=make_balancer(spec.strategy, rng),
             pool=pool,

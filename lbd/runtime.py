@@ -20,13 +20,17 @@ from dataclasses import dataclass
 
 import structlog
 
+from lbd import __version__
 from lbd.config.diff import ConfigDiff, diff_configs
 from lbd.config.model import Config, ListenerSpec
+from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
 from lbd.net.connections import ConnectionSet
 from lbd.net.listeners import bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
+from lbd.observability.metrics import Snapshot, runtime_snapshot
+from lbd.observability.stats import ProcessStats
 from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
@@ -78,18 +82,6 @@ class Listener:
             await self.server.start_serving()
 
 
-@dataclass(slots=True)
-class ProcessStats:
-    """Process-wide counters; written only by the worker's event loop."""
-
-    config_reloads_ok: int = 0
-    config_reloads_failed: int = 0
-    config_reloads_noop: int = 0
-    last_reload_time: float = 0.0  # wall-clock seconds
-    config_hash: str = ""
-    listener_bind_failures: int = 0
-
-
 def empty_like(config: Config) -> Config:
     return Config(node=config.node, defaults=config.defaults, services=())
 
@@ -97,21 +89,25 @@ def empty_like(config: Config) -> Config:
 class Runtime:
     def __init__(self, config: Config, rng: random.Random | None = None) -> None:
         self.config = empty_like(config)  # what is applied; start() applies `config`
+        self.config_hash = config_hash(self.config)
         self._initial = config
         self._rng = rng
+        self.process = ProcessStats()
+        self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
-        self.stats = ProcessStats()
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
         await self.apply(self._initial)
+        self.ready = True
 
     async def apply(self, new: Config) -> ConfigDiff:
         diff = diff_configs(self.config, new)
         if diff.empty:
-            self.config = new
+            self.config = new  # e.g. the admin section, which takes effect on restart
+            self.config_hash = config_hash(new)
             return diff
         specs = route_specs(new)
         # Routes for new service ports exist before commit so new listeners can point at them;
@@ -152,7 +148,7 @@ class Runtime:
                         continue
                     sock = bind_tcp_listener(spec.address, spec.port)
                 except OSError as error:
-                    self.stats.listener_bind_failures += 1
+                    self.process.listener_bind_failures += 1
                     raise ListenerError(
                         f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
                         f"{error.strerror or error}"
@@ -192,6 +188,7 @@ class Runtime:
         for listener in prepared:
             self.listeners[listener.spec.identity] = listener
         self.config = new
+        self.config_hash = config_hash(new)
         self._mark_draining()
 
     def _mark_draining(self) -> None:
@@ -216,8 +213,14 @@ class Runtime:
                 return listener
         raise KeyError((service, port_index, kind))
 
+    def metrics_snapshot(self) -> Snapshot:
+        return runtime_snapshot(
+            self.routes.values(), self.connections, self.process, self.config_hash, __version__
+        )
+
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket; open connections carry on."""
+        self.ready = False
         for listener in self.listeners.values():
             listener.close()
 

@@ -8,11 +8,14 @@ stop accepting → drain (each connection up to its service's drainTimeout) → 
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import structlog
 
+from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.model import Config
 from lbd.config.watcher import watch_config
 from lbd.reload import Reloader
@@ -49,31 +52,42 @@ async def serve(
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
     ``source`` is the config file's path and the bytes ``config`` was loaded from: with it,
-    SIGHUP (and, with ``watch``, any change of the file) reloads the config in place.
+    SIGHUP, ``POST /reload`` and (with ``watch``) any change of the file reload the config in
+    place. The admin API starts after the listeners (so /readyz never says ready too early) and
+    stops after the last connection has drained (so the drain can be watched through it).
     """
     loop = asyncio.get_running_loop()
     state = state or ShutdownState()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, state.on_signal, signum)
     runtime = Runtime(config)
+    reloader = Reloader(runtime, *source) if source is not None else None
+    admin: AdminServer | None = None
+    if config.admin.enabled:
+        admin = AdminServer(config.admin, runtime, admin_reload(reloader) if reloader else None)
     background: list[asyncio.Task[None]] = []
     try:
         await runtime.start()
+        if admin is not None:
+            try:
+                await admin.start()
+            except BaseException:
+                runtime.stop_accepting()
+                raise
         log.info(
             "lbd started",
             services=len(config.services),
             listeners=len(runtime.listeners),
             node=config.node.name,
+            admin=admin.bound if admin is not None else None,
         )
-        if source is not None:
-            reloader = Reloader(runtime, *source)
+        if reloader is not None and source is not None:
             loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
             background.append(asyncio.create_task(reloader.run()))
             if watch:
+                on_change = functools.partial(reloader.request, "file")
                 background.append(
-                    asyncio.create_task(
-                        watch_config(source[0], lambda: reloader.request("file"), state.should_exit)
-                    )
+                    asyncio.create_task(watch_config(source[0], on_change, state.should_exit))
                 )
         if ready is not None:
             await ready(runtime)
@@ -83,9 +97,31 @@ async def serve(
         await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
+        if admin is not None:
+            await admin.stop()
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def admin_reload(reloader: Reloader) -> ReloadHook:
+    """``POST /reload``: the same reload as SIGHUP, answered with its outcome."""
+
+    async def reload() -> tuple[int, dict[str, Any]]:
+        result = await reloader.reload("admin")
+        body: dict[str, Any] = {
+            "ok": result.outcome != "failed",
+            "outcome": result.outcome,
+            "durationMs": round(result.duration_s * 1000, 1),
+        }
+        if result.diff is not None:
+            body["changes"] = result.diff.summary()
+        if result.problems:
+            body["error"] = "the new config was not applied; the running config is unchanged"
+            body["problems"] = list(result.problems)
+        return (422 if result.outcome == "failed" else 200), body
+
+    return reload
 
 
 async def shutdown(runtime: Runtime, state: ShutdownState) -> None:

@@ -10,6 +10,8 @@ import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from lbd.admin.client import AdminTarget
+from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config import Config, load_text
 from lbd.route import Route
 from lbd.runtime import Runtime
@@ -58,11 +60,14 @@ def service_yaml(
     )
 
 
-def document(*services: str, defaults: str = "", node: str = "") -> str:
+def document(*services: str, defaults: str = "", node: str = "", admin: str = "") -> str:
+    """A config; its admin API (if something starts it) is on a fresh 127.x address, port 0,
+    never on the shared default 127.0.0.1:9180."""
     return (
         "apiVersion: lbd/v1\n"
         + (f"node: {node}\n" if node else "")
         + (f"defaults: {defaults}\n" if defaults else "")
+        + f"admin: {admin or f'{{address: {fresh_ip()}:0}}'}\n"
         + "services:\n"
         + "".join(services)
     )
@@ -318,3 +323,22 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
         if asyncio.get_running_loop().time() > deadline:
             raise TimeoutError("condition not reached")
         await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def admin_running(
+    cfg: Config, reload: ReloadHook | None = None
+) -> AsyncIterator[tuple[Runtime, AdminTarget]]:
+    """An lbd runtime plus its admin API (on the config's fresh 127.x address or socket)."""
+    async with running(cfg) as runtime:
+        admin = AdminServer(cfg.admin, runtime, reload)
+        await admin.start()
+        try:
+            target = (
+                AdminTarget(socket=cfg.admin.socket)
+                if cfg.admin.socket
+                else AdminTarget(address=admin.bound)
+            )
+            yield runtime, target
+        finally:
+            await admin.stop()

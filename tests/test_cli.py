@@ -262,3 +262,121 @@ async def test_check_diff_previews_a_reload(tmp_path: Path) -> None:
     code, out, _ = await run_cli("check", str(new), "--diff", str(new))
     assert code == 0
     assert out == f"{new}: ok: a reload from {new} would change nothing\n"
+
+
+async def test_status_and_explain_against_a_running_lbd(tmp_path: Path) -> None:
+    async with echo_backend("b1") as (bh, bp, _):
+        path = write(tmp_path, document(service_yaml("svc", [(bh, bp)])))
+        async with lbd_process(path) as lbd:
+            started = await lbd.wait_event("lbd started")
+            admin = str(started["admin"])
+            host, port = lbd.listener()
+            assert await read_name(host, port) == "b1"
+
+            code, out, err = await run_cli("status", "--admin", admin)
+            assert code == 0, err
+            header, row = out.splitlines()
+            assert header.split() == [
+                "SERVICE", "PORT", "LISTENERS", "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "CX/S"
+            ]  # fmt: skip
+            assert row.split() == [
+                "default/svc", "0", f"{host}:{port}", "clusterIP", f"{bh}:{bp}", "eligible", "1", "0", "1", "-"
+            ]  # fmt: skip
+
+            code, out, err = await run_cli(
+                "status", "--admin", admin, "--watch", "--count", "2", "--interval", "0.2"
+            )
+            assert code == 0, err
+            tables = out.split("\n\n")
+            assert len(tables) == 2 and tables[1].splitlines()[1].split()[-1] == "0.0"
+
+            code, out, err = await run_cli(
+                "explain", "svc", "--client", "127.0.0.9", "--admin", admin
+            )
+            assert code == 0, err
+            assert out.splitlines() == [
+                "default/svc port 0 (round-robin), client 127.0.0.9:",
+                f"  {bh}:{bp}  eligible",
+                "1 of 1 endpoints eligible",
+            ]
+            code, out, err = await run_cli("explain", "nope", "--admin", admin)
+            assert (code, out) == (4, "")
+            assert err.strip() == "lbd explain: /explain: 404 no service default/nope"
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_status_reads_the_admin_address_from_the_config(tmp_path: Path) -> None:
+    socket_path = tmp_path / "admin.sock"
+    path = write(tmp_path, document(service_yaml("svc", []), admin=f"{{socket: {socket_path}}}"))
+    async with lbd_process(path) as lbd:
+        await lbd.wait_event("lbd started")
+        code, out, err = await run_cli("status", "--config", str(path))
+        assert code == 0, err
+        assert "(no endpoints)" in out
+        lbd.signal(signal.SIGTERM)
+        assert await lbd.wait_exit() == 0
+    code, _, err = await run_cli("status", "--config", str(path))
+    assert code == 4 and f"no lbd admin API at unix:{socket_path}" in err
+
+
+async def test_admin_that_cannot_bind_stops_the_start(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind((fresh_ip(), 0))
+        taken.listen()
+        host, port = taken.getsockname()
+        path = write(
+            tmp_path, document(service_yaml("svc", []), admin=f"{{address: '{host}:{port}'}}")
+        )
+        code, _, err = await run_cli("run", str(path))
+    assert code == 3
+    assert (
+        err.splitlines()[-1]
+        == f"{path}: admin.address: cannot bind {host}:{port}: Address already in use"
+    )
+
+
+async def test_reload_over_the_admin_api_checks_the_file(tmp_path: Path) -> None:
+    import aiohttp
+
+    token = tmp_path / "token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    admin = f"{{address: '{fresh_ip()}:0', tokenFile: {token}}}"
+    ip = fresh_ip()
+    path = write(tmp_path, document(service_yaml("svc", [], cluster_ip=ip), admin=admin))
+    async with lbd_process(path) as lbd:
+        base = f"http://{(await lbd.wait_event('lbd started'))['admin']}"
+        auth = {"Authorization": "Bearer t0ken"}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/reload") as response:
+                assert response.status == 401
+            path.write_text(
+                document(service_yaml("svc", [], cluster_ip=ip), admin=admin)
+                + "    connectTimeout: soon\n"
+            )
+            async with session.post(f"{base}/reload", headers=auth) as response:
+                assert response.status == 422
+                body = await response.json()
+            assert [p.split(":")[0] for p in body["problems"]] == ["services[0].connectTimeout"], (
+                body
+            )
+            async with session.get(f"{base}/metrics") as response:
+                assert 'lbd_config_reloads_total{result="failure"} 1.0' in await response.text()
+            async with echo_backend("b") as (bh, bp, _):
+                path.write_text(
+                    document(service_yaml("svc", [(bh, bp)], cluster_ip=ip), admin=admin)
+                )
+                async with session.post(f"{base}/reload", headers=auth) as response:
+                    assert response.status == 200
+                    body = await response.json()
+                assert body["outcome"] == "applied" and body["changes"]["endpoints_added"] == 1
+                assert await read_name(*lbd.listener()) == "b"
+                async with session.post(f"{base}/reload", headers=auth) as response:
+                    assert (await response.json())["outcome"] == "unchanged"
+            async with session.get(f"{base}/metrics") as response:
+                assert 'lbd_config_reloads_total{result="success"} 1.0' in await response.text()
+        lbd.signal(signal.SIGTERM)
+        assert await lbd.wait_exit() == 0

@@ -436,3 +436,41 @@ def test_udp_listener_conflicts_across_services_but_not_with_tcp() -> None:
         "services[2].ports[0]: externalIP listener UDP 127.0.0.9:53 conflicts with the clusterIP "
         "listener UDP 127.0.0.9:53 of default/a (services[0].ports[0])"
     ]
+
+
+def test_admin_section() -> None:
+    head = "apiVersion: lbd/v1\nservices: []\n"
+    admin = load_text(head + "admin: {address: '[::1]:0', tokenFile: /etc/lbd/token}\n").admin
+    assert (admin.address, admin.port, admin.token_file) == ("::1", 0, "/etc/lbd/token")
+    admin = load_text(head + "admin: {socket: /run/lbd.sock, enabled: false}\n").admin
+    assert (admin.socket, admin.enabled) == ("/run/lbd.sock", False)
+
+
+@pytest.mark.parametrize(
+    ("admin", "problem"),
+    [
+        ("{address: localhost:9180}", "admin.address: expected an IP address, got 'localhost'"),
+        (
+            "{address: 127.0.0.1}",
+            "admin.address: expected ADDRESS:PORT such as 127.0.0.1:9180, got '127.0.0.1'",
+        ),
+        (
+            "{address: '::1:9180'}",
+            "admin.address: write an IPv6 address in brackets, as [::1]:9180, got '::1:9180'",
+        ),
+        ("{address: '127.0.0.1:70000'}", "admin.address: must be between 0 and 65535, got 70000"),
+        (
+            "{address: '127.0.0.1:9180', socket: /tmp/a.sock}",
+            "admin.socket: address and socket are alternatives; set one",
+        ),
+        ("{tokenFile: 5}", "admin.tokenFile: expected a string, got a number"),
+        ("{enabled: yes please}", "admin.enabled: expected true or false, got 'yes please'"),
+        (
+            "{token: abc}",
+            "admin.token: unknown key (did you mean 'tokenFile'?); known keys: address, enabled, socket, tokenFile",
+        ),
+        ("[1]", "admin: expected a mapping, got a list"),
+    ],
+)
+def test_bad_admin_section(admin: str, problem: str) -> None:
+    assert problems_of(f"apiVersion: lbd/v1\nservices: []\nadmin: {admin}\n") == [problem]

@@ -1,8 +1,53 @@
-"""The pool: membership updates keep endpoint objects, and watchers hear about changes."""
+"""The pool without sockets: eligibility, admin overrides, draining endpoints, watchers."""
 
 from __future__ import annotations
 
-from lbd.pool import Pool
+from lbd.pool import Pool, ineligible_reason
+
+
+def pool_of(*targets: tuple[str, int, int]) -> Pool:
+    pool = Pool()
+    pool.update(targets)
+    return pool
+
+
+def test_eligibility_and_its_reasons() -> None:
+    pool = pool_of(("127.0.0.1", 1, 1), ("127.0.0.2", 1, 0), ("127.0.0.3", 1, 1))
+    a, b, c = pool.members
+    pool.set_admin_drained(c, True)
+    assert [ineligible_reason(m) for m in pool.members] == [None, "weight_zero", "admin_drained"]
+    assert pool.eligible() == [a]
+    pool.set_weight_override(b, 4)
+    pool.set_admin_drained(c, False)
+    assert pool.eligible() == [a, b, c] and b.weight == 4 and b.config_weight == 0
+
+
+def test_update_keeps_overrides_of_unchanged_endpoints_only() -> None:
+    pool = pool_of(("127.0.0.1", 1, 1), ("127.0.0.2", 1, 1))
+    a, b = pool.members
+    pool.set_weight_override(a, 5)
+    pool.set_admin_drained(b, True)
+    assert pool.update([("127.0.0.1", 1, 1), ("127.0.0.2", 1, 2)]) == (0, 0)
+    assert (a.weight, a.weight_override) == (5, 5)  # unchanged: the override stays
+    assert (b.weight, b.admin_drained) == (2, False)  # its weight changed: cleared
+    assert pool.eligible() == [a, b]
+
+
+def test_removed_endpoints_drain_while_they_have_connections() -> None:
+    pool = pool_of(("127.0.0.1", 1, 1), ("127.0.0.2", 1, 1), ("127.0.0.3", 1, 1))
+    a, b, _ = pool.members
+    pool.acquire(b)
+    pool.set_admin_drained(b, True)
+    assert pool.update([("127.0.0.1", 1, 1)]) == (0, 2)
+    assert pool.members == [a] and pool.draining == [b]  # c had no connections: gone at once
+    assert ineligible_reason(b) == "draining" and not b.admin_drained
+    pool.release(b)
+    assert pool.draining == []
+    # Back in the config before its last connection ended: the same object, counts intact.
+    pool.acquire(a)
+    pool.update([])
+    assert pool.update([("127.0.0.1", 1, 1)]) == (1, 0)
+    assert pool.members == [a] and a.active == 1 and pool.draining == []
 
 
 def watched() -> tuple[Pool, list[list[str]]]:

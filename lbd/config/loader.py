@@ -14,6 +14,7 @@ from lbd.config.model import (
     PROTOCOLS,
     SERVICE_TYPES,
     STRATEGIES,
+    Admin,
     Config,
     Defaults,
     Endpoint,
@@ -27,7 +28,8 @@ from lbd.config.model import (
 from lbd.config.nodeports import allocate_node_ports
 from lbd.config.yamlfile import parse_yaml, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin")
+ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
 TUNABLE_KEYS = (
     "strategy",
@@ -86,6 +88,7 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
         problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
     node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS))
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
+    admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
@@ -106,7 +109,7 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
     services = allocate_node_ports(services, paths, node.node_port_range, problems)
     if problems.items:
         return None
-    config = Config(node=node, defaults=defaults, services=tuple(services))
+    config = Config(node=node, defaults=defaults, services=tuple(services), admin=admin)
     check_listeners(config, paths, problems)
     return config
 
@@ -121,6 +124,43 @@ def _node(section: f.Section) -> Node:
         addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
         node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
     )
+
+
+def _admin(section: f.Section) -> Admin:
+    base = Admin()
+    address, port = section.get("address", _host_port, (base.address, base.port))
+    socket_path = section.get("socket", _path, None)
+    if socket_path is not None and section.has("address"):
+        section.problems.add(
+            f.join(section.path, "socket"), "address and socket are alternatives; set one"
+        )
+    return Admin(
+        enabled=section.get("enabled", f.boolean, base.enabled),
+        address=address,
+        port=port,
+        socket=socket_path,
+        token_file=section.get("tokenFile", _path, None),
+    )
+
+
+def _host_port(value: object) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[IPv6]:PORT``, HOST an IP literal; port 0 lets the kernel pick."""
+    text = f.string(value)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise FieldError(f"expected ADDRESS:PORT such as 127.0.0.1:9180, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise FieldError(f"write an IPv6 address in brackets, as [::1]:9180, got {text!r}")
+    return f.ip_address(host), _service_port_number(int(port_text))
+
+
+def _path(value: object) -> str:
+    text = f.string(value)
+    if not text or "\0" in text:
+        raise FieldError("expected a file path")
+    return text
 
 
 def _defaults(section: f.Section) -> Defaults:

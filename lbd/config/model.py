@@ -99,10 +99,28 @@ class Defaults:
 
 
 @dataclass(frozen=True, slots=True)
+class Admin:
+    """Where the admin HTTP API listens: a TCP address (loopback by default) or a unix socket."""
+
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9180  # 0: the kernel picks (tests)
+    socket: str | None = None  # a unix socket path; replaces address/port when set
+    token_file: str | None = None  # bearer token for mutating calls over TCP
+
+    def describe(self) -> str:
+        if self.socket is not None:
+            return f"unix:{self.socket}"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: Node
     defaults: Defaults
     services: tuple[Service, ...]
+    admin: Admin = field(default_factory=Admin)
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import os
 import socket
 import struct
 from typing import TYPE_CHECKING, Protocol, cast
@@ -35,6 +37,15 @@ log = structlog.get_logger("lbd.tcp")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
+# Connection ids: unique per process, and across the workers of one lbd (the pid is part of
+# each), short enough to grep. Every log line about a connection carries its id.
+_PID_PREFIX = f"{os.getpid():x}"
+_next_id = itertools.count(1)
+
+
+def _connection_id() -> str:
+    return f"{_PID_PREFIX}-{next(_next_id):x}"
+
 
 def send_reset(transport: asyncio.BaseTransport) -> None:
     """Close with an RST instead of a FIN, dropping anything still buffered."""
@@ -58,8 +69,10 @@ class Downstream(asyncio.Protocol):
         "client",
         "client_eof",
         "closed",
+        "connected",
         "connections",
         "endpoint",
+        "id",
         "last_activity",
         "listener",
         "received",
@@ -89,7 +102,9 @@ class Downstream(asyncio.Protocol):
         self.received = 0  # bytes from the client
         self.sent = 0  # bytes from the upstream, written to the client
         self.started = 0.0
+        self.connected = 0.0  # when the upstream connect succeeded (0: not yet)
         self.last_activity = 0.0
+        self.id = _connection_id()
 
     # -- asyncio.Protocol, client side -------------------------------------------------------
 
@@ -163,6 +178,8 @@ class Downstream(asyncio.Protocol):
                 stats.upstream_cx_retries += 1
             route.pool.acquire(endpoint)  # counted while connecting, for least-connection
             stats.upstream_cx_total += 1
+            endpoint.stats.cx_total += 1
+            began = loop.time()
             # proto IPPROTO_TCP (not 0): asyncio's transports set TCP_NODELAY only then.
             sock = socket.socket(endpoint.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             try:
@@ -172,25 +189,36 @@ class Downstream(asyncio.Protocol):
                     await loop.sock_connect(sock, (endpoint.address, endpoint.port))
             except TimeoutError:
                 stats.upstream_cx_connect_timeout += 1
+                endpoint.stats.connect_timeout += 1
                 self._connect_failed(sock, endpoint, "timeout")
                 continue
             except OSError as error:
                 stats.upstream_cx_connect_fail += 1
+                endpoint.stats.connect_fail += 1
                 self._connect_failed(sock, endpoint, error.strerror or type(error).__name__)
                 continue
             except asyncio.CancelledError:
                 sock.close()
                 route.pool.release(endpoint)
                 raise
+            self.connected = loop.time()
+            endpoint.stats.connect_seconds.observe(self.connected - began)
             self.endpoint = endpoint
             try:
                 await loop.create_connection(lambda: Upstream(self), sock=sock)
             except OSError as error:
+                endpoint.stats.connect_fail += 1
                 self._connect_failed(sock, endpoint, error.strerror or type(error).__name__)
                 self.endpoint = None
                 continue
             return
         stats.upstream_cx_none_succeeded += 1
+        log.warning(
+            "no endpoint accepted the connection",
+            connection=self.id,
+            route=self.route.label,
+            tries=len(tried),
+        )
         if not self.closed:
             self.finish("connect_failed", abort=True)
 
@@ -198,7 +226,11 @@ class Downstream(asyncio.Protocol):
         sock.close()
         self.route.pool.release(endpoint)
         log.warning(
-            "upstream connect failed", route=self.route.label, endpoint=str(endpoint), error=why
+            "upstream connect failed",
+            connection=self.id,
+            route=self.route.label,
+            endpoint=str(endpoint),
+            error=why,
         )
 
     def attach(self, upstream: Upstream) -> None:
@@ -260,13 +292,17 @@ class Downstream(asyncio.Protocol):
                 send_reset(transport)
             else:
                 transport.close()
-        if self.endpoint is not None:
-            route.pool.release(self.endpoint)
+        endpoint = self.endpoint
+        if endpoint is not None:
+            route.pool.release(endpoint)
             self.endpoint = None
+            endpoint.stats.bytes_sent += self.received
+            endpoint.stats.bytes_received += self.sent
         stats = route.stats
         stats.downstream_cx_active -= 1
         stats.downstream_bytes_received += self.received
         stats.upstream_bytes_received += self.sent
+        stats.cx_length_seconds.observe(self._loop.time() - self.started)
         self.connections.discard(self)
         if route.access_log:
             self._log_access(reason)
@@ -275,6 +311,7 @@ class Downstream(asyncio.Protocol):
         upstream = self.upstream
         log.info(
             "connection closed",
+            connection=self.id,
             service=f"{self.route.namespace}/{self.route.service}",
             port=self.route.port_name,
             client=self.client,

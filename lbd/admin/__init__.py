@@ -1,0 +1,1 @@
+"""The admin HTTP API and its client (``lbd status``, ``lbd explain``)."""

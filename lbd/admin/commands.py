@@ -1,0 +1,82 @@
+"""``lbd status`` and ``lbd explain``: admin API calls printed for people."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+from lbd.admin.client import AdminTarget, AdminUnreachable, call
+from lbd.admin.status import endpoint_totals, rates, status_table
+
+EXIT_OK = 0
+EXIT_ADMIN = 4
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+
+def admin_command(args: argparse.Namespace, target: AdminTarget) -> int:
+    command = status(args, target) if args.command == "status" else explain(args, target)
+    try:
+        return asyncio.run(command)
+    except AdminUnreachable as error:
+        print(f"lbd {args.command}: {error}", file=sys.stderr)
+        return EXIT_ADMIN
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _get(target: AdminTarget, path: str, params: dict[str, str] | None = None) -> Any:
+    code, body = await call(target, path, params)
+    if code != 200:
+        raise AdminUnreachable(f"{path}: {code} {body.get('error', body)}")
+    return body
+
+
+async def status(args: argparse.Namespace, target: AdminTarget) -> int:
+    previous: tuple[float, dict[Any, int]] | None = None
+    shown = 0
+    while True:
+        view = await _get(target, "/services")
+        now = time.monotonic()
+        totals = endpoint_totals(view)
+        cx_rates = rates(previous[1], totals, now - previous[0]) if previous else None
+        previous = (now, totals)
+        text = json.dumps(view, indent=2) if args.json else status_table(view, cx_rates)
+        if args.watch and sys.stdout.isatty():
+            text = CLEAR_SCREEN + f"lbd at {target.describe()}, every {args.interval:g}s\n\n" + text
+        elif args.watch and shown:
+            text = "\n" + text
+        print(text, flush=True)
+        shown += 1
+        if not args.watch or (args.count and shown >= args.count):
+            return EXIT_OK
+        await asyncio.sleep(args.interval)
+
+
+async def explain(args: argparse.Namespace, target: AdminTarget) -> int:
+    params = {"service": args.service}
+    if args.port:
+        params["port"] = args.port
+    if args.client:
+        params["client"] = args.client
+    view = await _get(target, "/explain", params)
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return EXIT_OK
+    client = f", client {view['client']}" if view["client"] else ""
+    print(f"{view['service']} port {view['port']} ({view['strategy']}){client}:")
+    width = max((len(e["endpoint"]) for e in view["endpoints"]), default=0)
+    for endpoint in view["endpoints"]:
+        if endpoint["eligible"]:
+            verdict = "eligible"
+        else:
+            verdict = f"not eligible: {endpoint['reason']} ({endpoint['detail']})"
+        print(f"  {endpoint['endpoint'].ljust(width)}  {verdict}")
+    if not view["endpoints"]:
+        print("  (no endpoints)")
+    eligible = len(view["eligible"])
+    print(f"{eligible} of {len(view['endpoints'])} endpoints eligible")
+    return EXIT_OK

@@ -1,0 +1,202 @@
+"""What the admin API shows and changes, as plain functions of the runtime (no HTTP here).
+
+Lookups raise ``NotFound`` (404) or ``BadRequest`` (400) with a message for the operator; the
+server turns them into JSON errors.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from lbd.explain import explain
+from lbd.pool import UpstreamEndpoint, ineligible_reason
+from lbd.route import Route
+from lbd.runtime import Runtime
+
+Json = dict[str, Any]
+
+
+class NotFound(LookupError):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+def services_view(runtime: Runtime) -> Json:
+    """Every service port: its listeners, its counters, and each endpoint's state."""
+    listeners: dict[int, list[Json]] = {}
+    for listener in runtime.listeners.values():
+        host, port = listener.bound
+        listeners.setdefault(id(listener.route), []).append(
+            {
+                "kind": listener.spec.kind,
+                "protocol": listener.spec.protocol,
+                "address": _host_port(host, port),
+            }
+        )
+    return {
+        "services": [
+            _route_view(route, listeners.get(id(route), [])) for route in runtime.routes.values()
+        ]
+    }
+
+
+def _route_view(route: Route, listeners: list[Json]) -> Json:
+    stats = route.stats
+    return {
+        "service": f"{route.namespace}/{route.service}",
+        "port": route.port_name,
+        "strategy": route.strategy,
+        "listeners": listeners,
+        "connections": {
+            "active": stats.downstream_cx_active,
+            "total": stats.downstream_cx_total,
+            "refused": stats.downstream_cx_refused_no_endpoint,
+        },
+        "endpoints": [
+            _endpoint_view(endpoint) for endpoint in (*route.pool.members, *route.pool.draining)
+        ],
+    }
+
+
+def _endpoint_view(endpoint: UpstreamEndpoint) -> Json:
+    reason = ineligible_reason(endpoint)
+    override: Json = {}
+    if endpoint.admin_drained:
+        override["drained"] = True
+    if endpoint.weight_override is not None:
+        override["weight"] = endpoint.weight_override
+    return {
+        "endpoint": str(endpoint),
+        "address": endpoint.address,
+        "port": endpoint.port,
+        "state": reason or "eligible",
+        "eligible": reason is None,
+        "weight": endpoint.weight,
+        "configWeight": endpoint.config_weight,
+        "override": override or None,
+        "active": endpoint.active,
+        "total": endpoint.stats.cx_total,
+        "health": "unchecked",  # health checking is a later feature
+    }
+
+
+def explain_view(runtime: Runtime, service: str, port: str | None, client: str | None) -> Json:
+    route = find_route(runtime, service, port)
+    if client:
+        _parse_ip(client, "client")
+    verdicts = explain(route, client or "")
+    return {
+        "service": f"{route.namespace}/{route.service}",
+        "port": route.port_name,
+        "client": client or None,
+        "strategy": route.strategy,
+        "eligible": [str(v.endpoint) for v in verdicts if v.eligible],
+        "endpoints": [
+            {
+                "endpoint": str(v.endpoint),
+                "eligible": v.eligible,
+                "reason": v.reason,
+                "detail": v.detail,
+                "weight": v.endpoint.weight,
+                "active": v.endpoint.active,
+            }
+            for v in verdicts
+        ],
+    }
+
+
+def find_route(runtime: Runtime, service: str | None, port: str | None) -> Route:
+    """The route of ``service`` (NAMESPACE/NAME, or NAME in ``default``) and ``port`` (its name,
+    or its number when unnamed; optional when the service has one port)."""
+    routes = routes_of(runtime, service)
+    key = f"{routes[0].namespace}/{routes[0].service}"
+    if not port:
+        if len(routes) == 1:
+            return routes[0]
+        names = ", ".join(r.port_name for r in routes)
+        raise BadRequest(f"service {key} has several ports ({names}); say which with port")
+    for route in routes:
+        if route.port_name == port:
+            return route
+    raise NotFound(f"service {key} has no port {port}")
+
+
+def routes_of(runtime: Runtime, service: str | None) -> list[Route]:
+    """Every port of ``service`` (NAMESPACE/NAME, or NAME in ``default``)."""
+    if not service:
+        raise BadRequest("service is required (NAMESPACE/NAME)")
+    key = service if "/" in service else f"default/{service}"
+    routes = [r for r in runtime.routes.values() if f"{r.namespace}/{r.service}" == key]
+    if not routes:
+        raise NotFound(f"no service {key}")
+    return routes
+
+
+def endpoint_targets(route: Route, endpoint: str | None) -> list[UpstreamEndpoint]:
+    """Members of ``route`` matching ``endpoint``: ``ADDRESS`` (every port) or ``ADDRESS:PORT``
+    (``[IPv6]:PORT``)."""
+    if not endpoint:
+        raise BadRequest("endpoint is required (ADDRESS or ADDRESS:PORT)")
+    address, port = _parse_endpoint(endpoint)
+    found = route.pool.find(address, port)
+    if not found:
+        raise NotFound(
+            f"service {route.namespace}/{route.service} port {route.port_name} "
+            f"has no endpoint {endpoint}"
+        )
+    return found
+
+
+def set_drained(route: Route, targets: list[UpstreamEndpoint], drained: bool) -> Json:
+    for target in targets:
+        route.pool.set_admin_drained(target, drained)
+    return _changed(route, targets)
+
+
+def set_weight(route: Route, targets: list[UpstreamEndpoint], weight: str | None) -> Json:
+    """``weight`` a whole number 0-1000000, or ``config`` (or empty) to drop the override."""
+    value: int | None = None
+    if weight not in (None, "", "config"):
+        try:
+            value = int(weight)
+        except ValueError:
+            raise BadRequest(f"weight must be a whole number or 'config', got {weight!r}") from None
+        if not 0 <= value <= 1_000_000:
+            raise BadRequest(f"weight must be between 0 and 1000000, got {value}")
+    for target in targets:
+        route.pool.set_weight_override(target, value)
+    return _changed(route, targets)
+
+
+def _changed(route: Route, targets: list[UpstreamEndpoint]) -> Json:
+    return {
+        "service": f"{route.namespace}/{route.service}",
+        "port": route.port_name,
+        "endpoints": [_endpoint_view(target) for target in targets],
+    }
+
+
+def _parse_endpoint(text: str) -> tuple[str, int | None]:
+    try:
+        return str(ipaddress.ip_address(text)), None
+    except ValueError:
+        pass  # not a bare address: ADDRESS:PORT below
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise BadRequest(f"endpoint must be ADDRESS or ADDRESS:PORT, got {text!r}")
+    return _parse_ip(host.strip("[]"), "endpoint"), int(port_text)
+
+
+def _parse_ip(text: str, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise BadRequest(f"{what} must be an IP address, got {text!r}") from None
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

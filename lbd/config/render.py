@@ -1,0 +1,84 @@
+"""``Config`` → the effective config as a plain document (for ``GET /config``).
+
+The document uses the file's own vocabulary and is itself a valid ``lbd/v1`` config (YAML is a
+superset of JSON): defaults are merged into each service and omitted NodePorts appear as
+allocated, so what an operator reads is exactly what lbd runs. The admin token never appears,
+only the path of its file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from lbd.config.model import API_VERSION, Admin, Config, Endpoint, Service, ServicePort
+
+Document = dict[str, Any]
+
+
+def render_config(config: Config) -> Document:
+    node = config.node
+    return {
+        "apiVersion": API_VERSION,
+        "node": {
+            "name": node.name,
+            **({"zone": node.zone} if node.zone is not None else {}),
+            "addresses": list(node.addresses),
+            "nodePortRange": f"{node.node_port_range[0]}-{node.node_port_range[1]}",
+        },
+        "admin": _admin(config.admin),
+        "services": [_service(service) for service in config.services],
+    }
+
+
+def config_hash(config: Config) -> str:
+    """A short digest of the effective config: equal configs (whatever their comments, order of
+    keys or spelling of defaults) give equal hashes."""
+    text = json.dumps(render_config(config), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _admin(admin: Admin) -> Document:
+    where: Document = (
+        {"socket": admin.socket} if admin.socket is not None else {"address": admin.describe()}
+    )
+    token: Document = {"tokenFile": admin.token_file} if admin.token_file is not None else {}
+    return {"enabled": admin.enabled, **where, **token}
+
+
+def _service(service: Service) -> Document:
+    timeouts = service.timeouts
+    document: Document = {
+        "name": service.name,
+        "namespace": service.namespace,
+        "type": service.type,
+        "clusterIP": service.cluster_ip,
+        "externalIPs": list(service.external_ips),
+    }
+    if service.type == "LoadBalancer":
+        document["loadBalancerIPs"] = list(service.load_balancer_ips)
+    document.update(
+        {
+            "strategy": service.strategy,
+            "connectTimeout": timeouts.connect,
+            "idleTimeout": timeouts.idle,
+            "drainTimeout": timeouts.drain,
+            "accessLog": service.access_log,
+            "ports": [_port(port) for port in service.ports],
+            "endpoints": [_endpoint(endpoint) for endpoint in service.endpoints],
+        }
+    )
+    return document
+
+
+def _port(port: ServicePort) -> Document:
+    document: Document = {"name": port.name} if port.name is not None else {}
+    document.update({"protocol": port.protocol, "port": port.port, "targetPort": port.target_port})
+    if port.node_port is not None:
+        document["nodePort"] = port.node_port
+    return document
+
+
+def _endpoint(endpoint: Endpoint) -> Document:
+    return {"address": endpoint.address, "ports": dict(endpoint.ports), "weight": endpoint.weight}

@@ -1,0 +1,431 @@
+"""Every Prometheus metric lbd exports, defined once, and how they are collected.
+
+The data path counts in plain ints (``RouteStats``, ``EndpointStats``, ``lbd.observability.stats``);
+nothing there touches prometheus-client. At scrape time ``runtime_snapshot`` reads those ints
+into a ``Snapshot`` (plain, picklable data), and ``SnapshotCollector`` renders a snapshot as
+metric families for prometheus-client's registry and text format.
+
+Several worker processes (a later feature) are summed by the supervisor, not by prometheus-client's
+multiprocess mode: each worker hands its ``Snapshot`` over (it pickles in a few KB) and the
+supervisor serves ``WorkerSnapshots.total()``. Multiprocess mode would need the data path to write
+through client objects into per-process mmap files (a cost per increment, a directory to clean up
+when a worker is replaced, no custom collectors); a snapshot costs nothing until someone scrapes.
+Each metric says how workers combine (``merge``): counters and active counts add up; per-endpoint
+state (weight, health) and process facts (reloads, config hash) are the same in every worker
+and take the maximum. Counters of a worker that exits are kept (``retire``), so a restart never
+makes a summed counter go down.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from lbd.observability.stats import CONNECT_SECONDS_BUCKETS, CX_LENGTH_SECONDS_BUCKETS
+from lbd.pool import ineligible_reason
+
+if TYPE_CHECKING:
+    from lbd.net.tcp_proxy import Downstream
+    from lbd.observability.stats import ProcessStats
+    from lbd.route import Route, RouteStats
+
+Kind = Literal["counter", "gauge", "histogram"]
+Merge = Literal["sum", "max"]
+Labels = tuple[str, ...]
+HistogramValue = tuple[list[int], float]  # per-bucket counts (last is +Inf), sum of values
+
+ROUTE = ("namespace", "service", "port")
+ENDPOINT = (*ROUTE, "endpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str  # as exported; a counter's ends in _total
+    kind: Kind
+    help: str
+    labels: Labels
+    merge: Merge = "sum"
+    buckets: tuple[float, ...] = ()  # histograms: upper bounds, +Inf implied
+
+
+def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
+    return {spec.name: spec for spec in specs}
+
+
+M = MetricSpec
+METRICS = _specs(
+    # -- downstream: clients → lbd, per service port ------------------------------------
+    M("lbd_downstream_cx_total", "counter", "Client connections accepted.", ROUTE),
+    M("lbd_downstream_cx_active", "gauge", "Client connections open now.", ROUTE),
+    M(
+        "lbd_downstream_cx_refused_total",
+        "counter",
+        "Client connections reset at once, by reason (no_endpoint: none eligible).",
+        (*ROUTE, "reason"),
+    ),
+    M(
+        "lbd_downstream_cx_idle_timeout_total",
+        "counter",
+        "Connections closed after idleTimeout without bytes.",
+        ROUTE,
+    ),
+    M("lbd_downstream_bytes_received_total", "counter", "Bytes received from clients.", ROUTE),
+    M("lbd_downstream_bytes_sent_total", "counter", "Bytes sent to clients.", ROUTE),
+    M(
+        "lbd_downstream_cx_length_seconds",
+        "histogram",
+        "How long client connections lasted.",
+        ROUTE,
+        buckets=CX_LENGTH_SECONDS_BUCKETS,
+    ),
+    # -- upstream: lbd → endpoints -------------------------------------------------------------
+    M("lbd_upstream_cx_retries_total", "counter", "Connect tries after the first.", ROUTE),
+    M(
+        "lbd_upstream_cx_connect_attempts_exceeded_total",
+        "counter",
+        "Client connections given up because no endpoint accepted a connect.",
+        ROUTE,
+    ),
+    M("lbd_upstream_cx_total", "counter", "Connects started to the endpoint.", ENDPOINT),
+    M(
+        "lbd_upstream_cx_active",
+        "gauge",
+        "Connections to the endpoint open or connecting now.",
+        ENDPOINT,
+    ),
+    M("lbd_upstream_cx_connect_fail_total", "counter", "Connects that failed.", ENDPOINT),
+    M(
+        "lbd_upstream_cx_connect_timeout_total",
+        "counter",
+        "Connects that timed out.",
+        ENDPOINT,
+    ),
+    M("lbd_upstream_bytes_sent_total", "counter", "Bytes sent to the endpoint.", ENDPOINT),
+    M(
+        "lbd_upstream_bytes_received_total",
+        "counter",
+        "Bytes received from the endpoint.",
+        ENDPOINT,
+    ),
+    M(
+        "lbd_upstream_cx_connect_seconds",
+        "histogram",
+        "Time to connect to the endpoint (successful connects).",
+        ENDPOINT,
+        buckets=CONNECT_SECONDS_BUCKETS,
+    ),
+    # -- endpoint state ------------------------------------------------------------------------
+    M(
+        "lbd_endpoint_weight",
+        "gauge",
+        "Effective weight (an admin override if set).",
+        ENDPOINT,
+        "max",
+    ),
+    M(
+        "lbd_endpoint_eligible",
+        "gauge",
+        "1 if the endpoint takes new connections.",
+        ENDPOINT,
+        "max",
+    ),
+    M(
+        "lbd_endpoint_healthy",
+        "gauge",
+        "1 unless health checking found the endpoint unhealthy.",
+        ENDPOINT,
+        "max",
+    ),
+    M(
+        "lbd_endpoint_ejections_total",
+        "counter",
+        "Times passive health checking ejected the endpoint.",
+        ENDPOINT,
+    ),
+    # -- UDP: a session is one client address of one listener ------------------------------
+    M("lbd_udp_sess_total", "counter", "UDP sessions started.", ROUTE),
+    M("lbd_udp_sess_active", "gauge", "UDP sessions open now.", ROUTE),
+    M(
+        "lbd_udp_sess_dropped_total",
+        "counter",
+        "New UDP clients whose datagram was dropped, by reason "
+        "(overflow: maxUdpSessions reached; no_endpoint; create_fail: no upstream socket).",
+        (*ROUTE, "reason"),
+    ),
+    M(
+        "lbd_udp_sess_ended_total",
+        "counter",
+        "UDP sessions ended early, by reason (idle_timeout; endpoint_gone).",
+        (*ROUTE, "reason"),
+    ),
+    M(
+        "lbd_udp_downstream_datagrams_received_total",
+        "counter",
+        "Datagrams received from clients.",
+        ROUTE,
+    ),
+    M("lbd_udp_downstream_bytes_received_total", "counter", "Bytes received from clients.", ROUTE),
+    M("lbd_udp_downstream_datagrams_sent_total", "counter", "Replies sent to clients.", ROUTE),
+    M("lbd_udp_upstream_datagrams_sent_total", "counter", "Datagrams sent to endpoints.", ROUTE),
+    M(
+        "lbd_udp_upstream_datagrams_received_total",
+        "counter",
+        "Datagrams received from endpoints.",
+        ROUTE,
+    ),
+    M("lbd_udp_upstream_bytes_received_total", "counter", "Bytes received from endpoints.", ROUTE),
+    M(
+        "lbd_udp_errors_total",
+        "counter",
+        "UDP errors, handled and counted, by where they happened (downstream_rx, downstream_tx, "
+        "upstream_rx, upstream_tx, upstream_icmp, listener_bind).",
+        (*ROUTE, "where"),
+    ),
+    # -- process -----------------------------------------------------------------------------
+    M(
+        "lbd_config_reloads_total",
+        "counter",
+        "Config reloads, by result (success, failure).",
+        ("result",),
+        "max",
+    ),
+    M(
+        "lbd_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the running config was applied (start or reload), Unix time.",
+        (),
+        "max",
+    ),
+    M("lbd_config_info", "gauge", "The running config's hash, as a label.", ("hash",), "max"),
+    M("lbd_build_info", "gauge", "lbd's version, as labels.", ("version", "python"), "max"),
+)
+del M
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """Values of every metric at one instant: plain data, picklable, mergeable."""
+
+    values: dict[str, dict[Labels, float]] = field(default_factory=dict)
+    histograms: dict[str, dict[Labels, HistogramValue]] = field(default_factory=dict)
+
+    def add(self, name: str, labels: Labels, value: float) -> None:
+        series = self.values.setdefault(name, {})
+        series[labels] = series.get(labels, 0) + value
+
+    def set_histogram(self, name: str, labels: Labels, counts: list[int], total: float) -> None:
+        self.histograms.setdefault(name, {})[labels] = (list(counts), total)
+
+    def value(self, name: str, *labels: str) -> float:
+        """One series' value (0 when absent): for tests and ``lbd status``."""
+        return self.values.get(name, {}).get(labels, 0)
+
+
+def runtime_snapshot(
+    routes: Iterable[Route],
+    connections: Iterable[Downstream],
+    process: ProcessStats,
+    config_hash: str,
+    version: str,
+) -> Snapshot:
+    """Read the data path's counters. Bytes of open connections are added to those of closed
+    ones, so byte counters move while long connections run (and stay monotonic: a connection's
+    bytes move from the one to the other when it closes)."""
+    snap = Snapshot()
+    for route in routes:
+        _route_values(snap, route)
+    for connection in connections:
+        route = connection.route
+        labels = (route.namespace, route.service, route.port_name)
+        snap.add("lbd_downstream_bytes_received_total", labels, connection.received)
+        snap.add("lbd_downstream_bytes_sent_total", labels, connection.sent)
+        if connection.endpoint is not None:
+            endpoint_labels = (*labels, str(connection.endpoint))
+            snap.add("lbd_upstream_bytes_sent_total", endpoint_labels, connection.received)
+            snap.add("lbd_upstream_bytes_received_total", endpoint_labels, connection.sent)
+    snap.add("lbd_config_reloads_total", ("success",), process.reloads_ok)
+    snap.add("lbd_config_reloads_total", ("failure",), process.reloads_failed)
+    snap.add("lbd_config_last_reload_success_timestamp_seconds", (), process.last_reload_ok_time)
+    snap.add("lbd_config_info", (config_hash,), 1)
+    snap.add("lbd_build_info", (version, platform.python_version()), 1)
+    return snap
+
+
+def _route_values(snap: Snapshot, route: Route) -> None:
+    labels = (route.namespace, route.service, route.port_name)
+    stats = route.stats
+    add = snap.add
+    add("lbd_downstream_cx_total", labels, stats.downstream_cx_total)
+    add("lbd_downstream_cx_active", labels, stats.downstream_cx_active)
+    add(
+        "lbd_downstream_cx_refused_total",
+        (*labels, "no_endpoint"),
+        stats.downstream_cx_refused_no_endpoint,
+    )
+    add("lbd_downstream_cx_idle_timeout_total", labels, stats.idle_timeouts)
+    add("lbd_downstream_bytes_received_total", labels, stats.downstream_bytes_received)
+    add("lbd_downstream_bytes_sent_total", labels, stats.upstream_bytes_received)
+    length = stats.cx_length_seconds
+    snap.set_histogram("lbd_downstream_cx_length_seconds", labels, length.counts, length.total)
+    add("lbd_upstream_cx_retries_total", labels, stats.upstream_cx_retries)
+    add(
+        "lbd_upstream_cx_connect_attempts_exceeded_total",
+        labels,
+        stats.upstream_cx_none_succeeded,
+    )
+    if route.protocol == "UDP":
+        _udp_values(snap, labels, stats)
+    for endpoint in (*route.pool.members, *route.pool.draining):
+        e = (*labels, str(endpoint))
+        es = endpoint.stats
+        add("lbd_upstream_cx_total", e, es.cx_total)
+        add("lbd_upstream_cx_active", e, endpoint.active)
+        add("lbd_upstream_cx_connect_fail_total", e, es.connect_fail)
+        add("lbd_upstream_cx_connect_timeout_total", e, es.connect_timeout)
+        add("lbd_upstream_bytes_sent_total", e, es.bytes_sent)
+        add("lbd_upstream_bytes_received_total", e, es.bytes_received)
+        connect = es.connect_seconds
+        snap.set_histogram("lbd_upstream_cx_connect_seconds", e, connect.counts, connect.total)
+        add("lbd_endpoint_weight", e, endpoint.weight)
+        add("lbd_endpoint_eligible", e, 1 if ineligible_reason(endpoint) is None else 0)
+        add("lbd_endpoint_healthy", e, 1)
+        add("lbd_endpoint_ejections_total", e, es.ejections)
+
+
+def _udp_values(snap: Snapshot, labels: Labels, stats: RouteStats) -> None:
+    add = snap.add
+    add("lbd_udp_sess_total", labels, stats.udp_sess_total)
+    add("lbd_udp_sess_active", labels, stats.udp_sess_active)
+    for reason, value in (
+        ("overflow", stats.udp_sess_overflow),
+        ("no_endpoint", stats.udp_sess_no_endpoint),
+        ("create_fail", stats.udp_sess_create_fail),
+    ):
+        add("lbd_udp_sess_dropped_total", (*labels, reason), value)
+    add("lbd_udp_sess_ended_total", (*labels, "idle_timeout"), stats.udp_sess_idle_timeout)
+    add("lbd_udp_sess_ended_total", (*labels, "endpoint_gone"), stats.udp_sess_endpoint_gone)
+    add("lbd_udp_downstream_datagrams_received_total", labels, stats.udp_downstream_rx_datagrams)
+    add("lbd_udp_downstream_bytes_received_total", labels, stats.udp_downstream_rx_bytes)
+    add("lbd_udp_downstream_datagrams_sent_total", labels, stats.udp_downstream_tx_datagrams)
+    add("lbd_udp_upstream_datagrams_sent_total", labels, stats.udp_upstream_tx_datagrams)
+    add("lbd_udp_upstream_datagrams_received_total", labels, stats.udp_upstream_rx_datagrams)
+    add("lbd_udp_upstream_bytes_received_total", labels, stats.udp_upstream_rx_bytes)
+    for where, value in (
+        ("downstream_rx", stats.udp_downstream_rx_errors),
+        ("downstream_tx", stats.udp_downstream_tx_errors),
+        ("upstream_rx", stats.udp_upstream_rx_errors),
+        ("upstream_tx", stats.udp_upstream_tx_errors),
+        ("upstream_icmp", stats.udp_upstream_icmp_errors),
+        ("listener_bind", stats.udp_listener_bind_fail),
+    ):
+        add("lbd_udp_errors_total", (*labels, where), value)
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """One snapshot for several workers, each metric combined by its ``merge`` rule."""
+    total = Snapshot()
+    for snap in snapshots:
+        for name, series in snap.values.items():
+            rule = METRICS[name].merge
+            into = total.values.setdefault(name, {})
+            for labels, value in series.items():
+                if labels in into:
+                    into[labels] = (
+                        into[labels] + value if rule == "sum" else max(into[labels], value)
+                    )
+                else:
+                    into[labels] = value
+        for name, hist_series in snap.histograms.items():
+            hist_into = total.histograms.setdefault(name, {})
+            for labels, (counts, value_sum) in hist_series.items():
+                if labels in hist_into:
+                    old_counts, old_sum = hist_into[labels]
+                    hist_into[labels] = (
+                        [a + b for a, b in zip(old_counts, counts, strict=True)],
+                        old_sum + value_sum,
+                    )
+                else:
+                    hist_into[labels] = (list(counts), value_sum)
+    return total
+
+
+class WorkerSnapshots:
+    """The supervisor's sum over its workers: the latest snapshot of each live worker, plus the
+    counters and histograms of workers that exited (so summed counters never go down)."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, Snapshot] = {}
+        self.retired = Snapshot()
+
+    def update(self, worker: int, snapshot: Snapshot) -> None:
+        self.live[worker] = snapshot
+
+    def retire(self, worker: int) -> None:
+        last = self.live.pop(worker, None)
+        if last is None:
+            return
+        kept = Snapshot(
+            values={
+                name: series
+                for name, series in last.values.items()
+                if METRICS[name].kind == "counter" and METRICS[name].merge == "sum"
+            },
+            histograms=last.histograms,
+        )
+        self.retired = merge([self.retired, kept])
+
+    def total(self) -> Snapshot:
+        return merge([self.retired, *self.live.values()])
+
+
+class SnapshotCollector(Collector):
+    """Renders the snapshot ``source()`` returns, at each scrape, as prometheus-client families."""
+
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
+        self.source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # registering must not call source(): the runtime may not exist yet
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self.source()
+        for spec in METRICS.values():
+            labels = list(spec.labels)
+            if spec.kind == "histogram":
+                yield _histogram(spec, snap.histograms.get(spec.name, {}))
+                continue
+            family: CounterMetricFamily | GaugeMetricFamily
+            if spec.kind == "counter":
+                family = CounterMetricFamily(spec.name, spec.help, labels=labels)
+            else:
+                family = GaugeMetricFamily(spec.name, spec.help, labels=labels)
+            for values, value in sorted(snap.values.get(spec.name, {}).items()):
+                family.add_metric(list(values), value)
+            yield family
+
+
+def _histogram(spec: MetricSpec, series: dict[Labels, HistogramValue]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
+    bounds = [*(_le(bound) for bound in spec.buckets), "+Inf"]
+    for labels, (counts, value_sum) in sorted(series.items()):
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip(bounds, counts, strict=True):
+            running += count
+            cumulative.append((bound, running))
+        family.add_metric(list(labels), cumulative, value_sum)
+    return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
