@@ -474,3 +474,26 @@ def test_admin_section() -> None:
 )
 def test_bad_admin_section(admin: str, problem: str) -> None:
     assert problems_of(f"apiVersion: lbd/v1\nservices: []\nadmin: {admin}\n") == [problem]
+
+
+def test_specific_listener_after_a_wildcard_one_conflicts_but_other_families_do_not() -> None:
+    text = with_service(
+        "- {name: b, type: NodePort, clusterIP: 127.0.0.8, ports: [{port: 80, nodePort: 30080}]}\n"
+        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 30080}]}\n"
+        "- {name: c, clusterIP: '::1', ports: [{port: 30080}]}\n",
+        head="apiVersion: lbd/v1\nnode: {addresses: [0.0.0.0]}\n",
+    )
+    assert problems_of(text) == [
+        "services[1].ports[0]: clusterIP listener TCP 127.0.0.9:30080 conflicts with the nodePort "
+        "listener TCP 0.0.0.0:30080 of default/b (services[0].ports[0])"
+    ]
+
+
+def test_a_thousand_services_on_one_port_number_have_no_false_conflicts() -> None:
+    # The check is linear (it was quadratic: seconds per reload at this size; see
+    # benchmarks/reload_latency.py for the timing).
+    services = "".join(
+        f"  - {{name: s{i}, clusterIP: 127.150.{i // 250}.{i % 250 + 1}, ports: [{{port: 80}}]}}\n"
+        for i in range(1000)
+    )
+    assert len(load_text("apiVersion: lbd/v1\nservices:\n" + services).services) == 1000
