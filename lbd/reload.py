@@ -73,6 +73,8 @@ class Reloader:
                 log.debug("config unchanged", reason=reason)
                 return ReloadResult("unchanged", time.perf_counter() - started)
             config = load_text(data, self.path)
+            if config.admin != self.runtime.config.admin:
+                log.warning("the admin section changed; it takes effect on restart")
             diff = await self.runtime.apply(config)
         except ConfigError as error:
             return self._failed(reason, started, [str(p) for p in error.problems])
