@@ -14,6 +14,7 @@ An unchanged listener keeps its socket and its accept queue; an identical config
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import socket
 from dataclasses import dataclass
@@ -83,7 +84,8 @@ class Listener:
 
 
 def empty_like(config: Config) -> Config:
-    return Config(node=config.node, defaults=config.defaults, services=())
+    """``config`` without services: what a runtime has applied before it starts."""
+    return dataclasses.replace(config, services=())
 
 
 class Runtime:
