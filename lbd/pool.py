@@ -1,6 +1,10 @@
-"""The endpoints of one service port and their live state: the single owner of that state.
+"""The endpoints of one service port and their live state: the single owner of eligibility.
 
-Health (later) says "live", config says "exists"; ``eligible()`` needs both. Active connection
+Config says "exists" (``update``), the active checks say "live" (``set_healthy``, reported by
+the health registry, which owns the check state), outlier detection says "not ejected"
+(``set_ejected``), the admin API may drain; ``eligible()`` needs all of them. When only
+unhealthy or ejected endpoints are left, the pool panics and uses them all, as Envoy does: a
+check that wrongly fails everywhere must not turn into a full outage. Active connection
 counts are written only through ``acquire``/``release`` so that moving the counts somewhere
 shared between workers is a change inside this class, not a rewrite of its callers.
 """
@@ -8,7 +12,10 @@ shared between workers is a change inside this class, not a rewrite of its calle
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable, Iterable
+
+import structlog
 
 from lbd.observability.stats import EndpointStats
 
@@ -19,7 +26,16 @@ REASONS: dict[str, str] = {
     "draining": "removed from the config; kept only while its connections finish",
     "admin_drained": "drained through the admin API",
     "weight_zero": "weight is 0",
+    "unhealthy": "failing its active health checks (healthCheck)",
+    "ejected": "ejected after consecutive connect failures (outlierDetection)",
 }
+# Reasons a pool in panic mode ignores: when every endpoint is unhealthy or ejected, all of
+# them are used rather than none (Envoy's panic threshold at 0%).
+PANIC_REASONS = frozenset({"unhealthy", "ejected"})
+# During slow start the weight ramps from this share of the full weight up to all of it.
+RAMP_FLOOR = 0.01
+
+log = structlog.get_logger("lbd.pool")
 
 
 class UpstreamEndpoint:
@@ -31,24 +47,54 @@ class UpstreamEndpoint:
         "admin_drained",
         "config_weight",
         "draining",
+        "ejected",
         "family",
+        "healthy",
         "port",
+        "ramp_end",
+        "ramp_length",
+        "static_weight",
         "stats",
-        "weight",
         "weight_override",
     )
 
     def __init__(self, address: str, port: int, weight: int = 1) -> None:
         self.address = address
         self.port = port
-        self.weight = weight  # what balancers use: the override if one is set, else config's
+        self.static_weight: float = weight  # the override if one is set, else config's
         self.config_weight = weight
         self.weight_override: int | None = None  # set through the admin API
         self.admin_drained = False  # set through the admin API
         self.active = 0
         self.draining = False  # removed from the config; kept while connections remain
+        self.healthy = True  # as the active checks last reported; config says ready
+        self.ejected = False  # by outlier detection
+        self.ramp_end = 0.0  # slow start: monotonic time the ramp ends; 0 when not ramping
+        self.ramp_length = 0.0
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.stats = EndpointStats()
+
+    @property
+    def weight(self) -> float:
+        """What balancers use: the override or config weight, ramping up linearly during
+        slow start (a fraction then, which every balancer handles)."""
+        full = self.static_weight
+        if not self.ramp_end:
+            return full
+        left = self.ramp_end - time.monotonic()
+        if left <= 0:
+            self.ramp_end = 0.0
+            return full
+        return full * max(RAMP_FLOOR, 1.0 - left / self.ramp_length)
+
+    @weight.setter
+    def weight(self, value: float) -> None:
+        self.static_weight = value
+
+    def start_ramp(self, seconds: float) -> None:
+        if seconds > 0:
+            self.ramp_length = seconds
+            self.ramp_end = time.monotonic() + seconds
 
     @property
     def key(self) -> tuple[str, int]:
@@ -81,8 +127,12 @@ def ineligible_reason(endpoint: UpstreamEndpoint) -> str | None:
         return "draining"
     if endpoint.admin_drained:
         return "admin_drained"
-    if endpoint.weight <= 0:
+    if endpoint.static_weight <= 0:
         return "weight_zero"
+    if not endpoint.healthy:
+        return "unhealthy"
+    if endpoint.ejected:
+        return "ejected"
     return None
 
 
@@ -94,9 +144,24 @@ class Pool:
     endpoints change, so state tied to an endpoint (UDP sessions) can follow at once: a
     datagram that arrives after ``update()`` returns already sees the new endpoints."""
 
-    __slots__ = ("_eligible", "_watchers", "draining", "members")
+    __slots__ = (
+        "_eligible",
+        "_watchers",
+        "draining",
+        "members",
+        "name",
+        "panic",
+        "panics",
+        "slow_start",
+    )
 
-    def __init__(self, members: Iterable[UpstreamEndpoint] = ()) -> None:
+    def __init__(
+        self, members: Iterable[UpstreamEndpoint] = (), name: str = "", slow_start: float = 0.0
+    ) -> None:
+        self.name = name  # the route's label, for logs
+        self.slow_start = slow_start
+        self.panic = False
+        self.panics = 0  # times the pool entered panic mode
         self.members: list[UpstreamEndpoint] = list(members)
         # Removed by a reload but still carrying connections: shown by the admin API and
         # metrics until the last one ends (``release``); re-adding one revives the same
@@ -140,6 +205,7 @@ class Pool:
         Admin overrides survive an update that leaves the endpoint as it was, and are cleared
         by one that changes it (its config weight, or its removal)."""
         current = {member.key: member for member in self.members}
+        ramp = bool(current)  # the first endpoints of a pool have nothing to protect
         removed = len(current)
         current.update((m.key, m) for m in self.draining if m.key not in current)
         members: list[UpstreamEndpoint] = []
@@ -152,6 +218,8 @@ class Pool:
                 removed -= 1
             if member is None:
                 member = UpstreamEndpoint(address, port, weight)
+                if ramp:
+                    member.start_ramp(self.slow_start)
             elif member.draining or member.config_weight != weight:
                 member.config_weight = weight
                 member.clear_overrides()
@@ -177,6 +245,31 @@ class Pool:
             m for m in self.members if m.address == address and (port is None or m.port == port)
         ]
 
+    def member(self, key: tuple[str, int]) -> UpstreamEndpoint | None:
+        for member in self.members:
+            if member.key == key:
+                return member
+        return None
+
+    def set_healthy(self, key: tuple[str, int], healthy: bool) -> None:
+        """The health registry's report for the endpoint (address, port)."""
+        member = self.member(key)
+        if member is None or member.healthy == healthy:
+            return
+        member.healthy = healthy
+        if healthy and not member.ejected:
+            member.start_ramp(self.slow_start)
+        self._refresh()
+
+    def set_ejected(self, member: UpstreamEndpoint, ejected: bool) -> None:
+        """Outlier detection's verdict on one member."""
+        if member.ejected == ejected:
+            return
+        member.ejected = ejected
+        if not ejected and member.healthy:
+            member.start_ramp(self.slow_start)
+        self._refresh()
+
     def set_admin_drained(self, endpoint: UpstreamEndpoint, drained: bool) -> None:
         endpoint.admin_drained = drained
         self._refresh()
@@ -187,7 +280,23 @@ class Pool:
         self._refresh()
 
     def _refresh(self, members_changed: bool = False) -> None:
-        eligible = [m for m in self.members if ineligible_reason(m) is None]
+        usable: list[UpstreamEndpoint] = []
+        sick: list[UpstreamEndpoint] = []
+        for member in self.members:
+            reason = ineligible_reason(member)
+            if reason is None:
+                usable.append(member)
+            elif reason in PANIC_REASONS:
+                sick.append(member)
+        panic = not usable and bool(sick)
+        if panic != self.panic:
+            self.panic = panic
+            if panic:
+                self.panics += 1
+                log.warning("panic mode: no healthy endpoint, using all", route=self.name)
+            else:
+                log.info("panic mode over", route=self.name, healthy=len(usable))
+        eligible = sick if panic else usable
         # Endpoints compare by identity: a list equal to the old one is the same endpoints.
         changed = members_changed or eligible != self._eligible
         self._eligible = eligible

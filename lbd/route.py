@@ -6,12 +6,21 @@ the config and may change it in place on reload; the data path reads it per conn
 
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import dataclass, field
 
 from lbd.balancing import Balancer, make_balancer
-from lbd.config.model import StrategyName
+from lbd.config.model import (
+    HealthCheck,
+    Limits,
+    OutlierDetection,
+    ProxyProtocol,
+    StrategyName,
+)
 from lbd.config.routes import RouteSpec
+from lbd.health.outlier import OutlierDetector
+from lbd.net.admission import Admission
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool
 
@@ -68,6 +77,14 @@ class RouteStats:
     udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
     udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
     cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
+    half_closed_timeouts: int = 0
+    max_duration_timeouts: int = 0
+    downstream_cx_queued: int = 0  # connections that had to wait in the queue
+    downstream_cx_queue_timeout: int = 0  # refused after queueTimeout in the queue
+    downstream_cx_overflow: int = 0  # refused at once: over the limits and the queue full
+    upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
+    downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
+    downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
 
 
 @dataclass(slots=True, eq=False)
@@ -85,8 +102,40 @@ class Route:
     access_log: bool
     udp_idle_timeout: float = 30.0
     max_udp_sessions: int = 65536
-    stats: RouteStats = field(default_factory=RouteStats)
     removed: bool = False  # no longer in the config: its connections drain
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    limits: Limits = field(default_factory=Limits)
+    half_closed_timeout: float = 60.0
+    max_duration: float | None = None
+    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    outlier: OutlierDetector | None = None
+    stats: RouteStats = field(default_factory=RouteStats)
+    admission: Admission | None = None  # None when the port has no limits
+    fd_exhausted_logged_at: float = float("-inf")
+    # acceptProxyProtocolFrom, parsed once: the data path checks each client against it.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def __post_init__(self) -> None:
+        self._apply_protection()
+
+    def _apply_protection(self) -> None:
+        """Derive the data path's helpers from the settings (at build and on every update)."""
+        self.trusted_proxies = tuple(
+            ipaddress.ip_network(cidr) for cidr in self.proxy_protocol.accept_from
+        )
+        limits = self.limits
+        if self.admission is not None:
+            # Keep the object: its slot count and queue belong to connections still open.
+            self.admission.limits = limits
+            self.admission.wake()
+        elif limits.max_connections is not None or limits.max_connections_per_endpoint:
+            self.admission = Admission(limits, self.pool, self.stats)
+        spec = self.outlier_detection
+        if spec is None:
+            self.outlier = None
+        elif self.outlier is None or self.outlier.spec != spec:
+            self.outlier = OutlierDetector(self.pool, spec)
 
     @property
     def label(self) -> str:
@@ -94,7 +143,7 @@ class Route:
 
     @classmethod
     def from_spec(cls, spec: RouteSpec, rng: random.Random | None = None) -> Route:
-        pool = Pool()
+        pool = Pool(name=spec.label, slow_start=spec.slow_start)
         pool.update(spec.targets)
         return cls(
             namespace=spec.namespace,
@@ -110,6 +159,12 @@ class Route:
             access_log=spec.access_log,
             udp_idle_timeout=spec.udp_idle_timeout,
             max_udp_sessions=spec.max_udp_sessions,
+            health_check=spec.health_check,
+            outlier_detection=spec.outlier_detection,
+            limits=spec.limits,
+            half_closed_timeout=spec.half_closed_timeout,
+            max_duration=spec.max_duration,
+            proxy_protocol=spec.proxy_protocol,
         )
 
     def update(self, spec: RouteSpec, rng: random.Random | None = None) -> None:
@@ -124,4 +179,12 @@ class Route:
         self.access_log = spec.access_log
         self.udp_idle_timeout = spec.udp_idle_timeout
         self.max_udp_sessions = spec.max_udp_sessions
+        self.health_check = spec.health_check
+        self.outlier_detection = spec.outlier_detection
+        self.limits = spec.limits
+        self.half_closed_timeout = spec.half_closed_timeout
+        self.max_duration = spec.max_duration
+        self.proxy_protocol = spec.proxy_protocol
+        self.pool.slow_start = spec.slow_start
+        self._apply_protection()
         self.pool.update(spec.targets)

@@ -26,8 +26,9 @@ from lbd.config.diff import ConfigDiff, diff_configs
 from lbd.config.model import Config, ListenerSpec
 from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
+from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
-from lbd.net.listeners import bind_tcp_listener
+from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
 from lbd.observability.metrics import Snapshot, runtime_snapshot
@@ -35,6 +36,12 @@ from lbd.observability.stats import ProcessStats
 from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
+
+# asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
+# schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
+# thousands of tracebacks and timers a second. So create_server gets a small batch, and the
+# kernel backlog is set back with listen() afterwards (uvloop accepts in libuv, unaffected).
+ACCEPT_BATCH = 16
 
 
 class ListenerError(Exception):
@@ -81,6 +88,9 @@ class Listener:
             self.udp.start()
         elif self.server is not None:
             await self.server.start_serving()
+            if self.sock is not None:
+                # start_serving listened with ACCEPT_BATCH; the kernel's queue stays long.
+                self.sock.listen(LISTEN_BACKLOG)
 
 
 def empty_like(config: Config) -> Config:
@@ -99,6 +109,7 @@ class Runtime:
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
+        self.health = HealthRegistry(rng)
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -161,7 +172,7 @@ class Runtime:
                 listener.server = await loop.create_server(
                     lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
                     sock=sock,
-                    backlog=4096,
+                    backlog=ACCEPT_BATCH,
                     start_serving=False,
                 )
         except BaseException:
@@ -181,6 +192,7 @@ class Runtime:
             route = self.routes.pop(key)
             route.removed = True
             route.pool.drain_all()
+            self.health.sync(route.pool, None)
         for spec in diff.listeners_removed:
             listener = self.listeners.pop(spec.identity)
             listener.close()
@@ -192,6 +204,7 @@ class Runtime:
         self.config = new
         self.config_hash = config_hash(new)
         self._mark_draining()
+        self.sync_health()
 
     def _mark_draining(self) -> None:
         """Connections whose endpoint, service port or listener is gone drain; a connection
@@ -220,9 +233,17 @@ class Runtime:
             self.routes.values(), self.connections, self.process, self.config_hash, __version__
         )
 
+    def sync_health(self) -> None:
+        """Start the checkers of new endpoints, stop those of removed ones: after ``start``
+        and after every reload that changed a pool or a route's ``health_check``."""
+        for route in self.routes.values():
+            self.health.sync(route.pool, route.health_check)
+
     def stop_accepting(self) -> None:
-        """Shutdown phase 1: close every listening socket; open connections carry on."""
+        """Shutdown phase 1: close every listening socket and stop the health checks; open
+        connections carry on."""
         self.ready = False
+        self.health.close()
         for listener in self.listeners.values():
             listener.close()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import resource
 import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,6 +61,8 @@ async def serve(
     state = state or ShutdownState()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, state.on_signal, signum)
+    raise_file_limit()
+    loop.set_exception_handler(AcceptErrorFilter())
     runtime = Runtime(config)
     reloader = Reloader(runtime, *source) if source is not None else None
     admin: AdminServer | None = None
@@ -124,6 +127,46 @@ def admin_reload(reloader: Reloader) -> ReloadHook:
     return reload
 
 
+class AcceptErrorFilter:
+    """asyncio's loop reports an EMFILE at accept through the exception handler (and then
+    pauses accepting for a second): count it and log it at most once a second."""
+
+    def __init__(self) -> None:
+        self.accept_errors_total = 0
+        self._logged_at = float("-inf")
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != "socket.accept() out of system resource":
+            loop.default_exception_handler(context)
+            return
+        self.accept_errors_total += 1
+        now = loop.time()
+        if now - self._logged_at >= 1.0:
+            self._logged_at = now
+            log.error(
+                "out of file descriptors",
+                where="accept",
+                error=str(context.get("exception")),
+                accept_errors_total=self.accept_errors_total,
+            )
+
+
+def raise_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: each proxied connection holds two
+    descriptors, and the usual soft default (1024) is far below what a proxy needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as error:
+            log.warning(
+                "cannot raise the file descriptor limit", soft=soft, hard=hard, error=str(error)
+            )
+            return soft
+    log.info("file descriptor limit", limit=hard)
+    return hard
+
+
 async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
     open_now = len(runtime.connections)
     log.info("shutdown: stop accepting", open_connections=open_now)
@@ -142,6 +185,7 @@ async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
     if len(runtime.connections):
         log.info("shutdown: closing remaining", open_connections=len(runtime.connections))
         runtime.close_all("shutdown")
+    await runtime.health.wait_closed()
     # Give the transports one loop turn to send their FINs/RSTs before the loop closes.
     await asyncio.sleep(0)
     log.info("lbd stopped")

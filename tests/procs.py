@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -84,7 +85,15 @@ async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
 
 
 @contextlib.asynccontextmanager
-async def lbd_process(config_path: Path, *extra: str) -> AsyncIterator[LbdProcess]:
+async def lbd_process(
+    config_path: Path, *extra: str, max_files: int | None = None
+) -> AsyncIterator[LbdProcess]:
+    """``max_files`` sets both RLIMIT_NOFILE limits of the child (lbd raises soft to hard)."""
+
+    def limit_files() -> None:
+        if max_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
+
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -98,6 +107,7 @@ async def lbd_process(config_path: Path, *extra: str) -> AsyncIterator[LbdProces
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit_files if max_files is not None else None,
     )
     lbd = LbdProcess(process)
     lbd._reader = asyncio.create_task(lbd._read_stderr())

@@ -83,6 +83,7 @@ async def running(cfg: Config) -> AsyncIterator[Runtime]:
     finally:
         runtime.stop_accepting()
         runtime.close_all("test_teardown")
+        await runtime.health.wait_closed()
         await settle()
 
 
@@ -342,3 +343,29 @@ async def admin_running(
             yield runtime, target
         finally:
             await admin.stop()
+
+
+async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> float:
+    """Wait until ``predicate()`` holds (checked every ``step``); returns the seconds it took.
+    For state with no event to wait on (a checker's verdict reaching a pool)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with asyncio.timeout(timeout):
+        # Polling on purpose: the state has no event (see the docstring).
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(step)
+    return loop.time() - start
+
+
+@contextlib.asynccontextmanager
+async def tcp_server(
+    factory: Callable[[], asyncio.Protocol], host: str | None = None, port: int = 0
+) -> AsyncIterator[tuple[str, int, asyncio.Server]]:
+    """A server of ``factory`` protocols on port 0 (or ``port``); closed at the end."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(factory, host or fresh_ip(), port)
+    try:
+        yield server.sockets[0].getsockname()[0], server.sockets[0].getsockname()[1], server
+    finally:
+        server.close()
+        await settle()

@@ -1,8 +1,14 @@
-"""The pool without sockets: eligibility, admin overrides, draining endpoints, watchers."""
+"""The pool without sockets: eligibility (health, ejection, panic), admin overrides, draining
+endpoints, watchers, slow start."""
 
 from __future__ import annotations
 
-from lbd.pool import Pool, ineligible_reason
+import asyncio
+import random
+import time
+
+from lbd.balancing import make_balancer
+from lbd.pool import Pool, UpstreamEndpoint, ineligible_reason
 
 
 def pool_of(*targets: tuple[str, int, int]) -> Pool:
@@ -108,3 +114,69 @@ def test_unwatch_stops_notifications() -> None:
     unwatch()  # twice is harmless
     pool.update([])
     assert seen == [1]
+
+
+def test_effective_weight_ramps_linearly_during_slow_start() -> None:
+    endpoint = UpstreamEndpoint("127.0.0.1", 80, weight=2)
+    full = 2
+    assert endpoint.weight == full
+    endpoint.start_ramp(10.0)
+    assert 0 < endpoint.weight <= full * 0.011
+    endpoint.ramp_end = time.monotonic() + 2.5  # a quarter of the ramp left
+    assert abs(endpoint.weight - full * 0.75) <= full * 0.01
+    endpoint.ramp_end = time.monotonic() - 0.001
+    assert endpoint.weight == full and endpoint.ramp_end == 0.0
+
+
+def test_slow_start_applies_to_added_and_recovered_endpoints_not_the_first() -> None:
+    pool = Pool(name="t", slow_start=30.0)
+    pool.update([("127.0.0.1", 80, 1)])
+    first = pool.members[0]
+    assert first.ramp_end == 0.0  # nothing to protect a first endpoint from
+    pool.update([("127.0.0.1", 80, 1), ("127.0.0.2", 80, 1)])
+    added = pool.members[1]
+    assert added.ramp_end and added.weight < 0.1
+    pool.set_healthy(first.key, False)
+    assert first.ramp_end == 0.0
+    pool.set_healthy(first.key, True)
+    assert first.ramp_end and first.weight < 0.1
+    pool.set_ejected(added, True)
+    added.ramp_end = 0.0
+    pool.set_ejected(added, False)
+    assert added.ramp_end
+
+
+def test_zero_weight_draining_unhealthy_and_ejected_are_not_eligible() -> None:
+    pool = Pool(name="t")
+    pool.update([("127.0.0.1", 80, 1), ("127.0.0.2", 80, 0), ("127.0.0.3", 80, 1)])
+    a, b, c = pool.members
+    pool.set_ejected(c, True)
+    assert pool.eligible() == [a]
+    assert [ineligible_reason(m) for m in pool.members] == [None, "weight_zero", "ejected"]
+    pool.set_healthy(a.key, False)
+    assert ineligible_reason(a) == "unhealthy"
+    assert pool.eligible() == [a, c] and pool.panic  # only sick ones left: use them all
+    assert b not in pool.eligible()  # weight 0 is never used, not even in panic
+    pool.update([("127.0.0.3", 80, 1)])
+    assert a.draining and pool.eligible() == [c] and pool.panic
+    pool.set_ejected(c, False)
+    assert pool.eligible() == [c] and not pool.panic
+
+
+async def test_a_ramping_endpoint_gets_a_growing_share_of_picks() -> None:
+    pool = Pool(name="t", slow_start=1.0)
+    pool.update([("127.0.0.1", 80, 1)])
+    pool.update([("127.0.0.1", 80, 1), ("127.0.0.2", 80, 1)])
+    new = pool.members[1]
+    balancer = make_balancer("round-robin", random.Random(3))
+
+    def share() -> float:
+        picks = [balancer.pick(pool.eligible(), "c") for _ in range(1000)]
+        return picks.count(new) / len(picks)
+
+    start = share()
+    new.ramp_end = time.monotonic() + 0.5  # half way
+    middle = share()  # weights 1 : 0.5 -> a third
+    await asyncio.sleep(0.6)
+    end = share()
+    assert start < 0.05 and 0.25 < middle < 0.40 and end == 0.5

@@ -16,7 +16,7 @@ class Candidate(Protocol):
     """The view of an endpoint a balancer needs."""
 
     @property
-    def weight(self) -> int: ...
+    def weight(self) -> float: ...  # a fraction while an endpoint ramps up (slow start)
 
     @property
     def active(self) -> int: ...

@@ -24,7 +24,7 @@ class RoundRobinBalancer:
     __slots__ = ("_cursor", "_scores")
 
     def __init__(self, rng: random.Random) -> None:
-        self._scores: dict[int, int] = {}  # id(candidate) -> running score
+        self._scores: dict[int, float] = {}  # id(candidate) -> running score
         # Start at a random position so that several lbd processes do not move in lockstep.
         self._cursor = rng.randrange(1 << 16)
 
@@ -48,9 +48,9 @@ class RoundRobinBalancer:
         scores = self._scores
         if len(scores) > 4 * len(eligible) + 16:
             self._forget_absent(eligible)
-        total = 0
+        total = 0.0
         best: C | None = None
-        best_score = 0
+        best_score = 0.0
         for candidate in eligible:
             if exclude and candidate in exclude:
                 continue

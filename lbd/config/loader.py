@@ -7,13 +7,11 @@ from pathlib import Path
 
 from lbd.config import fields as f
 from lbd.config.checks import check_listeners
-from lbd.config.durations import parse_duration
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
     PROTOCOLS,
     SERVICE_TYPES,
-    STRATEGIES,
     Admin,
     Config,
     Defaults,
@@ -23,23 +21,14 @@ from lbd.config.model import (
     Service,
     ServicePort,
     ServiceType,
-    Timeouts,
 )
 from lbd.config.nodeports import allocate_node_ports
+from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin")
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
-TUNABLE_KEYS = (
-    "strategy",
-    "connectTimeout",
-    "idleTimeout",
-    "drainTimeout",
-    "udpIdleTimeout",
-    "maxUdpSessions",
-    "accessLog",
-)
 SERVICE_KEYS = (
     "name",
     "namespace",
@@ -59,9 +48,6 @@ _port_number = f.int_between(1, 65535)
 # Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
 _service_port_number = f.int_between(0, 65535)
 _weight = f.int_between(0, 1_000_000)
-# One session holds one socket (a file descriptor and an ephemeral port): a million is already
-# past what one host's port range can carry towards one endpoint address.
-_max_udp_sessions = f.int_between(1, 1_000_000)
 
 
 def load_file(path: str | Path) -> Config:
@@ -164,22 +150,7 @@ def _path(value: object) -> str:
 
 
 def _defaults(section: f.Section) -> Defaults:
-    base = Defaults()
-    return Defaults(
-        strategy=section.get("strategy", f.one_of(STRATEGIES), base.strategy),
-        timeouts=_timeouts(section, base.timeouts),
-        access_log=section.get("accessLog", f.boolean, base.access_log),
-        max_udp_sessions=section.get("maxUdpSessions", _max_udp_sessions, base.max_udp_sessions),
-    )
-
-
-def _timeouts(section: f.Section, base: Timeouts) -> Timeouts:
-    return Timeouts(
-        connect=section.get("connectTimeout", _positive_duration, base.connect),
-        idle=section.get("idleTimeout", _positive_duration, base.idle),
-        drain=section.get("drainTimeout", parse_duration, base.drain),
-        udp_idle=section.get("udpIdleTimeout", _positive_duration, base.udp_idle),
-    )
+    return read_tunables(section, Defaults())
 
 
 def _service(section: f.Section, defaults: Defaults) -> Service | None:
@@ -190,21 +161,29 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         section.problems.add(f.join(section.path, "loadBalancerIPs"), "only for type LoadBalancer")
     endpoints = _endpoints(section)
     ports = _ports(section, kind, endpoints)
+    name = section.get("name", f.dns_label)
+    namespace = section.get("namespace", f.dns_label, "default")
+    cluster_ip = section.get("clusterIP", f.unicast_address)
+    external_ips = _addresses(section, "externalIPs")
+    tunables = read_tunables(section, defaults)
     service = Service(
-        name=section.get("name", f.dns_label),
-        namespace=section.get("namespace", f.dns_label, "default"),
+        name=name,
+        namespace=namespace,
         type=kind,
-        cluster_ip=section.get("clusterIP", f.unicast_address),
-        external_ips=_addresses(section, "externalIPs"),
+        cluster_ip=cluster_ip,
+        external_ips=external_ips,
         load_balancer_ips=lb_ips,
-        strategy=section.get("strategy", f.one_of(STRATEGIES), defaults.strategy),
-        timeouts=_timeouts(section, defaults.timeouts),
-        access_log=section.get("accessLog", f.boolean, defaults.access_log),
-        max_udp_sessions=section.get(
-            "maxUdpSessions", _max_udp_sessions, defaults.max_udp_sessions
-        ),
+        strategy=tunables.strategy,
+        timeouts=tunables.timeouts,
+        access_log=tunables.access_log,
+        max_udp_sessions=tunables.max_udp_sessions,
         ports=ports,
         endpoints=endpoints,
+        health_check=tunables.health_check,
+        outlier_detection=tunables.outlier_detection,
+        slow_start=tunables.slow_start,
+        limits=tunables.limits,
+        proxy_protocol=tunables.proxy_protocol,
     )
     return service if len(section.problems.items) == problems_before else None
 
@@ -336,13 +315,6 @@ def _target_port(value: object) -> int | str | None:
     if isinstance(value, str):
         return f.port_name(value)
     return _port_number(value)
-
-
-def _positive_duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise FieldError("must be greater than 0")
-    return seconds
 
 
 def _port_range(value: object) -> tuple[int, int]:

@@ -17,11 +17,15 @@ Protocol = Literal["TCP", "UDP"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
 StrategyName = Literal["random", "round-robin", "least-connection"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
+HealthCheckType = Literal["tcp", "http"]
+ProxyProtocolVersion = Literal["v1", "v2"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
 STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
+HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
+PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +62,54 @@ class Timeouts:
     idle: float
     drain: float
     udp_idle: float  # a UDP session with no datagram either way for this long ends
+    half_closed: float = 60.0  # after one side finished (sent its FIN)
+    max_duration: float | None = None  # any connection, however busy
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """An active probe of every endpoint (HAProxy's ``check``; rise/fall as thresholds).
+
+    Hashable on purpose: (address, port, HealthCheck) is the key of one shared checker.
+    """
+
+    type: HealthCheckType = "tcp"
+    interval: float = 5.0
+    timeout: float = 2.0
+    jitter: float = 0.0  # each wait is interval ± up to jitter, so checks do not align
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    path: str = "/"  # http
+    host: str | None = None  # http Host header; the endpoint address when None
+    expect_status: tuple[int, int] = (200, 399)  # http, inclusive
+    send: bytes = b""  # tcp: written after connecting
+    expect: bytes = b""  # tcp: must appear in the first bytes read
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierDetection:
+    """Passive ejection on connect failures, as Envoy's outlier detection."""
+
+    consecutive_failures: int = 5
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """HAProxy's maxconn + queue, per service port and per endpoint. None is unlimited."""
+
+    max_connections: int | None = None
+    max_connections_per_endpoint: int | None = None
+    max_queue: int = 0
+    queue_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocol:
+    send: ProxyProtocolVersion | None = None  # header written to every endpoint
+    accept_from: tuple[str, ...] = ()  # CIDRs whose header is read and trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +126,11 @@ class Service:
     max_udp_sessions: int  # per UDP service port; new clients beyond it are dropped
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    slow_start: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
 
     @property
     def key(self) -> str:
@@ -96,6 +153,11 @@ class Defaults:
     )
     access_log: bool = False
     max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    slow_start: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,9 +6,19 @@ it, and the reload diff compares specs, so "did this service port change?" has o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lbd.config.model import Config, Service, ServicePort, StrategyName, port_id
+from lbd.config.model import (
+    Config,
+    HealthCheck,
+    Limits,
+    OutlierDetection,
+    ProxyProtocol,
+    Service,
+    ServicePort,
+    StrategyName,
+    port_id,
+)
 
 RouteKey = tuple[str, str]  # (namespace/name, port id)
 Target = tuple[str, int, int]  # (address, port, weight)
@@ -28,10 +38,21 @@ class RouteSpec:
     udp_idle_timeout: float
     max_udp_sessions: int
     targets: tuple[Target, ...]
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    slow_start: float = 0.0
+    limits: Limits = field(default_factory=Limits)
+    half_closed_timeout: float = 60.0
+    max_duration: float | None = None
+    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
 
     @property
     def key(self) -> RouteKey:
         return (f"{self.namespace}/{self.service}", self.port_name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.service}:{self.port_name}"
 
 
 def endpoint_targets(service: Service, port: ServicePort) -> tuple[Target, ...]:
@@ -58,6 +79,13 @@ def route_spec(service: Service, port: ServicePort) -> RouteSpec:
         udp_idle_timeout=service.timeouts.udp_idle,
         max_udp_sessions=service.max_udp_sessions,
         targets=endpoint_targets(service, port),
+        health_check=service.health_check,
+        outlier_detection=service.outlier_detection,
+        slow_start=service.slow_start,
+        limits=service.limits,
+        half_closed_timeout=service.timeouts.half_closed,
+        max_duration=service.timeouts.max_duration,
+        proxy_protocol=service.proxy_protocol,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import os
 import socket
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
+from lbd.net import proxy_protocol
+from lbd.net.proxy_protocol import Address
 from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
 
 if TYPE_CHECKING:
@@ -36,6 +39,9 @@ class ListenerView(Protocol):
 log = structlog.get_logger("lbd.tcp")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+# A trusted client must send its PROXY header this soon (HAProxy's default is the client
+# timeout; a header is one packet, so a few seconds is plenty).
+PROXY_HEADER_TIMEOUT = 3.0
 
 # Connection ids: unique per process, and across the workers of one lbd (the pid is part of
 # each), short enough to grep. Every log line about a connection carries its id.
@@ -63,9 +69,15 @@ class Downstream(asyncio.Protocol):
     __slots__ = (
         "_connect_task",
         "_drain_timer",
+        "_half_closed_timer",
+        "_header",
+        "_header_timer",
         "_idle_timer",
         "_loop",
+        "_max_duration_timer",
         "_pending",
+        "addresses",
+        "admission",
         "client",
         "client_eof",
         "closed",
@@ -95,6 +107,15 @@ class Downstream(asyncio.Protocol):
         self._connect_task: asyncio.Task[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._half_closed_timer: asyncio.TimerHandle | None = None
+        self._max_duration_timer: asyncio.TimerHandle | None = None
+        # "queued" or "admitted" while this connection is in its route's Admission.
+        self.admission: str | None = None
+        # PROXY protocol: bytes of a header still being read from a trusted client.
+        self._header: bytes | None = None
+        self._header_timer: asyncio.TimerHandle | None = None
+        # (client, destination) as a trusted PROXY header said; else the socket's own.
+        self.addresses: tuple[Address, Address] | None = None
         self.client = ""
         self.client_eof = False
         self.upstream_eof = False
@@ -125,12 +146,86 @@ class Downstream(asyncio.Protocol):
             return
         stats.downstream_cx_active += 1
         self.connections.add(self)
+        if route.max_duration is not None:
+            self._max_duration_timer = loop.call_later(route.max_duration, self._max_duration)
+        if route.trusted_proxies and self._trusted(self.client):
+            # Read the PROXY header first: it says who the client is, before any pick.
+            self._header = b""
+            self._header_timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._header_missing)
+            return
         # Hold the client's bytes until an upstream exists; a chunk already on its way may
         # still arrive (uvloop), and is kept in _pending.
         transport.pause_reading()
+        self._admit()
+
+    def _trusted(self, client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:  # not an IP peer (cannot happen on TCP listeners)
+            return False
+        return any(address in network for network in self.route.trusted_proxies)
+
+    def _read_header(self, data: bytes) -> None:
+        assert self._header is not None
+        buffer = self._header + data
+        try:
+            result = proxy_protocol.parse(buffer[: proxy_protocol.MAX_HEADER])
+        except proxy_protocol.ProxyHeaderError as error:
+            self._bad_header(str(error))
+            return
+        if isinstance(result, proxy_protocol.NeedMore):
+            if len(buffer) >= proxy_protocol.MAX_HEADER:
+                self._bad_header("header too long")
+            else:
+                self._header = buffer
+            return
+        length, source, destination = result
+        self._header = None
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        if source is not None and destination is not None:
+            self.addresses = (source, destination)
+            self.client = source[0]
+        rest = buffer[length:]
+        if rest:
+            self.received += len(rest)
+            self._pending.append(rest)
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self._admit()
+
+    def _header_missing(self) -> None:
+        self._bad_header("no header within the timeout")
+
+    def _bad_header(self, why: str) -> None:
+        self.route.stats.downstream_cx_proxy_header_invalid += 1
+        log.warning("PROXY header rejected", route=self.route.label, client=self.client, error=why)
+        self.finish("proxy_header_invalid", abort=True)
+
+    def _admit(self) -> None:
+        route = self.route
+        loop = self._loop
+        admission = route.admission
+        if admission is not None:
+            verdict = admission.request(self)
+            if verdict is False:
+                self.finish("overflow", abort=True)
+                return
+            if verdict is None:
+                self.admission = "queued"
+                return
+            self.admission = "admitted"
         self._connect_task = loop.create_task(self._connect())
 
+    def admitted(self) -> None:
+        """Called by the route's Admission when a queued connection gets its slot."""
+        self.admission = "admitted"
+        self._connect_task = self._loop.create_task(self._connect())
+
     def data_received(self, data: bytes) -> None:
+        if self._header is not None:
+            self._read_header(data)
+            return
         self.received += len(data)
         self.last_activity = self._loop.time()
         upstream = self.upstream
@@ -140,6 +235,9 @@ class Downstream(asyncio.Protocol):
             self._pending.append(data)
 
     def eof_received(self) -> bool:
+        if self._header is not None:
+            self._bad_header("closed before the header ended")
+            return False
         self.client_eof = True
         upstream = self.upstream
         if upstream is not None:
@@ -147,7 +245,22 @@ class Downstream(asyncio.Protocol):
                 self.finish("completed")
             elif not upstream.transport.is_closing():
                 upstream.transport.write_eof()
+        self.half_closed()
         return True
+
+    def half_closed(self) -> None:
+        """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
+        if self._half_closed_timer is None and not self.closed:
+            timeout = self.route.half_closed_timeout
+            self._half_closed_timer = self._loop.call_later(timeout, self._half_closed_expired)
+
+    def _half_closed_expired(self) -> None:
+        self.route.stats.half_closed_timeouts += 1
+        self.finish("half_closed_timeout")
+
+    def _max_duration(self) -> None:
+        self.route.stats.max_duration_timeouts += 1
+        self.finish("max_duration")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
@@ -168,9 +281,12 @@ class Downstream(asyncio.Protocol):
         stats = route.stats
         loop = self._loop
         tried: list[UpstreamEndpoint] = []
+        limit = route.limits.max_connections_per_endpoint
         for attempt in range(MAX_CONNECT_TRIES):
             eligible = route.pool.eligible()
             endpoint = route.balancer.pick(eligible, self.client, tried)
+            if limit is not None and endpoint is not None and endpoint.active >= limit:
+                endpoint = self._pick_under_limit(eligible, tried, limit)
             if endpoint is None:
                 break
             tried.append(endpoint)
@@ -180,8 +296,13 @@ class Downstream(asyncio.Protocol):
             stats.upstream_cx_total += 1
             endpoint.stats.cx_total += 1
             began = loop.time()
-            # proto IPPROTO_TCP (not 0): asyncio's transports set TCP_NODELAY only then.
-            sock = socket.socket(endpoint.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            try:
+                # proto IPPROTO_TCP (not 0): asyncio's transports set TCP_NODELAY only then.
+                sock = socket.socket(endpoint.family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+            except OSError as error:
+                route.pool.release(endpoint)
+                self._out_of_descriptors(error)
+                return
             try:
                 sock.setblocking(False)
                 left = len(eligible) - len(tried) + 1
@@ -203,6 +324,8 @@ class Downstream(asyncio.Protocol):
                 raise
             self.connected = loop.time()
             endpoint.stats.connect_seconds.observe(self.connected - began)
+            if route.outlier is not None:
+                route.outlier.connect_succeeded(endpoint)
             self.endpoint = endpoint
             try:
                 await loop.create_connection(lambda: Upstream(self), sock=sock)
@@ -222,9 +345,40 @@ class Downstream(asyncio.Protocol):
         if not self.closed:
             self.finish("connect_failed", abort=True)
 
+    def _out_of_descriptors(self, error: OSError) -> None:
+        """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a
+        reset at once, which also frees its descriptor; other endpoints would fail the same."""
+        route = self.route
+        route.stats.downstream_cx_fd_exhausted += 1
+        now = self._loop.time()
+        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
+            route.fd_exhausted_logged_at = now
+            log.error(
+                "out of file descriptors",
+                route=route.label,
+                error=error.strerror or str(error),
+                shed_total=route.stats.downstream_cx_fd_exhausted,
+            )
+        self.finish("fd_exhausted", abort=True)
+
+    def _pick_under_limit(
+        self, eligible: list[UpstreamEndpoint], tried: list[UpstreamEndpoint], limit: int
+    ) -> UpstreamEndpoint | None:
+        """An endpoint at its maxConnectionsPerEndpoint: the connection goes to another."""
+        skip = list(tried)
+        while True:
+            endpoint = self.route.balancer.pick(eligible, self.client, skip)
+            if endpoint is None or endpoint.active < limit:
+                if endpoint is None and not tried:
+                    self.route.stats.upstream_cx_overflow += 1
+                return endpoint
+            skip.append(endpoint)
+
     def _connect_failed(self, sock: socket.socket, endpoint: UpstreamEndpoint, why: str) -> None:
         sock.close()
         self.route.pool.release(endpoint)
+        if self.route.outlier is not None:
+            self.route.outlier.connect_failed(endpoint)
         log.warning(
             "upstream connect failed",
             connection=self.id,
@@ -240,6 +394,9 @@ class Downstream(asyncio.Protocol):
             return
         self.upstream = upstream
         transport = upstream.transport
+        version = self.route.proxy_protocol.send
+        if version is not None:
+            transport.write(self._proxy_header(version))
         if self._pending:
             transport.write(b"".join(self._pending))
             self._pending.clear()
@@ -250,6 +407,17 @@ class Downstream(asyncio.Protocol):
             self.transport.resume_reading()
         timeout = self.route.idle_timeout
         self._idle_timer = self._loop.call_at(self.last_activity + timeout, self._check_idle)
+
+    def _proxy_header(self, version: str) -> bytes:
+        addresses = self.addresses
+        if addresses is None:
+            assert self.transport is not None
+            peer = self.transport.get_extra_info("peername")
+            local = self.transport.get_extra_info("sockname")
+            addresses = (peer[0], peer[1]), (local[0], local[1])
+        if version == "v1":
+            return proxy_protocol.build_v1(*addresses)
+        return proxy_protocol.build_v2(*addresses, "TCP")
 
     def _check_idle(self) -> None:
         deadline = self.last_activity + self.route.idle_timeout
@@ -281,10 +449,15 @@ class Downstream(asyncio.Protocol):
         route = self.route
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        if self._drain_timer is not None:
-            self._drain_timer.cancel()
+        for timer in (
+            self._idle_timer,
+            self._drain_timer,
+            self._half_closed_timer,
+            self._max_duration_timer,
+            self._header_timer,
+        ):
+            if timer is not None:
+                timer.cancel()
         for transport in (self.transport, self.upstream.transport if self.upstream else None):
             if transport is None or transport.is_closing():
                 continue
@@ -298,6 +471,8 @@ class Downstream(asyncio.Protocol):
             self.endpoint = None
             endpoint.stats.bytes_sent += self.received
             endpoint.stats.bytes_received += self.sent
+        if self.admission is not None:
+            self._leave_admission()
         stats = route.stats
         stats.downstream_cx_active -= 1
         stats.downstream_bytes_received += self.received
@@ -306,6 +481,16 @@ class Downstream(asyncio.Protocol):
         self.connections.discard(self)
         if route.access_log:
             self._log_access(reason)
+
+    def _leave_admission(self) -> None:
+        admission = self.route.admission
+        queued = self.admission == "queued"
+        self.admission = None
+        if admission is not None:
+            if queued:
+                admission.leave(self)
+            else:
+                admission.release()
 
     def _log_access(self, reason: str) -> None:
         upstream = self.upstream
@@ -353,6 +538,7 @@ class Upstream(asyncio.Protocol):
             assert downstream.transport is not None
             if not downstream.transport.is_closing():
                 downstream.transport.write_eof()
+            downstream.half_closed()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:

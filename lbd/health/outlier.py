@@ -1,0 +1,90 @@
+"""Passive outlier ejection, as Envoy's: fed by the data path's connect results.
+
+``consecutiveFailures`` connect failures in a row eject an endpoint for ``baseEjectionTime`` times
+the number of times it was ejected, capped at ``maxEjectionTime``; the count starts over once
+an endpoint has stayed in for ``maxEjectionTime``. At most ``maxEjectionPercent`` of a pool's
+endpoints are out at once (at least one, as Envoy, when the percentage is above 0). The
+detector holds the failure counts; the pool stays the owner of eligibility (``set_ejected``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from lbd.config.model import OutlierDetection
+from lbd.pool import Pool, UpstreamEndpoint
+
+log = structlog.get_logger("lbd.outlier")
+
+
+class OutlierDetector:
+    __slots__ = (
+        "_ejections",
+        "_failures",
+        "_returned",
+        "ejections_overflow_total",
+        "ejections_total",
+        "pool",
+        "spec",
+    )
+
+    def __init__(self, pool: Pool, spec: OutlierDetection) -> None:
+        self.pool = pool
+        self.spec = spec
+        self._failures: dict[UpstreamEndpoint, int] = {}  # in a row
+        self._ejections: dict[UpstreamEndpoint, int] = {}  # for the ejection time multiplier
+        self._returned: dict[UpstreamEndpoint, float] = {}  # monotonic time of last return
+        self.ejections_total = 0
+        self.ejections_overflow_total = 0  # ejections skipped: maxEjectionPercent reached
+
+    def connect_succeeded(self, endpoint: UpstreamEndpoint) -> None:
+        if self._failures:
+            self._failures.pop(endpoint, None)
+
+    def connect_failed(self, endpoint: UpstreamEndpoint) -> None:
+        count = self._failures.get(endpoint, 0) + 1
+        self._failures[endpoint] = count
+        if count >= self.spec.consecutive_failures and not endpoint.ejected:
+            self._eject(endpoint)
+
+    def ejection_time(self, ejections: int) -> float:
+        spec = self.spec
+        return min(spec.base_ejection_time * ejections, spec.max_ejection_time)
+
+    def _eject(self, endpoint: UpstreamEndpoint) -> None:
+        present = [m for m in self.pool.members if not m.draining and m.config_weight > 0]
+        percent = self.spec.max_ejection_percent
+        allowed = max(1, len(present) * percent // 100) if percent else 0
+        if sum(1 for m in present if m.ejected) >= allowed:
+            self.ejections_overflow_total += 1
+            return
+        now = time.monotonic()
+        previous = self._ejections.get(endpoint, 0)
+        if now - self._returned.get(endpoint, now) >= self.spec.max_ejection_time:
+            previous = 0  # it behaved for a long while: start over
+        ejections = self._ejections[endpoint] = previous + 1
+        seconds = self.ejection_time(ejections)
+        self.ejections_total += 1
+        self.pool.set_ejected(endpoint, True)
+        log.warning(
+            "endpoint ejected",
+            route=self.pool.name,
+            endpoint=str(endpoint),
+            failures=self._failures.get(endpoint, 0),
+            seconds=seconds,
+            ejections=ejections,
+        )
+        asyncio.get_running_loop().call_later(seconds, self._return, endpoint)
+
+    def _return(self, endpoint: UpstreamEndpoint) -> None:
+        self._failures.pop(endpoint, None)
+        if endpoint.draining:  # gone from the config meanwhile: forget it
+            self._ejections.pop(endpoint, None)
+            self._returned.pop(endpoint, None)
+            return
+        self._returned[endpoint] = time.monotonic()
+        self.pool.set_ejected(endpoint, False)
+        log.info("endpoint returned", route=self.pool.name, endpoint=str(endpoint))

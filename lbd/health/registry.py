@@ -1,0 +1,186 @@
+"""Active health checks: one checker per (address, port, check) per lbd process.
+
+The registry is the single owner of health state. Every pool that contains an endpoint
+subscribes to that endpoint's checker; service ports sharing an endpoint (and the same check)
+share one checker, so an endpoint sees one probe per interval however many ports use it.
+A checker lives while it has subscribers (a reference count): ``sync`` after every pool change
+(start, reload) starts checkers for new endpoints and stops those nobody uses any more.
+
+Only transitions change state (HAProxy's rise/fall): ``healthyThreshold`` successes in a row
+bring a down endpoint up, ``unhealthyThreshold`` failures in a row take an up endpoint down.
+Endpoints start up (the config says they are ready) and the first probe runs at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import structlog
+
+from lbd.config.model import HealthCheck
+from lbd.health.probes import LocalError, probe
+from lbd.pool import Pool
+
+log = structlog.get_logger("lbd.health")
+
+CheckKey = tuple[str, int, HealthCheck]
+
+
+@dataclass(slots=True)
+class HealthStats:
+    """Counters of every checker of one lbd process."""
+
+    checks_total: int = 0
+    check_failures_total: int = 0
+    checks_skipped_total: int = 0  # lbd could not run the probe (e.g. out of descriptors)
+    transitions_unhealthy_total: int = 0
+    transitions_healthy_total: int = 0
+    checkers_active: int = 0
+
+
+class Checker:
+    """Probes one endpoint and tells every subscribed pool about transitions."""
+
+    def __init__(self, key: CheckKey, stats: HealthStats, rng: random.Random) -> None:
+        self.address, self.port, self.check = key
+        self.stats = stats
+        self.rng = rng
+        self.subscribers: set[Pool] = set()
+        self.healthy = True
+        self.successes = 0  # in a row
+        self.failures = 0  # in a row
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def label(self) -> str:
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(), name=f"health {self}")
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    def __str__(self) -> str:
+        return f"{self.check.type} {self.label}"
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        check = self.check
+        while True:
+            started = loop.time()
+            try:
+                reason = await probe(self.address, self.port, check)
+            except LocalError as error:
+                self.stats.checks_skipped_total += 1
+                log.warning("health check skipped", endpoint=self.label, error=str(error))
+            else:
+                self.record(reason)
+            jitter = self.rng.uniform(-check.jitter, check.jitter) if check.jitter else 0.0
+            await asyncio.sleep(max(0.0, started + check.interval + jitter - loop.time()))
+
+    def record(self, reason: str | None) -> None:
+        """One probe's result; changes state only on a threshold crossing."""
+        stats = self.stats
+        stats.checks_total += 1
+        if reason is None:
+            self.successes += 1
+            self.failures = 0
+            if not self.healthy and self.successes >= self.check.healthy_threshold:
+                self._transition(True, None)
+        else:
+            stats.check_failures_total += 1
+            self.failures += 1
+            self.successes = 0
+            if self.healthy and self.failures >= self.check.unhealthy_threshold:
+                self._transition(False, reason)
+
+    def _transition(self, healthy: bool, reason: str | None) -> None:
+        self.healthy = healthy
+        if healthy:
+            self.stats.transitions_healthy_total += 1
+            log.info("endpoint healthy", endpoint=self.label, check=self.check.type)
+        else:
+            self.stats.transitions_unhealthy_total += 1
+            log.warning(
+                "endpoint unhealthy",
+                endpoint=self.label,
+                check=self.check.type,
+                reason=reason,
+                failures=self.failures,
+            )
+        for pool in self.subscribers:
+            pool.set_healthy((self.address, self.port), healthy)
+
+
+class HealthRegistry:
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.stats = HealthStats()
+        self._rng = rng or random.Random()
+        self._checkers: dict[CheckKey, Checker] = {}
+        self._subscribed: dict[Pool, set[CheckKey]] = {}
+        self._stopped: set[asyncio.Task[None]] = set()
+
+    def checker(self, address: str, port: int, check: HealthCheck) -> Checker | None:
+        return self._checkers.get((address, port, check))
+
+    def __len__(self) -> int:
+        return len(self._checkers)
+
+    def sync(self, pool: Pool, check: HealthCheck | None) -> None:
+        """Make ``pool`` subscribed to exactly the checkers of its present members under
+        ``check`` (None: no checks). Call after building a pool and after every update."""
+        wanted: set[CheckKey] = set()
+        if check is not None:
+            wanted = {(m.address, m.port, check) for m in pool.members if not m.draining}
+        current = self._subscribed.get(pool, set())
+        for key in wanted - current:
+            self._add(key, pool)
+        for key in current - wanted:
+            self._remove(key, pool)
+            pool.set_healthy(key[:2], True)  # unchecked now: config alone decides
+        if wanted:
+            self._subscribed[pool] = wanted
+        else:
+            self._subscribed.pop(pool, None)
+
+    def close(self) -> None:
+        """Stop every checker (shutdown); ``wait_closed`` waits for their tasks to end."""
+        for checker in self._checkers.values():
+            self._stop(checker)
+        self._checkers.clear()
+        self._subscribed.clear()
+        self.stats.checkers_active = 0
+
+    async def wait_closed(self) -> None:
+        stopped, self._stopped = self._stopped, set()
+        await asyncio.gather(*stopped, return_exceptions=True)
+
+    def _stop(self, checker: Checker) -> None:
+        checker.stop()
+        if checker.task is not None and not checker.task.done():
+            self._stopped.add(checker.task)
+            checker.task.add_done_callback(self._stopped.discard)
+
+    def _add(self, key: CheckKey, pool: Pool) -> None:
+        checker = self._checkers.get(key)
+        if checker is None:
+            checker = self._checkers[key] = Checker(key, self.stats, self._rng)
+            checker.start()
+            self.stats.checkers_active += 1
+        checker.subscribers.add(pool)
+        pool.set_healthy(key[:2], checker.healthy)
+
+    def _remove(self, key: CheckKey, pool: Pool) -> None:
+        checker = self._checkers.get(key)
+        if checker is None:
+            return
+        checker.subscribers.discard(pool)
+        if not checker.subscribers:
+            self._stop(checker)
+            del self._checkers[key]
+            self.stats.checkers_active -= 1

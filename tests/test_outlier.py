@@ -1,0 +1,117 @@
+"""Passive outlier ejection: thresholds, growing ejection times, the percentage cap."""
+
+from __future__ import annotations
+
+import asyncio
+
+from lbd.config.model import OutlierDetection
+from lbd.health.outlier import OutlierDetector
+from lbd.pool import Pool
+from tests.support import (
+    address_of,
+    config,
+    dead_port,
+    document,
+    echo_backend,
+    fresh_ip,
+    read_name,
+    route_of,
+    running,
+    service_yaml,
+    until,
+)
+
+
+def pool_of(count: int) -> Pool:
+    pool = Pool(name="t")
+    pool.update([(f"127.0.0.{i + 1}", 80, 1) for i in range(count)])
+    return pool
+
+
+async def test_consecutive_failures_eject_and_success_resets_the_count() -> None:
+    pool = pool_of(3)
+    a, b, _ = pool.members
+    spec = OutlierDetection(
+        consecutive_failures=3, base_ejection_time=60.0, max_ejection_percent=100
+    )
+    detector = OutlierDetector(pool, spec)
+    detector.connect_failed(a)
+    detector.connect_failed(a)
+    detector.connect_succeeded(a)
+    detector.connect_failed(a)
+    detector.connect_failed(a)
+    assert not a.ejected
+    detector.connect_failed(a)
+    assert a.ejected and a not in pool.eligible() and detector.ejections_total == 1
+    assert b in pool.eligible()
+
+
+async def test_max_ejection_percent_caps_ejections_at_least_one() -> None:
+    pool = pool_of(3)
+    a, b, _ = pool.members
+    detector = OutlierDetector(
+        pool,
+        OutlierDetection(consecutive_failures=1, base_ejection_time=60.0, max_ejection_percent=10),
+    )
+    detector.connect_failed(a)
+    detector.connect_failed(b)
+    assert a.ejected and not b.ejected  # 10% of 3 is 0, but Envoy ejects at least one
+    assert detector.ejections_overflow_total == 1
+    none = OutlierDetector(
+        pool_of(3), OutlierDetection(consecutive_failures=1, max_ejection_percent=0)
+    )
+    first = none.pool.members[0]
+    none.connect_failed(first)
+    assert not first.ejected
+
+
+async def test_ejection_expires_and_grows_with_each_ejection() -> None:
+    pool = pool_of(2)
+    a = pool.members[0]
+    spec = OutlierDetection(
+        consecutive_failures=1,
+        base_ejection_time=0.3,
+        max_ejection_time=0.5,
+        max_ejection_percent=50,
+    )
+    detector = OutlierDetector(pool, spec)
+    assert [detector.ejection_time(n) for n in (1, 2, 3)] == [0.3, 0.5, 0.5]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    detector.connect_failed(a)
+    await until(lambda: not a.ejected, 5)
+    first = loop.time() - start
+    start = loop.time()
+    detector.connect_failed(a)
+    await until(lambda: not a.ejected, 5)
+    second = loop.time() - start
+    assert 0.3 <= first < 0.3 + 0.5 and 0.5 <= second < 0.5 + 0.5
+
+
+async def test_connect_failures_through_lbd_eject_the_dead_endpoint() -> None:
+    dead_host = fresh_ip()
+    async with echo_backend("alive") as (host, port, _):
+        cfg = config(
+            document(
+                service_yaml(
+                    "svc",
+                    [(host, port), (dead_host, dead_port(dead_host))],
+                    extra="    outlierDetection: {consecutiveFailures: 2, baseEjectionTime: 500ms, "
+                    "maxEjectionPercent: 50}\n",
+                )
+            )
+        )
+        async with running(cfg) as runtime:
+            route = route_of(runtime)
+            lb_host, lb_port = address_of(runtime)
+            names = [await read_name(lb_host, lb_port) for _ in range(6)]
+            assert names == ["alive"] * 6  # the retries hide the dead endpoint from clients
+            dead = route.pool.member((dead_host, route.pool.members[1].port))
+            assert dead is not None and dead.ejected
+            fails = route.stats.upstream_cx_connect_fail
+            assert fails == 2
+            names = [await read_name(lb_host, lb_port) for _ in range(6)]
+            assert route.stats.upstream_cx_connect_fail == fails  # not tried while ejected
+            took = await until(lambda: not dead.ejected, 5)
+            assert took <= 0.5 + 0.5
+            assert route.outlier is not None and route.outlier.ejections_total == 1
