@@ -135,7 +135,11 @@ class Route:
         if spec is None:
             self.outlier = None
         elif self.outlier is None or self.outlier.spec != spec:
+            previous = self.outlier
             self.outlier = OutlierDetector(self.pool, spec)
+            if previous is not None:  # counters are monotonic across a changed spec
+                self.outlier.ejections_total = previous.ejections_total
+                self.outlier.ejections_overflow_total = previous.ejections_overflow_total
 
     @property
     def label(self) -> str:

@@ -230,7 +230,12 @@ class Runtime:
 
     def metrics_snapshot(self) -> Snapshot:
         return runtime_snapshot(
-            self.routes.values(), self.connections, self.process, self.config_hash, __version__
+            self.routes.values(),
+            self.connections,
+            self.process,
+            self.config_hash,
+            __version__,
+            self.health.stats,
         )
 
     def sync_health(self) -> None:

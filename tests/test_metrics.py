@@ -267,3 +267,29 @@ async def test_udp_traffic_gives_exact_counter_values() -> None:
     assert not any(
         name.startswith("lbd_udp_") and ("service", "svc") in lbls for name, lbls in series
     )
+
+
+async def test_health_limits_and_refusals_are_exported() -> None:
+    dead_host = fresh_ip()
+    text = document(
+        service_yaml(
+            "svc",
+            [(dead_host, dead_port(dead_host))],
+            extra="    healthCheck: {type: tcp, interval: 100ms, timeout: 100ms, unhealthyThreshold: 1}\n",
+        )
+    )
+    async with admin_running(config(text)) as (runtime, target):
+        route = next(iter(runtime.routes.values()))
+        endpoint = route.pool.members[0]
+        for _ in range(200):
+            if not endpoint.healthy:
+                break
+            await asyncio.sleep(0.01)
+        series = await scrape(target)
+    e = labels(endpoint=str(endpoint))
+    assert series[("lbd_endpoint_healthy", e)] == 0
+    assert series[("lbd_health_transitions_total", frozenset({("to", "unhealthy")}))] == 1
+    assert series[("lbd_health_checks_total", frozenset())] >= 1
+    assert series[("lbd_health_checkers_active", frozenset())] == 1
+    for reason in ("overflow", "queue_timeout", "endpoint_limits", "fd_exhausted"):
+        assert series[("lbd_downstream_cx_refused_total", labels(reason=reason))] == 0

@@ -68,6 +68,7 @@ class OutlierDetector:
         ejections = self._ejections[endpoint] = previous + 1
         seconds = self.ejection_time(ejections)
         self.ejections_total += 1
+        endpoint.stats.ejections += 1
         self.pool.set_ejected(endpoint, True)
         log.warning(
             "endpoint ejected",

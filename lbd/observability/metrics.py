@@ -35,6 +35,7 @@ from lbd.observability.stats import CONNECT_SECONDS_BUCKETS, CX_LENGTH_SECONDS_B
 from lbd.pool import ineligible_reason
 
 if TYPE_CHECKING:
+    from lbd.health.registry import HealthStats
     from lbd.net.tcp_proxy import Downstream
     from lbd.observability.stats import ProcessStats
     from lbd.route import Route, RouteStats
@@ -70,8 +71,42 @@ METRICS = _specs(
     M(
         "lbd_downstream_cx_refused_total",
         "counter",
-        "Client connections reset at once, by reason (no_endpoint: none eligible).",
+        "Client connections reset at once, by reason (no_endpoint: none eligible; overflow: "
+        "over maxConnections with the queue full; queue_timeout: waited queueTimeout; "
+        "endpoint_limits: every endpoint at maxConnectionsPerEndpoint; fd_exhausted: no "
+        "descriptor for the upstream socket; proxy_header_invalid: a trusted source sent no "
+        "valid PROXY header).",
         (*ROUTE, "reason"),
+    ),
+    M(
+        "lbd_downstream_cx_queued_total",
+        "counter",
+        "Connections that waited in the queue (maxConnections reached).",
+        ROUTE,
+    ),
+    M(
+        "lbd_downstream_cx_half_closed_timeout_total",
+        "counter",
+        "Connections closed after halfClosedTimeout.",
+        ROUTE,
+    ),
+    M(
+        "lbd_downstream_cx_max_duration_reached_total",
+        "counter",
+        "Connections closed after maxConnectionDuration.",
+        ROUTE,
+    ),
+    M(
+        "lbd_endpoints_panic_total",
+        "counter",
+        "Times the service port had only unhealthy or ejected endpoints and used them all.",
+        ROUTE,
+    ),
+    M(
+        "lbd_outlier_ejections_overflow_total",
+        "counter",
+        "Ejections skipped because maxEjectionPercent was reached.",
+        ROUTE,
     ),
     M(
         "lbd_downstream_cx_idle_timeout_total",
@@ -192,6 +227,27 @@ METRICS = _specs(
         (*ROUTE, "where"),
     ),
     # -- process -----------------------------------------------------------------------------
+    M("lbd_health_checks_total", "counter", "Active health checks run.", ()),
+    M("lbd_health_check_failures_total", "counter", "Active health checks that failed.", ()),
+    M(
+        "lbd_health_checks_skipped_total",
+        "counter",
+        "Health checks lbd could not run itself (e.g. out of descriptors); never held against "
+        "the endpoint.",
+        (),
+    ),
+    M(
+        "lbd_health_transitions_total",
+        "counter",
+        "Endpoint health changes found by active checks, by new state (healthy, unhealthy).",
+        ("to",),
+    ),
+    M(
+        "lbd_health_checkers_active",
+        "gauge",
+        "Endpoints being checked (one per address, port and check).",
+        (),
+    ),
     M(
         "lbd_config_reloads_total",
         "counter",
@@ -237,6 +293,7 @@ def runtime_snapshot(
     process: ProcessStats,
     config_hash: str,
     version: str,
+    health: HealthStats | None = None,
 ) -> Snapshot:
     """Read the data path's counters. Bytes of open connections are added to those of closed
     ones, so byte counters move while long connections run (and stay monotonic: a connection's
@@ -253,6 +310,13 @@ def runtime_snapshot(
             endpoint_labels = (*labels, str(connection.endpoint))
             snap.add("lbd_upstream_bytes_sent_total", endpoint_labels, connection.received)
             snap.add("lbd_upstream_bytes_received_total", endpoint_labels, connection.sent)
+    if health is not None:
+        snap.add("lbd_health_checks_total", (), health.checks_total)
+        snap.add("lbd_health_check_failures_total", (), health.check_failures_total)
+        snap.add("lbd_health_checks_skipped_total", (), health.checks_skipped_total)
+        snap.add("lbd_health_transitions_total", ("healthy",), health.transitions_healthy_total)
+        snap.add("lbd_health_transitions_total", ("unhealthy",), health.transitions_unhealthy_total)
+        snap.add("lbd_health_checkers_active", (), health.checkers_active)
     snap.add("lbd_config_reloads_total", ("success",), process.reloads_ok)
     snap.add("lbd_config_reloads_total", ("failure",), process.reloads_failed)
     snap.add("lbd_config_last_reload_success_timestamp_seconds", (), process.last_reload_ok_time)
@@ -267,10 +331,24 @@ def _route_values(snap: Snapshot, route: Route) -> None:
     add = snap.add
     add("lbd_downstream_cx_total", labels, stats.downstream_cx_total)
     add("lbd_downstream_cx_active", labels, stats.downstream_cx_active)
+    for reason, value in (
+        ("no_endpoint", stats.downstream_cx_refused_no_endpoint),
+        ("overflow", stats.downstream_cx_overflow),
+        ("queue_timeout", stats.downstream_cx_queue_timeout),
+        ("endpoint_limits", stats.upstream_cx_overflow),
+        ("fd_exhausted", stats.downstream_cx_fd_exhausted),
+        ("proxy_header_invalid", stats.downstream_cx_proxy_header_invalid),
+    ):
+        add("lbd_downstream_cx_refused_total", (*labels, reason), value)
+    add("lbd_downstream_cx_queued_total", labels, stats.downstream_cx_queued)
+    add("lbd_downstream_cx_half_closed_timeout_total", labels, stats.half_closed_timeouts)
+    add("lbd_downstream_cx_max_duration_reached_total", labels, stats.max_duration_timeouts)
+    add("lbd_endpoints_panic_total", labels, route.pool.panics)
+    outlier = route.outlier
     add(
-        "lbd_downstream_cx_refused_total",
-        (*labels, "no_endpoint"),
-        stats.downstream_cx_refused_no_endpoint,
+        "lbd_outlier_ejections_overflow_total",
+        labels,
+        outlier.ejections_overflow_total if outlier is not None else 0,
     )
     add("lbd_downstream_cx_idle_timeout_total", labels, stats.idle_timeouts)
     add("lbd_downstream_bytes_received_total", labels, stats.downstream_bytes_received)
@@ -298,7 +376,7 @@ def _route_values(snap: Snapshot, route: Route) -> None:
         snap.set_histogram("lbd_upstream_cx_connect_seconds", e, connect.counts, connect.total)
         add("lbd_endpoint_weight", e, endpoint.weight)
         add("lbd_endpoint_eligible", e, 1 if ineligible_reason(endpoint) is None else 0)
-        add("lbd_endpoint_healthy", e, 1)
+        add("lbd_endpoint_healthy", e, 1 if endpoint.healthy else 0)
         add("lbd_endpoint_ejections_total", e, es.ejections)
 
 
