@@ -317,15 +317,6 @@ async def udp_client(
         await settle()
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition on lbd's state (a counter), checking every loop turn or 5 ms."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.005)
-
-
 @contextlib.asynccontextmanager
 async def admin_running(
     cfg: Config, reload: ReloadHook | None = None
@@ -345,15 +336,22 @@ async def admin_running(
             await admin.stop()
 
 
-async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.01) -> float:
+async def until(
+    predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.005, what: str = ""
+) -> float:
     """Wait until ``predicate()`` holds (checked every ``step``); returns the seconds it took.
-    For state with no event to wait on (a checker's verdict reaching a pool)."""
+    For lbd state with no event to wait on (a counter, a checker's verdict reaching a pool)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    async with asyncio.timeout(timeout):
-        # Polling on purpose: the state has no event (see the docstring).
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(step)
+    try:
+        async with asyncio.timeout(timeout):
+            # Polling on purpose: the state has no event (see the docstring).
+            while not predicate():  # noqa: ASYNC110
+                await asyncio.sleep(step)
+    except TimeoutError:
+        raise AssertionError(
+            f"timed out after {timeout}s waiting for {what or predicate}"
+        ) from None
     return loop.time() - start
 
 

@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,16 +26,8 @@ from tests.support import (
     route_of,
     running,
     service_yaml,
+    until,
 )
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0, what: str = "") -> None:
-    """Wait for a counter or state to reach a value (polled: these are plain ints)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.01)
 
 
 def svc(backends: list[tuple[str, int]], cluster_ip: str, **kw: str) -> str:

@@ -25,7 +25,7 @@ from tests.support import (
     udp_client,
     udp_echo_backend,
     udp_echo_backends,
-    wait_until,
+    until,
 )
 
 
@@ -154,7 +154,7 @@ async def test_idle_sessions_expire_and_active_ones_do_not() -> None:
                     assert await name_of(client) == "b"
                     await asyncio.sleep(0.1)
                 assert route.stats.udp_sess_idle_timeout == 0 and sessions_of(runtime) == 1
-                await wait_until(lambda: route.stats.udp_sess_idle_timeout == 1)
+                await until(lambda: route.stats.udp_sess_idle_timeout == 1)
                 assert sessions_of(runtime) == 0
                 assert await name_of(client) == "b"  # a new session, a new upstream socket
             assert route.stats.udp_sess_total == 2 and len(stats.peers) == 2
@@ -236,7 +236,7 @@ async def test_sessions_beyond_the_cap_are_dropped_and_counted() -> None:
             async with udp_client(target) as a, udp_client(target) as b, udp_client(target) as c:
                 assert await name_of(a) == "b" and await name_of(b) == "b"
                 c.send(b"third")
-                await wait_until(lambda: route.stats.udp_sess_overflow == 1)
+                await until(lambda: route.stats.udp_sess_overflow == 1)
                 assert await name_of(a) == "b" and await name_of(b) == "b"
                 assert sessions_of(runtime) == 2
                 assert c.protocol.received.empty()
@@ -256,7 +256,7 @@ async def test_endpoint_icmp_error_ends_the_session_and_the_listener_serves_on()
                 clients = [await stack.enter_async_context(udp_client(target)) for _ in range(4)]
                 for client in clients:
                     client.send(b"hello")
-                await wait_until(lambda: route.stats.udp_upstream_icmp_errors == 2)
+                await until(lambda: route.stats.udp_upstream_icmp_errors == 2)
                 udp = runtime.listener_for("default/svc").udp
                 assert udp is not None and len(udp.sessions) == 2
                 lucky = [c for c in clients if c.local in udp.sessions]
