@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import random
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -57,6 +57,7 @@ class Listener:
     server: asyncio.Server | None = None  # TCP
     udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
     removed: bool = False  # closed by a reload: its connections drain
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
 
     def describe(self) -> str:
         host, port = self.bound
