@@ -251,6 +251,9 @@ async def test_50_reloads_under_load_lose_nothing(tmp_path: Path) -> None:
 
 
 async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> None:
+    busy_ip = fresh_ip()
+    blocker = await asyncio.start_server(lambda r, w: None, busy_ip, 0)
+    busy_port = blocker.sockets[0].getsockname()[1]
     async with echo_backend("alive") as (h, p, _):
         ip = fresh_ip()
         path = tmp_path / "lbd.yaml"
@@ -259,11 +262,13 @@ async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> N
         async with serving_file(path, watch=False) as runtime:
             reloader = Reloader(runtime, str(path), good.encode())
             host, port = address_of(runtime)
+            port_in_use = service_yaml("other", [(h, p)], cluster_ip=busy_ip, port=busy_port)
             bad_files = [
                 "",
                 "apiVersion: lbd/v1\nservices: [\n",
                 good.replace("round-robin", "round-robbin"),
                 good.replace("apiVersion: lbd/v1", "apiVersion: v2"),
+                document(svc([(h, p)], ip), port_in_use),  # valid, but cannot be applied
             ]
             for n, bad in enumerate(bad_files, start=1):
                 path.write_text(bad)
@@ -276,6 +281,8 @@ async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> N
             path.write_text(good.replace("round-robin", "random"))
             assert (await reloader.reload("test")).outcome == "applied"
             assert route_of(runtime).strategy == "random"
+            assert len(runtime.listeners) == 1  # nothing of the failed reloads was left bound
+    blocker.close()
 
 
 async def test_file_watcher_picks_up_an_editor_style_write_once(tmp_path: Path) -> None:
