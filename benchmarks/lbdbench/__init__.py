@@ -1,0 +1,1 @@
+"""lbd's benchmark harness: targets (proxies), backends, workloads, statistics and reports."""
