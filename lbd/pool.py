@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import structlog
 
+from lbd import topology
+from lbd.config.routes import CLUSTER, READY_STATE, EndpointState, TrafficPolicy
 from lbd.observability.stats import EndpointStats
 
 # Why an endpoint takes no new connections, as codes (stable, for /explain and tooling) with
@@ -28,6 +30,13 @@ REASONS: dict[str, str] = {
     "weight_zero": "weight is 0",
     "unhealthy": "failing its active health checks (healthCheck)",
     "ejected": "ejected after consecutive connect failures (outlierDetection)",
+    # Kubernetes semantics (lbd.topology, lbd.affinity, lbd.route): per listener kind or client.
+    "not_ready": "not ready, and not serving-terminating while no endpoint is ready",
+    "terminating": "terminating: used only while no endpoint is ready",
+    "other_node": "on another node, and this listener's traffic policy is Local",
+    "other_zone": "in another zone, and trafficDistribution: PreferClose has closer endpoints",
+    "affinity": "sessionAffinity keeps this client on another endpoint",
+    "source_range": "the client is outside loadBalancerSourceRanges",
 }
 # Reasons a pool in panic mode ignores: when every endpoint is unhealthy or ejected, all of
 # them are used rather than none (Envoy's panic threshold at 0%).
@@ -53,6 +62,7 @@ class UpstreamEndpoint:
         "port",
         "ramp_end",
         "ramp_length",
+        "state",
         "static_weight",
         "stats",
         "weight_override",
@@ -73,6 +83,7 @@ class UpstreamEndpoint:
         self.ramp_length = 0.0
         self.family = socket.AF_INET6 if ":" in address else socket.AF_INET
         self.stats = EndpointStats()
+        self.state: EndpointState = READY_STATE  # conditions and topology, from the config
 
     @property
     def weight(self) -> float:
@@ -137,6 +148,7 @@ def ineligible_reason(endpoint: UpstreamEndpoint) -> str | None:
 
 
 PoolWatcher = Callable[["Pool"], None]
+Wanted = tuple[str, int, int] | tuple[str, int, int, EndpointState]
 
 
 class Pool:
@@ -146,28 +158,38 @@ class Pool:
 
     __slots__ = (
         "_eligible",
+        "_external",
+        "_usable",
         "_watchers",
         "draining",
         "members",
         "name",
         "panic",
         "panics",
+        "policy",
         "slow_start",
     )
 
     def __init__(
-        self, members: Iterable[UpstreamEndpoint] = (), name: str = "", slow_start: float = 0.0
+        self,
+        members: Iterable[UpstreamEndpoint] = (),
+        name: str = "",
+        slow_start: float = 0.0,
+        policy: TrafficPolicy = CLUSTER,
     ) -> None:
         self.name = name  # the route's label, for logs
         self.slow_start = slow_start
         self.panic = False
         self.panics = 0  # times the pool entered panic mode
         self.members: list[UpstreamEndpoint] = list(members)
+        self.policy = policy
         # Removed by a reload but still carrying connections: shown by the admin API and
         # metrics until the last one ends (``release``); re-adding one revives the same
         # object, so its active count (least-connection) stays right.
         self.draining: list[UpstreamEndpoint] = []
         self._eligible: list[UpstreamEndpoint] = []
+        self._external: list[UpstreamEndpoint] = []  # for listeners other than clusterIP
+        self._usable: list[UpstreamEndpoint] = []
         self._watchers: list[PoolWatcher] = []
         self._refresh()
 
@@ -186,9 +208,20 @@ class Pool:
         """Recompute eligibility after an endpoint's state changed (e.g. health)."""
         self._refresh()
 
-    def eligible(self) -> list[UpstreamEndpoint]:
-        """Endpoints that may take a new connection. Do not mutate the returned list."""
-        return self._eligible
+    def eligible(self, external: bool = False) -> list[UpstreamEndpoint]:
+        """Endpoints that may take a new connection from a clusterIP listener (``external``:
+        from any other listener kind), after the traffic policy. Do not mutate the list."""
+        return self._external if external else self._eligible
+
+    def usable(self) -> list[UpstreamEndpoint]:
+        """Eligible by their own state (panic mode included), before the traffic policy and
+        endpoint conditions (``lbd.topology``). Do not mutate the returned list."""
+        return self._usable
+
+    def set_policy(self, policy: TrafficPolicy) -> None:
+        if policy != self.policy:
+            self.policy = policy
+            self._refresh()
 
     def acquire(self, endpoint: UpstreamEndpoint) -> None:
         endpoint.active += 1
@@ -198,7 +231,7 @@ class Pool:
         if endpoint.draining and not endpoint.active and endpoint in self.draining:
             self.draining.remove(endpoint)
 
-    def update(self, wanted: Iterable[tuple[str, int, int]]) -> tuple[int, int]:
+    def update(self, wanted: Iterable[Wanted]) -> tuple[int, int]:
         """Make the members (address, port, weight); keep the objects of endpoints that stay so
         their counts and balancer positions survive. Returns (added, removed).
 
@@ -210,7 +243,10 @@ class Pool:
         current.update((m.key, m) for m in self.draining if m.key not in current)
         members: list[UpstreamEndpoint] = []
         added = 0
-        for address, port, weight in wanted:
+        states_changed = False
+        for target in wanted:
+            address, port, weight = target[0], target[1], target[2]
+            state = target[3] if len(target) > 3 else READY_STATE  # type: ignore[misc]
             member = current.pop((address, port), None)
             if member is None or member.draining:
                 added += 1
@@ -224,12 +260,14 @@ class Pool:
                 member.config_weight = weight
                 member.clear_overrides()
             member.draining = False
+            states_changed = states_changed or member.state != state
+            member.state = state
             members.append(member)
         for gone in current.values():
             if not gone.draining:
                 gone.draining = True
                 gone.clear_overrides()
-        changed = members != self.members
+        changed = members != self.members or states_changed
         self.members = members
         self.draining = [m for m in current.values() if m.active]
         self._refresh(changed)
@@ -296,10 +334,23 @@ class Pool:
                 log.warning("panic mode: no healthy endpoint, using all", route=self.name)
             else:
                 log.info("panic mode over", route=self.name, healthy=len(usable))
-        eligible = sick if panic else usable
+        # Eligible by their own state (health, panic included); then the listener kinds' views.
+        usable = sick if panic else usable
+        self._usable = usable
+        eligible = topology.select(usable, self.policy, external=False)
+        external = _external_view(usable, eligible, self.policy)
         # Endpoints compare by identity: a list equal to the old one is the same endpoints.
-        changed = members_changed or eligible != self._eligible
+        changed = members_changed or eligible != self._eligible or external != self._external
         self._eligible = eligible
+        self._external = external
         if changed:
             for watcher in list(self._watchers):
                 watcher(self)
+
+
+def _external_view(
+    usable: Sequence[UpstreamEndpoint], internal: list[UpstreamEndpoint], policy: TrafficPolicy
+) -> list[UpstreamEndpoint]:
+    if policy.external_local == policy.internal_local:
+        return internal  # the same rule: one list, computed once
+    return topology.select(usable, policy, external=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ipaddress
 import random
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from lbd.affinity import AffinityTable
 from lbd.balancing import Balancer, make_balancer
 from lbd.config.model import (
     HealthCheck,
@@ -22,7 +24,9 @@ from lbd.config.routes import RouteSpec
 from lbd.health.outlier import OutlierDetector
 from lbd.net.admission import Admission
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
-from lbd.pool import Pool
+from lbd.pool import Pool, UpstreamEndpoint
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
 # as kube-proxy's userspace proxier did (250 ms, 500 ms, 1 s ...), scaled to connectTimeout:
@@ -48,6 +52,8 @@ class RouteStats:
     downstream_cx_total: int = 0
     downstream_cx_active: int = 0
     downstream_cx_refused_no_endpoint: int = 0
+    downstream_cx_refused_source_range: int = 0  # loadBalancerSourceRanges (reset per client)
+    tcp_listener_bind_fail: int = 0  # re-listening when endpoints came back failed
     upstream_cx_total: int = 0
     upstream_cx_connect_fail: int = 0
     upstream_cx_connect_timeout: int = 0
@@ -61,6 +67,7 @@ class RouteStats:
     udp_sess_active: int = 0
     udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
     udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
+    udp_sess_source_range: int = 0  # a client outside loadBalancerSourceRanges: dropped
     udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
     udp_sess_idle_timeout: int = 0
     udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
@@ -115,6 +122,9 @@ class Route:
     fd_exhausted_logged_at: float = float("-inf")
     # acceptProxyProtocolFrom, parsed once: the data path checks each client against it.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    affinity: AffinityTable | None = None  # sessionAffinity: ClientIP
+    source_ranges: tuple[Network, ...] = ()  # for loadBalancerIP listeners; () allows all
+    external_name: str | None = None  # the pool is filled by a resolver, not the config
 
     def __post_init__(self) -> None:
         self._apply_protection()
@@ -145,11 +155,58 @@ class Route:
     def label(self) -> str:
         return f"{self.namespace}/{self.service}:{self.port_name}"
 
+    def pick(
+        self,
+        eligible: Sequence[UpstreamEndpoint],
+        client: str,
+        now: float,
+        tried: Collection[UpstreamEndpoint] = (),
+    ) -> UpstreamEndpoint | None:
+        """The endpoint for a new connection or session: the client's affinity entry while it
+        is eligible and untried, else the balancer's choice (then recorded)."""
+        affinity = self.affinity
+        if affinity is None:
+            return self.balancer.pick(eligible, client, tried)
+        endpoint = affinity.lookup(client, now)
+        if endpoint is None or endpoint in tried or endpoint not in eligible:
+            endpoint = self.balancer.pick(eligible, client, tried)
+            if endpoint is None:
+                return None
+        affinity.record(client, endpoint, now)
+        return endpoint
+
+    def allows(self, client: str) -> bool:
+        """Whether ``client`` is inside loadBalancerSourceRanges (checked on LB-IP listeners)."""
+        ranges = self.source_ranges
+        if not ranges:
+            return True
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False
+        return any(address in network for network in ranges)
+
+    def _pool_changed(self, pool: Pool) -> None:
+        if self.affinity is not None:
+            self.affinity.forget({*pool.eligible(), *pool.eligible(external=True)})
+
+    def _apply_semantics(self, spec: RouteSpec) -> None:
+        """The Kubernetes Service settings that a reload may switch on, off, or change."""
+        if spec.affinity_timeout is None:
+            self.affinity = None
+        elif self.affinity is None:
+            self.affinity = AffinityTable(spec.affinity_timeout)
+        else:
+            self.affinity.timeout = spec.affinity_timeout
+        self.source_ranges = tuple(ipaddress.ip_network(r) for r in spec.source_ranges)
+        self.external_name = spec.external_name
+        self.pool.set_policy(spec.policy)
+
     @classmethod
     def from_spec(cls, spec: RouteSpec, rng: random.Random | None = None) -> Route:
-        pool = Pool(name=spec.label, slow_start=spec.slow_start)
+        pool = Pool(name=spec.label, slow_start=spec.slow_start, policy=spec.policy)
         pool.update(spec.targets)
-        return cls(
+        route = cls(
             namespace=spec.namespace,
             service=spec.service,
             port_name=spec.port_name,
@@ -170,6 +227,9 @@ class Route:
             max_duration=spec.max_duration,
             proxy_protocol=spec.proxy_protocol,
         )
+        route._apply_semantics(spec)
+        pool.watch(route._pool_changed)
+        return route
 
     def update(self, spec: RouteSpec, rng: random.Random | None = None) -> None:
         """Apply a changed spec in place: counters, pool members and (unless the strategy
@@ -191,4 +251,10 @@ class Route:
         self.proxy_protocol = spec.proxy_protocol
         self.pool.slow_start = spec.slow_start
         self._apply_protection()
-        self.pool.update(spec.targets)
+        named_before = self.external_name
+        self._apply_semantics(spec)
+        if spec.external_name is None:
+            self.pool.update(spec.targets)
+        elif spec.external_name != named_before:
+            self.pool.update(())  # the new name's resolver fills it (lbd.dns)
+        # else: the service's resolver owns the pool and re-applies its last answer

@@ -28,7 +28,7 @@ from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
-from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
+from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
 from lbd.observability.metrics import Snapshot, runtime_snapshot
@@ -37,11 +37,6 @@ from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
 
-# asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
-# schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
-# thousands of tracebacks and timers a second. So create_server gets a small batch, and the
-# kernel backlog is set back with listen() afterwards (uvloop accepts in libuv, unaffected).
-ACCEPT_BATCH = 16
 
 
 class ListenerError(Exception):
@@ -53,11 +48,24 @@ class Listener:
     spec: ListenerSpec
     route: Route
     bound: tuple[str, int]  # the real address, port 0 resolved
-    sock: socket.socket | None = None  # TCP
-    server: asyncio.Server | None = None  # TCP
+    tcp: TcpListener | None = None  # owns its socket (closed while no usable endpoint)
     udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
     removed: bool = False  # closed by a reload: its connections drain
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+
+    @property
+    def sock(self) -> socket.socket | None:
+        return self.tcp.sock if self.tcp is not None else None
+
+    @property
+    def external(self) -> bool:
+        """Not a clusterIP listener: externalTrafficPolicy applies."""
+        return self.spec.external
+
+    @property
+    def filtered(self) -> bool:
+        """loadBalancerSourceRanges apply (LoadBalancer IPs only, not NodePorts: Kubernetes)."""
+        return self.spec.kind == "loadBalancerIP"
 
     def describe(self) -> str:
         host, port = self.bound
@@ -73,25 +81,22 @@ class Listener:
         self.removed = True
         if self.udp is not None:
             self.udp.close()
-        elif self.server is not None:
-            self.server.close()
-        elif self.sock is not None:
-            self.sock.close()
+        elif self.tcp is not None:
+            self.tcp.close()
 
     def repoint(self, spec: ListenerSpec, route: Route) -> None:
         self.spec = spec
         self.route = route
         if self.udp is not None:
-            self.udp.repoint(route)
+            self.udp.repoint(route, self.external, self.filtered)
+        elif self.tcp is not None:
+            self.tcp.repoint(route, self.external)
 
     async def start(self) -> None:
         if self.udp is not None:
             self.udp.start()
-        elif self.server is not None:
-            await self.server.start_serving()
-            if self.sock is not None:
-                # start_serving listened with ACCEPT_BATCH; the kernel's queue stays long.
-                self.sock.listen(LISTEN_BACKLOG)
+        elif self.tcp is not None:
+            await self.tcp.start()
 
 
 def empty_like(config: Config) -> Config:
@@ -149,33 +154,35 @@ class Runtime:
     async def _prepare(
         self, specs: tuple[ListenerSpec, ...], routes: dict[RouteKey, Route]
     ) -> list[Listener]:
-        loop = asyncio.get_running_loop()
         prepared: list[Listener] = []
         try:
             for spec in specs:
                 route = routes[spec.route_key]
+                listener = Listener(spec, route, (spec.address, spec.port))
                 try:
                     if spec.protocol == "UDP":
-                        udp = UdpListener(spec.address, spec.port, route)
-                        udp.bind()
-                        prepared.append(Listener(spec, route, udp.bound, udp=udp))
-                        continue
-                    sock = bind_tcp_listener(spec.address, spec.port)
+                        listener.udp = UdpListener(
+                            spec.address, spec.port, route, listener.external, listener.filtered
+                        )
+                        listener.udp.bind()
+                        listener.bound = listener.udp.bound
+                    else:
+                        listener.tcp = TcpListener(
+                            spec.address,
+                            spec.port,
+                            route,
+                            listener.external,
+                            lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
+                        )
+                        await listener.tcp.prepare()
+                        listener.bound = listener.tcp.bound
                 except OSError as error:
                     self.process.listener_bind_failures += 1
                     raise ListenerError(
                         f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
                         f"{error.strerror or error}"
                     ) from None
-                host, port = sock.getsockname()[:2]
-                listener = Listener(spec, route, (host, port), sock=sock)
                 prepared.append(listener)
-                listener.server = await loop.create_server(
-                    lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
-                    sock=sock,
-                    backlog=ACCEPT_BATCH,
-                    start_serving=False,
-                )
         except BaseException:
             for listener in prepared:
                 listener.close()

@@ -252,7 +252,7 @@ def test_bad_enums_have_did_you_mean() -> None:
         "- {name: a, type: Nodeport, clusterIP: 127.0.0.9, strategy: roundrobin, ports: [{port: 1, protocol: SCTP}]}\n"
     )
     assert problems_of(text) == [
-        "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, got 'Nodeport' "
+        "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, ExternalName, got 'Nodeport' "
         "(did you mean 'NodePort'?)",
         "services[0].ports[0].protocol: must be one of TCP, UDP, got 'SCTP'",
         "services[0].strategy: must be one of random, round-robin, least-connection, got "

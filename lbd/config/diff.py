@@ -18,7 +18,7 @@ class RouteChange:
     key: RouteKey
     endpoints_added: tuple[str, ...]
     endpoints_removed: tuple[str, ...]
-    weights_changed: tuple[str, ...]
+    weights_changed: tuple[str, ...]  # or conditions (ready, serving, terminating, topology)
     settings_changed: tuple[str, ...]  # names of RouteSpec fields other than targets
 
 
@@ -86,7 +86,10 @@ class ConfigDiff:
             lines += [
                 f"- endpoint {e} of {where} (starts draining)" for e in change.endpoints_removed
             ]
-            lines += [f"~ endpoint {e} of {where}: weight changed" for e in change.weights_changed]
+            lines += [
+                f"~ endpoint {e} of {where}: weight or conditions changed"
+                for e in change.weights_changed
+            ]
             if change.settings_changed:
                 lines.append(f"~ {where}: {', '.join(change.settings_changed)} changed")
         return lines
@@ -134,8 +137,9 @@ def diff_configs(old: Config, new: Config) -> ConfigDiff:
 def _route_change(old: RouteSpec, new: RouteSpec) -> RouteChange | None:
     if old == new:
         return None
-    before = {(a, p): w for a, p, w in old.targets}
-    after = {(a, p): w for a, p, w in new.targets}
+    # Weight and conditions together: a change of either is "this endpoint changed".
+    before = {(a, p): (w, state) for a, p, w, state in old.targets}
+    after = {(a, p): (w, state) for a, p, w, state in new.targets}
     settings = tuple(
         f.name
         for f in fields(RouteSpec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from lbd.config import fields as f
@@ -21,14 +22,24 @@ from lbd.config.model import (
     Service,
     ServicePort,
     ServiceType,
+    Skipped,
 )
 from lbd.config.nodeports import allocate_node_ports
+from lbd.config.semantics import (
+    CONDITION_KEYS,
+    DNS_KEYS,
+    SEMANTIC_KEYS,
+    conditions,
+    dns_section,
+    service_semantics,
+    skip_reason,
+)
 from lbd.config.tunables import TUNABLE_KEYS, read_tunables
-from lbd.config.yamlfile import parse_yaml, read_config_file
+from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns")
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
-NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
+NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
 SERVICE_KEYS = (
     "name",
     "namespace",
@@ -39,9 +50,10 @@ SERVICE_KEYS = (
     "ports",
     "endpoints",
     *TUNABLE_KEYS,
+    *SEMANTIC_KEYS,
 )
 PORT_KEYS = ("name", "protocol", "port", "targetPort", "nodePort")
-ENDPOINT_KEYS = ("address", "ports", "weight")
+ENDPOINT_KEYS = ("address", "ports", "weight", *CONDITION_KEYS)
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 
 _port_number = f.int_between(1, 65535)
@@ -50,21 +62,46 @@ _service_port_number = f.int_between(0, 65535)
 _weight = f.int_between(0, 1_000_000)
 
 
-def load_file(path: str | Path) -> Config:
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """What the command line adds to a file: who this node is, and which proxy it is."""
+
+    node_name: str | None = None  # --node-name or NODE_NAME; replaces node.name
+    proxy_name: str | None = None  # --proxy-name; replaces node.proxyName
+
+
+def load_file(path: str | Path, options: LoadOptions | None = None) -> Config:
     source = str(path)
-    return load_text(read_config_file(path), source)
+    return load_text(read_config_file(path), source, options)
 
 
-def load_text(text: str | bytes, source: str = "<config>") -> Config:
-    document = parse_yaml(text, source)
+def load_text(
+    text: str | bytes, source: str = "<config>", options: LoadOptions | None = None
+) -> Config:
+    """An ``lbd/v1`` config, or Kubernetes manifests (Services, EndpointSlices, Nodes)."""
+    from lbd.config.kube import is_manifest, manifests_to_document
+
+    documents = parse_yaml_documents(text, source)
+    options = options or LoadOptions()
+    if is_manifest(documents):
+        document = manifests_to_document(documents, options.node_name, source)
+    elif len(documents) > 1:
+        raise ConfigError(
+            [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
+        )
+    else:
+        document = documents[0]
     problems = f.Problems()
-    config = build_config(document, problems)
+    config = build_config(document, problems, options)
     if problems.items or config is None:
         raise ConfigError(problems.items, source)
     return config
 
 
-def build_config(document: object, problems: f.Problems) -> Config | None:
+def build_config(
+    document: object, problems: f.Problems, options: LoadOptions | None = None
+) -> Config | None:
+    options = options or LoadOptions()
     if not isinstance(document, dict):
         problems.add("", f"the document must be a mapping, got {f.type_name(document)}")
         return None
@@ -72,13 +109,21 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
     version = top.get("apiVersion", f.string)
     if not f.is_missing(version) and version != API_VERSION:
         problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
-    node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS))
+    node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS), options)
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
     admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
+    dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
+    skipped: list[Skipped] = []
     for path, raw in top.items("services"):
+        reason = skip_reason(raw, node.proxy_name)
+        if reason is not None:
+            name = raw.get("name") if isinstance(raw, dict) else None
+            namespace = raw.get("namespace", "default") if isinstance(raw, dict) else "default"
+            skipped.append(Skipped(f"{namespace}/{name}", reason))
+            continue
         service = _service(f.Section(raw, path, problems, SERVICE_KEYS), defaults)
         if service is None:
             continue
@@ -95,17 +140,27 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
     services = allocate_node_ports(services, paths, node.node_port_range, problems)
     if problems.items:
         return None
-    config = Config(node=node, defaults=defaults, services=tuple(services), admin=admin)
+    config = Config(
+        node=node,
+        defaults=defaults,
+        services=tuple(services),
+        admin=admin,
+        dns=dns,
+        skipped=tuple(skipped),
+    )
     check_listeners(config, paths, problems)
     return config
 
 
-def _node(section: f.Section) -> Node:
+def _node(section: f.Section, options: LoadOptions) -> Node:
     addresses = tuple(
         _item(section, path, raw, f.ip_address) for path, raw in section.items("addresses")
     )
+    name = section.get("name", f.string, socket.gethostname())
+    proxy_name = section.get("proxyName", f.string, "")
     return Node(
-        name=section.get("name", f.string, socket.gethostname()),
+        name=options.node_name or name,
+        proxy_name=options.proxy_name if options.proxy_name is not None else proxy_name,
         zone=section.get("zone", f.string, None),
         addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
         node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
@@ -160,12 +215,17 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     if lb_ips and kind != "LoadBalancer":
         section.problems.add(f.join(section.path, "loadBalancerIPs"), "only for type LoadBalancer")
     endpoints = _endpoints(section)
+    if kind == "ExternalName" and endpoints:
+        section.problems.add(
+            f.join(section.path, "endpoints"), "an ExternalName service's endpoints come from DNS"
+        )
     ports = _ports(section, kind, endpoints)
     name = section.get("name", f.dns_label)
     namespace = section.get("namespace", f.dns_label, "default")
     cluster_ip = section.get("clusterIP", f.unicast_address)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
+    semantics = service_semantics(section, kind, len(external_ips))
     service = Service(
         name=name,
         namespace=namespace,
@@ -184,6 +244,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         slow_start=tunables.slow_start,
         limits=tunables.limits,
         proxy_protocol=tunables.proxy_protocol,
+        **semantics,
     )
     return service if len(section.problems.items) == problems_before else None
 
@@ -240,6 +301,10 @@ def _port(
             f.join(section.path, "nodePort"),
             "only NodePort and LoadBalancer services have a nodePort",
         )
+    if isinstance(target, str) and kind == "ExternalName":
+        section.problems.add(
+            f.join(section.path, "targetPort"), "an ExternalName service needs a numeric targetPort"
+        )
     if isinstance(target, str):
         for endpoint in endpoints:
             if endpoint.port_named(target) is None:
@@ -293,9 +358,10 @@ def _endpoint(section: f.Section) -> Endpoint | None:
         except FieldError as error:
             section.problems.add(key_path, str(error))
     weight = section.get("weight", _weight, 1)
+    state = conditions(section)
     if len(section.problems.items) != problems_before:
         return None
-    return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight)
+    return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight, conditions=state)
 
 
 def _addresses(section: f.Section, key: str) -> tuple[str, ...]:
@@ -329,4 +395,4 @@ def _port_range(value: object) -> tuple[int, int]:
     return (low, high)
 
 
-__all__ = ["ConfigError", "Problem", "build_config", "load_file", "load_text"]
+__all__ = ["ConfigError", "LoadOptions", "Problem", "build_config", "load_file", "load_text"]

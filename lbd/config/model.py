@@ -14,18 +14,39 @@ from typing import Literal
 API_VERSION = "lbd/v1"
 
 Protocol = Literal["TCP", "UDP"]
-ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer"]
+ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]
+TrafficPolicy = Literal["Cluster", "Local"]
 StrategyName = Literal["random", "round-robin", "least-connection"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 
-SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer")
+SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+TRAFFIC_POLICIES: tuple[TrafficPolicy, ...] = ("Cluster", "Local")
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as Kubernetes' sessionAffinityConfig default
+# Labels kube-proxy reads (pkg/proxy/apis/well_known_labels.go): a service carrying either is
+# not proxied by this proxy.
+LABEL_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
+LABEL_HEADLESS = "service.kubernetes.io/headless"
 STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
+
+
+@dataclass(frozen=True, slots=True)
+class Conditions:
+    """An endpoint's conditions, as an EndpointSlice carries them (discovery.k8s.io/v1)."""
+
+    ready: bool = True
+    serving: bool = True  # defaults to ``ready`` in the loader
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+
+
+READY = Conditions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +56,7 @@ class Endpoint:
     address: str  # normalised IP literal
     ports: tuple[tuple[str, int], ...] = ()  # named ports, sorted by name
     weight: int = 1
+    conditions: Conditions = READY
 
     def port_named(self, name: str) -> int | None:
         for port_name, number in self.ports:
@@ -131,6 +153,16 @@ class Service:
     slow_start: float = 0.0
     limits: Limits = field(default_factory=Limits)
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    # Kubernetes Service semantics (docs/kubernetes.md); defaults are Kubernetes' own.
+    affinity_timeout: int | None = None  # sessionAffinity ClientIP: seconds; None: no affinity
+    internal_traffic_policy: TrafficPolicy = "Cluster"
+    external_traffic_policy: TrafficPolicy = "Cluster"
+    prefer_close: bool = False  # trafficDistribution: PreferClose
+    publish_not_ready: bool = False  # publishNotReadyAddresses
+    source_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges, normalised CIDRs
+    health_check_node_port: int | None = None  # LoadBalancer + externalTrafficPolicy Local
+    external_name: str | None = None  # type ExternalName: the host name to resolve
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -143,6 +175,7 @@ class Node:
     zone: str | None
     addresses: tuple[str, ...]
     node_port_range: tuple[int, int]
+    proxy_name: str = ""  # --proxy-name: serve services whose service-proxy-name label is this
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,11 +211,31 @@ class Admin:
 
 
 @dataclass(frozen=True, slots=True)
+class Dns:
+    """How ExternalName services are resolved: ``servers`` empty means the system resolver."""
+
+    servers: tuple[tuple[str, int], ...] = ()
+    min_ttl: float = 5.0  # re-resolve no more often than this, whatever the record says
+    max_ttl: float = 300.0  # and at least this often
+    timeout: float = 2.0  # per query
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A service in the file that lbd does not proxy, and why (kube-proxy skips it too)."""
+
+    service: str  # namespace/name
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: Node
     defaults: Defaults
     services: tuple[Service, ...]
     admin: Admin = field(default_factory=Admin)
+    dns: Dns = field(default_factory=Dns)
+    skipped: tuple[Skipped, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +269,11 @@ class ListenerSpec:
     def describe(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{self.protocol} {host}:{self.port}"
+
+    @property
+    def external(self) -> bool:
+        """Traffic from outside the cluster: subject to externalTrafficPolicy, not internal."""
+        return self.kind != "clusterIP"
 
 
 def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:

@@ -20,17 +20,12 @@ def allocate_node_ports(
     low, high = node_port_range
     taken: dict[tuple[str, int], str] = {}
     for service, path in zip(services, paths, strict=True):
-        for index, port in enumerate(service.ports):
-            if port.node_port is None:
-                continue
-            where = f"{path}.ports[{index}].nodePort"
-            if not low <= port.node_port <= high:
-                problems.add(where, f"{port.node_port} is outside nodePortRange {low}-{high}")
-            key = (port.protocol, port.node_port)
+        for protocol, number, where in _explicit(service, path):
+            if not low <= number <= high:
+                problems.add(where, f"{number} is outside nodePortRange {low}-{high}")
+            key = (protocol, number)
             if key in taken:
-                problems.add(
-                    where, f"{port.protocol} nodePort {port.node_port} already used by {taken[key]}"
-                )
+                problems.add(where, f"{protocol} nodePort {number} already used by {taken[key]}")
             taken[key] = where
     if problems.items:
         return services
@@ -39,6 +34,23 @@ def allocate_node_ports(
         allocated.append(_allocate_service(service, path, low, high, taken, problems))
     order = {service.key: i for i, service in enumerate(services)}
     return sorted(allocated, key=lambda service: order[service.key])
+
+
+def _explicit(service: Service, path: str) -> list[tuple[str, int, str]]:
+    """(protocol, port, path) the file gave: nodePorts, and the healthCheckNodePort (TCP, from
+    the same range, as the Kubernetes API server allocates it)."""
+    found = [
+        (port.protocol, port.node_port, f"{path}.ports[{index}].nodePort")
+        for index, port in enumerate(service.ports)
+        if port.node_port is not None
+    ]
+    if service.health_check_node_port is not None:
+        found.append(("TCP", service.health_check_node_port, f"{path}.healthCheckNodePort"))
+    return found
+
+
+def _first_choice(identity: str, size: int) -> int:
+    return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") % size
 
 
 def _allocate_service(
@@ -52,12 +64,22 @@ def _allocate_service(
     if service.type not in ("NodePort", "LoadBalancer"):
         return service
     ports = list(service.ports)
+    size = high - low + 1
+    if service.external_traffic_policy == "Local" and service.type == "LoadBalancer":
+        if service.health_check_node_port is None:
+            first = _first_choice(f"{service.key}/healthCheckNodePort", size)
+            for step in range(size):
+                candidate = low + (first + step) % size
+                if ("TCP", candidate) not in taken:
+                    taken[("TCP", candidate)] = f"{path}.healthCheckNodePort (allocated)"
+                    service = dataclasses.replace(service, health_check_node_port=candidate)
+                    break
+            else:
+                problems.add(f"{path}.healthCheckNodePort", f"no free port left in {low}-{high}")
     for index, port in enumerate(ports):
         if port.node_port is not None:
             continue
-        identity = f"{service.key}/{port.name or port.port}/{port.protocol}"
-        size = high - low + 1
-        first = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") % size
+        first = _first_choice(f"{service.key}/{port.name or port.port}/{port.protocol}", size)
         for step in range(size):
             candidate = low + (first + step) % size
             if (port.protocol, candidate) not in taken:

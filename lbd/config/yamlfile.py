@@ -35,7 +35,17 @@ class _StrictSafeLoader(_BaseLoader):  # type: ignore[valid-type,misc]
 
 
 def parse_yaml(text: str | bytes, source: str = "<config>") -> object:
-    """The document as plain Python data; a ConfigError for anything unreadable."""
+    """The one document as plain Python data; a ConfigError for anything unreadable."""
+    documents = parse_yaml_documents(text, source)
+    if len(documents) > 1:
+        raise ConfigError(
+            [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
+        )
+    return documents[0]
+
+
+def parse_yaml_documents(text: str | bytes, source: str = "<config>") -> list[object]:
+    """Every non-empty document (Kubernetes manifests are often several); at least one."""
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError(
             [Problem("", f"{source}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")], source
@@ -55,11 +65,7 @@ def parse_yaml(text: str | bytes, source: str = "<config>") -> object:
     documents = [document for document in documents if document is not None]
     if not documents:
         raise ConfigError([Problem("", f"{source}: the file is empty")], source)
-    if len(documents) > 1:
-        raise ConfigError(
-            [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
-        )
-    return documents[0]
+    return documents
 
 
 def read_config_file(path: str | Path) -> bytes:

@@ -38,6 +38,12 @@ class ListenerView(Protocol):
     removed: bool
     loop: asyncio.AbstractEventLoop  # passed in: asyncio.get_running_loop() costs a getpid()
 
+    @property
+    def external(self) -> bool: ...  # externalTrafficPolicy applies (not a clusterIP listener)
+
+    @property
+    def filtered(self) -> bool: ...  # loadBalancerSourceRanges apply
+
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -150,7 +156,16 @@ class Downstream(asyncio.Protocol):
         stats.downstream_cx_total += 1
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else ""
-        if not route.pool.eligible():
+        listener = self.listener
+        if listener.filtered and not route.allows(self.client):
+            # Refusing per client needs the connection accepted first: a reset is the best the
+            # kernel lets a listening socket do without packet filtering.
+            stats.downstream_cx_refused_source_range += 1
+            self.closed = True
+            send_reset(transport)
+            return
+        if not route.pool.eligible(listener.external):
+            # Only in the moment before the listener stops listening (lbd.net.tcp_listener).
             stats.downstream_cx_refused_no_endpoint += 1
             self.closed = True
             send_reset(transport)
@@ -293,9 +308,10 @@ class Downstream(asyncio.Protocol):
         loop = self._loop
         tried: list[UpstreamEndpoint] = []
         limit = route.limits.max_connections_per_endpoint
+        external = self.listener.external
         for attempt in range(MAX_CONNECT_TRIES):
-            eligible = route.pool.eligible()
-            endpoint = route.balancer.pick(eligible, self.client, tried)
+            eligible = route.pool.eligible(external)
+            endpoint = route.pick(eligible, self.client, loop.time(), tried)
             if limit is not None and endpoint is not None and endpoint.active >= limit:
                 endpoint = self._pick_under_limit(eligible, tried, limit)
             if endpoint is None:

@@ -63,6 +63,8 @@ class UdpListener:
         "_view",
         "address",
         "closed",
+        "external",
+        "filtered",
         "port",
         "route",
         "sessions",
@@ -70,8 +72,12 @@ class UdpListener:
         "wildcard",
     )
 
-    def __init__(self, address: str, port: int, route: Route) -> None:
+    def __init__(
+        self, address: str, port: int, route: Route, external: bool = False, filtered: bool = False
+    ) -> None:
         self.address = address
+        self.external = external  # not a clusterIP listener: externalTrafficPolicy applies
+        self.filtered = filtered  # loadBalancerSourceRanges apply
         self.port = port  # 0 until the first bind resolves it; re-binds reuse it
         self.route = route
         self.sock: socket.socket | None = None
@@ -106,10 +112,10 @@ class UdpListener:
             self.bind()
         self._add_reader()
         self._unwatch = self.route.pool.watch(self._pool_changed)
-        if not self.route.pool.eligible():
+        if not self.route.pool.eligible(self.external):
             self._shut()
 
-    def repoint(self, route: Route) -> None:
+    def repoint(self, route: Route, external: bool = False, filtered: bool = False) -> None:
         """A reload gave this socket to another service port: its sessions (to the old port's
         endpoints) end, and the listener follows the new pool."""
         if self._unwatch is not None:
@@ -117,6 +123,8 @@ class UdpListener:
         for session in list(self.sessions.values()):
             session.finish("endpoint_gone")
         self.route = route
+        self.external = external
+        self.filtered = filtered
         self._unwatch = route.pool.watch(self._pool_changed)
         self._pool_changed(route.pool)
 
@@ -156,7 +164,7 @@ class UdpListener:
     def _pool_changed(self, pool: Pool) -> None:
         if self.closed:
             return
-        eligible = pool.eligible()
+        eligible = pool.eligible(self.external)
         if self.sessions:
             live = set(eligible)
             stale = [s for s in self.sessions.values() if s.endpoint not in live]
@@ -176,7 +184,7 @@ class UdpListener:
 
     def _try_open(self) -> None:
         self._rebind = None
-        if self.closed or self.sock is not None or not self.route.pool.eligible():
+        if self.closed or self.sock is not None or not self.route.pool.eligible(self.external):
             return
         try:
             self._open()
@@ -283,7 +291,10 @@ class UdpListener:
                     max_udp_sessions=route.max_udp_sessions,
                 )
             return None
-        endpoint = route.balancer.pick(route.pool.eligible(), client[0])
+        if self.filtered and not route.allows(client[0]):
+            stats.udp_sess_source_range += 1  # dropped: no ICMP per client without raw sockets
+            return None
+        endpoint = route.pick(route.pool.eligible(self.external), client[0], self._loop.time())
         if endpoint is None:
             stats.udp_sess_no_endpoint += 1
             return None

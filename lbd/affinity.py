@@ -1,0 +1,67 @@
+"""Session affinity (``sessionAffinity: ClientIP``): a table owned by a route, consulted before
+the balancer, so balancers stay pure.
+
+As kube-proxy does it, per service port: a client IP that comes back within ``timeoutSeconds``
+of its last new connection (or UDP session) goes to the same endpoint; every use refreshes the
+entry. Unlike kube-proxy's iptables mode, the entry is dropped at once when its endpoint leaves
+the eligible set (``forget``), so a client is never pinned to an endpoint that is gone, and the
+table is one per route rather than one per node's iptables ``recent`` list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lbd.pool import UpstreamEndpoint
+
+# A table holds one entry per distinct client within the timeout. Past this size new clients
+# are balanced without an entry (counted), so a flood of source addresses cannot exhaust memory.
+MAX_ENTRIES = 1_000_000
+SWEEP_MIN = 1024
+
+
+class AffinityTable:
+    __slots__ = ("_entries", "_next_sweep", "overflow", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._entries: dict[str, tuple[UpstreamEndpoint, float]] = {}
+        self._next_sweep = SWEEP_MIN
+        self.overflow = 0  # clients not recorded because the table was full
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, client: str, now: float) -> UpstreamEndpoint | None:
+        entry = self._entries.get(client)
+        if entry is None:
+            return None
+        endpoint, last = entry
+        if now - last > self.timeout:
+            del self._entries[client]
+            return None
+        return endpoint
+
+    def record(self, client: str, endpoint: UpstreamEndpoint, now: float) -> None:
+        entries = self._entries
+        if client not in entries and len(entries) >= self._next_sweep:
+            self._sweep(now)
+            if len(entries) >= MAX_ENTRIES:
+                self.overflow += 1
+                return
+        entries[client] = (endpoint, now)
+
+    def forget(self, keep: Collection[UpstreamEndpoint]) -> None:
+        """Drop the entries whose endpoint is not in ``keep`` (it left the eligible set)."""
+        gone = [client for client, (endpoint, _) in self._entries.items() if endpoint not in keep]
+        for client in gone:
+            del self._entries[client]
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries; amortised: runs when the table has doubled since the last."""
+        expired = [c for c, (_, last) in self._entries.items() if now - last > self.timeout]
+        for client in expired:
+            del self._entries[client]
+        self._next_sweep = min(MAX_ENTRIES, max(SWEEP_MIN, 2 * len(self._entries)))

@@ -1,0 +1,168 @@
+"""A TCP listener that listens only while its service port has a usable endpoint.
+
+kube-proxy REJECTs a service port with no usable endpoint: the client's SYN is answered with a
+RST, so ``connect()`` fails with ECONNREFUSED; the client never sees an accepted connection that
+is then reset. A userspace proxy gets the same answer from the kernel by not listening: while
+the pool has no eligible endpoint for this listener's kind (none configured, none ready, none on
+this node under a Local policy, none resolved yet), the socket is closed; when one returns the
+same address and port (port 0 resolved at the first bind) is bound and served again.
+
+A reload keeps an unchanged listener (socket and accept queue) as before: closing happens only
+while there is nothing to accept for. If the port is taken by someone else while it was closed,
+re-binding is retried every second, logged and counted (``tcp_listener_bind_fail``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+
+import structlog
+
+from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
+from lbd.pool import Pool
+from lbd.route import Route
+
+log = structlog.get_logger("lbd.tcp")
+
+REBIND_RETRY_S = 1.0
+# asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
+# schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
+# thousands of tracebacks and timers a second. So create_server gets a small batch, and the
+# kernel backlog is set back with listen() once serving (uvloop accepts in libuv, unaffected).
+ACCEPT_BATCH = 16
+ProtocolFactory = Callable[[], asyncio.Protocol]
+
+
+class TcpListener:
+    __slots__ = (
+        "_factory",
+        "_loop",
+        "_reopen",
+        "_unwatch",
+        "address",
+        "closed",
+        "external",
+        "port",
+        "route",
+        "server",
+        "sock",
+    )
+
+    def __init__(
+        self, address: str, port: int, route: Route, external: bool, factory: ProtocolFactory
+    ) -> None:
+        self.address = address
+        self.port = port  # 0 until the first bind resolves it; re-binds reuse it
+        self.route = route
+        self.external = external  # not a clusterIP listener: externalTrafficPolicy applies
+        self._factory = factory
+        self.sock: socket.socket | None = None
+        self.server: asyncio.Server | None = None
+        self._reopen: asyncio.Task[None] | asyncio.TimerHandle | None = None
+        self._unwatch: Callable[[], None] | None = None
+        self.closed = False
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        return self.address, self.port
+
+    @property
+    def listening(self) -> bool:
+        return self.server is not None
+
+    async def prepare(self) -> None:
+        """Bind (raises OSError) and create the server, not yet accepting (reload phase 1)."""
+        self._loop = asyncio.get_running_loop()
+        await self._open(start_serving=False)
+
+    async def start(self) -> None:
+        """Accept, and follow the pool from now on; with no usable endpoint, stop at once."""
+        assert self.server is not None and self.sock is not None
+        await self.server.start_serving()
+        self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
+        self._unwatch = self.route.pool.watch(self._pool_changed)
+        self._pool_changed(self.route.pool)
+
+    def repoint(self, route: Route, external: bool) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+        self.route = route
+        self.external = external
+        self._unwatch = route.pool.watch(self._pool_changed)
+        self._pool_changed(route.pool)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+        self._shut()
+
+    # -- the socket follows the pool ---------------------------------------------------------
+
+    async def _open(self, start_serving: bool) -> None:
+        sock = bind_tcp_listener(self.address, self.port)
+        self.port = sock.getsockname()[1]
+        self.sock = sock
+        try:
+            self.server = await self._loop.create_server(
+                self._factory, sock=sock, backlog=ACCEPT_BATCH, start_serving=start_serving
+            )
+            if start_serving:
+                sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            self.sock = None
+            sock.close()
+            raise
+
+    def _shut(self) -> None:
+        reopen, self._reopen = self._reopen, None
+        if reopen is not None:
+            reopen.cancel()
+        if self.server is not None:
+            self.server.close()  # closes the socket; open connections carry on
+            self.server = None
+        elif self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+    def _pool_changed(self, pool: Pool) -> None:
+        if self.closed:
+            return
+        if not pool.eligible(self.external):
+            if self.server is not None:
+                log.info(
+                    "tcp listener closed: no usable endpoint, connects are refused",
+                    listener=f"{self.address}:{self.port}",
+                    route=self.route.label,
+                )
+            self._shut()
+        elif self.server is None and self._reopen is None:
+            self._reopen = self._loop.create_task(self._try_open())
+
+    async def _try_open(self) -> None:
+        """Runs as ``self._reopen`` (so no second one starts meanwhile); clears it when done."""
+        if self.closed or self.server is not None or not self.route.pool.eligible(self.external):
+            self._reopen = None
+            return
+        try:
+            await self._open(start_serving=True)
+        except OSError as error:
+            self.route.stats.tcp_listener_bind_fail += 1
+            log.warning(
+                "tcp listener re-bind failed",
+                listener=f"{self.address}:{self.port}",
+                route=self.route.label,
+                error=error.strerror or str(error),
+            )
+            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._retry)
+            return
+        self._reopen = None
+        log.info("tcp listener open", listener=f"{self.address}:{self.port}", route=self.route.label)
+
+    def _retry(self) -> None:
+        self._reopen = self._loop.create_task(self._try_open())
