@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, get_args
 
 from lbd import __version__
 from lbd.config import Config, ConfigError, listeners_of, load_text
+from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
 from lbd.loops import LOOP_FACTORIES, LoopName
 from lbd.observability.logging import LOG_LEVELS, LogFormat, configure_logging
@@ -38,8 +39,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-format", choices=get_args(LogFormat), default="auto")
         sub.add_argument("--log-level", choices=LOG_LEVELS, default="info")
 
+    def with_node_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--node-name",
+            default=os.environ.get("NODE_NAME"),
+            help="this node's name (nodeName of local endpoints); default: $NODE_NAME, then "
+            "node.name, then the host name",
+        )
+        sub.add_argument(
+            "--proxy-name",
+            default=None,
+            help="serve services labelled service.kubernetes.io/service-proxy-name=NAME "
+            "(default: node.proxyName; unlabelled services are always served)",
+        )
+
     run = commands.add_parser("run", help="serve the services of a config file")
-    run.add_argument("config", help="path to the lbd/v1 YAML config")
+    run.add_argument("config", help="path to the lbd/v1 YAML config or Kubernetes manifests")
+    with_node_options(run)
     run.add_argument("--pid-file", help="write the process id here (for `lbd reload`)")
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
@@ -47,7 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_runtime_options(run)
 
     check = commands.add_parser("check", help="validate a config file without binding anything")
-    check.add_argument("config", help="path to the lbd/v1 YAML config")
+    check.add_argument("config", help="path to the lbd/v1 YAML config or Kubernetes manifests")
+    with_node_options(check)
+
+    convert = commands.add_parser(
+        "convert", help="print the lbd/v1 config equivalent to Kubernetes manifests"
+    )
+    convert.add_argument("config", help="Services and EndpointSlices (kubectl get -o yaml)")
+    with_node_options(convert)
     check.add_argument(
         "--diff", metavar="NEW", help="also print what reloading from CONFIG to NEW would do"
     )
@@ -94,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    options = LoadOptions(getattr(args, "node_name", None), getattr(args, "proxy_name", None))
+    if args.command == "convert":
+        return convert(args.config, options)
     if args.command == "check":
-        return check(args.config) if args.diff is None else check_diff(args.config, args.diff)
+        if args.diff is not None:
+            return check_diff(args.config, args.diff, options)
+        return check(args.config, options)
     if args.command == "reload":
         return send_reload(args.pid_file)
     if args.command in ("status", "explain"):
@@ -107,19 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_command(args, target)
     configure_logging(args.log_format, args.log_level)
     if args.command == "run":
-        return run(args.config, args.loop, args.pid_file, watch=not args.no_watch)
+        return run(args.config, args.loop, args.pid_file, watch=not args.no_watch, options=options)
     return demo(args.loop, args.connections, args.once)
 
 
-def _load(path: str) -> Config | None:
-    loaded = _load_with_bytes(path)
+def _load(path: str, options: LoadOptions | None = None) -> Config | None:
+    loaded = _load_with_bytes(path, options)
     return loaded[0] if loaded else None
 
 
-def _load_with_bytes(path: str) -> tuple[Config, bytes] | None:
+def _load_with_bytes(path: str, options: LoadOptions | None = None) -> tuple[Config, bytes] | None:
     try:
         data = read_config_file(path)
-        return load_text(data, path), data
+        return load_text(data, path, options), data
     except ConfigError as error:
         print(f"{path}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
         for problem in error.problems:
@@ -138,8 +166,24 @@ def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
     return AdminTarget(address=args.admin or "127.0.0.1:9180")
 
 
-def check(path: str) -> int:
-    config = _load(path)
+def convert(path: str, options: LoadOptions) -> int:
+    """Validate as ``check`` does, then print the effective lbd/v1 config (YAML)."""
+    import yaml
+
+    from lbd.config.render import render_config
+
+    config = _load(path, options)
+    if config is None:
+        return EXIT_CONFIG
+    document = render_config(config)
+    for skipped in config.skipped:
+        print(f"# skipped {skipped.service}: {skipped.reason}")
+    print(yaml.safe_dump(document, sort_keys=False, default_flow_style=None), end="")
+    return EXIT_OK
+
+
+def check(path: str, options: LoadOptions | None = None) -> int:
+    config = _load(path, options)
     if config is None:
         return EXIT_CONFIG
     ports = sum(len(s.ports) for s in config.services)
@@ -154,7 +198,8 @@ def check(path: str) -> int:
             (endpoints, "endpoint"),
         )
     )
-    print(f"{path}: ok: {counts} (node {config.node.name})")
+    skipped = f"; {_plural(len(config.skipped), 'service')} skipped" if config.skipped else ""
+    print(f"{path}: ok: {counts} (node {config.node.name}){skipped}")
     return EXIT_OK
 
 
@@ -162,10 +207,10 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
-def check_diff(running: str, new: str) -> int:
+def check_diff(running: str, new: str, options: LoadOptions | None = None) -> int:
     from lbd.config.diff import diff_configs
 
-    old_config, new_config = _load(running), _load(new)
+    old_config, new_config = _load(running, options), _load(new, options)
     if old_config is None or new_config is None:
         return EXIT_CONFIG
     diff = diff_configs(old_config, new_config)
@@ -195,12 +240,18 @@ def send_reload(pid_file: str) -> int:
     return EXIT_OK
 
 
-def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
+def run(
+    path: str,
+    loop: LoopName,
+    pid_file: str | None,
+    watch: bool,
+    options: LoadOptions | None = None,
+) -> int:
     from lbd.admin.server import AdminError
     from lbd.runtime import ListenerError
     from lbd.worker import serve
 
-    loaded = _load_with_bytes(path)
+    loaded = _load_with_bytes(path, options)
     if loaded is None:
         return EXIT_CONFIG
     config, data = loaded
@@ -208,7 +259,7 @@ def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
         Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
-            return runner.run(serve(config, source=(path, data), watch=watch))
+            return runner.run(serve(config, source=(path, data), watch=watch, options=options))
     except (ListenerError, AdminError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START

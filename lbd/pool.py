@@ -246,7 +246,7 @@ class Pool:
         states_changed = False
         for target in wanted:
             address, port, weight = target[0], target[1], target[2]
-            state = target[3] if len(target) > 3 else READY_STATE  # type: ignore[misc]
+            state = target[3] if len(target) > 3 else READY_STATE
             member = current.pop((address, port), None)
             if member is None or member.draining:
                 added += 1

@@ -16,6 +16,7 @@ import structlog
 
 from lbd.config import ConfigError, load_text
 from lbd.config.diff import ConfigDiff
+from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
 from lbd.runtime import ListenerError, Runtime
 
@@ -37,9 +38,12 @@ def content_hash(data: bytes) -> str:
 
 
 class Reloader:
-    def __init__(self, runtime: Runtime, path: str, applied: bytes) -> None:
+    def __init__(
+        self, runtime: Runtime, path: str, applied: bytes, options: LoadOptions | None = None
+    ) -> None:
         self.runtime = runtime
         self.path = path
+        self.options = options  # --node-name, --proxy-name: the same for every reload
         self._applied_hash = content_hash(applied)
         self._wanted = asyncio.Event()
         self._reasons: list[str] = []
@@ -72,7 +76,7 @@ class Reloader:
                 process.reloads_unchanged += 1
                 log.debug("config unchanged", reason=reason)
                 return ReloadResult("unchanged", time.perf_counter() - started)
-            config = load_text(data, self.path)
+            config = load_text(data, self.path, self.options)
             if config.admin != self.runtime.config.admin:
                 log.warning("the admin section changed; it takes effect on restart")
             diff = await self.runtime.apply(config)

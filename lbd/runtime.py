@@ -28,11 +28,13 @@ from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
+from lbd.net.healthcheck import HealthCheckServer
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
 from lbd.observability.metrics import Snapshot, runtime_snapshot
 from lbd.observability.stats import ProcessStats
+from lbd.per_service import ServiceExtras
 from lbd.route import Route
 
 log = structlog.get_logger("lbd.runtime")
@@ -116,6 +118,7 @@ class Runtime:
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
+        self.extras = ServiceExtras(self.routes, self.process)
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -125,8 +128,12 @@ class Runtime:
     async def apply(self, new: Config) -> ConfigDiff:
         diff = diff_configs(self.config, new)
         if diff.empty:
-            self.config = new  # e.g. the admin section, which takes effect on restart
+            # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
+            node_checks = self._prepare_extras(new, [])
+            self.config = new
             self.config_hash = config_hash(new)
+            self.extras.commit(new, node_checks)
+            await self.extras.start(node_checks)
             return diff
         specs = route_specs(new)
         # Routes for new service ports exist before commit so new listeners can point at them;
@@ -137,9 +144,14 @@ class Runtime:
             if key not in self.routes
         }
         prepared = await self._prepare(diff.listeners_added, {**self.routes, **added})
+        node_checks = self._prepare_extras(new, prepared)  # healthCheckNodePort servers
         self._commit(new, diff, prepared, added)
+        self.extras.commit(new, node_checks)
         for listener in prepared:
             await listener.start()
+        await self.extras.start(node_checks)
+        for skipped in new.skipped:
+            log.info("service skipped", service=skipped.service, reason=skipped.reason)
         for listener in prepared:
             log.info(
                 "listening",
@@ -150,6 +162,17 @@ class Runtime:
                 endpoints=len(listener.route.pool.members),
             )
         return diff
+
+    def _prepare_extras(self, new: Config, prepared: list[Listener]) -> list[HealthCheckServer]:
+        try:
+            return self.extras.prepare(new)
+        except OSError as error:
+            for listener in prepared:
+                listener.close()
+            self.process.listener_bind_failures += 1
+            raise ListenerError(
+                f"cannot bind a healthCheckNodePort: {error.strerror or error}"
+            ) from None
 
     async def _prepare(
         self, specs: tuple[ListenerSpec, ...], routes: dict[RouteKey, Route]
@@ -259,6 +282,7 @@ class Runtime:
         self.health.close()
         for listener in self.listeners.values():
             listener.close()
+        self.extras.close()
 
     async def drain(self) -> None:
         """Shutdown phase 2: every connection may finish within its service's drainTimeout, and

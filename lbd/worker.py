@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from lbd.admin.server import AdminServer, ReloadHook
+from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.watcher import watch_config
 from lbd.reload import Reloader
@@ -49,6 +50,7 @@ async def serve(
     watch: bool = False,
     ready: Callable[[Runtime], Awaitable[None]] | None = None,
     state: ShutdownState | None = None,
+    options: LoadOptions | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
@@ -64,7 +66,7 @@ async def serve(
     raise_file_limit()
     loop.set_exception_handler(AcceptErrorFilter())
     runtime = Runtime(config)
-    reloader = Reloader(runtime, *source) if source is not None else None
+    reloader = Reloader(runtime, *source, options) if source is not None else None
     admin: AdminServer | None = None
     if config.admin.enabled:
         admin = AdminServer(config.admin, runtime, admin_reload(reloader) if reloader else None)

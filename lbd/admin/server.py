@@ -245,7 +245,11 @@ async def _services(request: web.Request) -> web.Response:
 async def _explain(request: web.Request) -> web.Response:
     query = request.query
     result = views.explain_view(
-        request.app[RUNTIME], query.get("service", ""), query.get("port"), query.get("client")
+        request.app[RUNTIME],
+        query.get("service", ""),
+        query.get("port"),
+        query.get("client"),
+        query.get("kind", "clusterIP"),
     )
     return web.json_response(result)
 

@@ -6,6 +6,7 @@ server turns them into JSON errors.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 from typing import Any
 
@@ -84,15 +85,31 @@ def _endpoint_view(endpoint: UpstreamEndpoint) -> Json:
     }
 
 
-def explain_view(runtime: Runtime, service: str, port: str | None, client: str | None) -> Json:
+LISTENER_KINDS = ("clusterIP", "externalIP", "nodePort", "loadBalancerIP")
+
+
+def explain_view(
+    runtime: Runtime, service: str, port: str | None, client: str | None, kind: str = "clusterIP"
+) -> Json:
+    """``kind``: the listener kind the connection arrives on (traffic policies and source
+    ranges depend on it)."""
     route = find_route(runtime, service, port)
     if client:
         _parse_ip(client, "client")
-    verdicts = explain(route, client or "")
+    if kind not in LISTENER_KINDS:
+        raise BadRequest(f"kind must be one of {', '.join(LISTENER_KINDS)}, got {kind!r}")
+    verdicts = explain(
+        route,
+        client or "",
+        external=kind != "clusterIP",
+        filtered=kind == "loadBalancerIP",
+        now=asyncio.get_running_loop().time(),
+    )
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
         "client": client or None,
+        "kind": kind,
         "strategy": route.strategy,
         "eligible": [str(v.endpoint) for v in verdicts if v.eligible],
         "endpoints": [

@@ -148,9 +148,7 @@ def _node(obj: dict[str, Any]) -> Document:
     return node
 
 
-def _service(
-    path: str, obj: dict[str, Any], problems: f.Problems
-) -> tuple[str, Document | None]:
+def _service(path: str, obj: dict[str, Any], problems: f.Problems) -> tuple[str, Document | None]:
     meta = _meta(obj)
     name, namespace = meta.get("name"), meta.get("namespace", "default")
     spec = f.Section(obj.get("spec"), f.join(path, "spec"), problems, (*SPEC_USED, *SPEC_IGNORED))
@@ -160,8 +158,9 @@ def _service(
     for key in SPEC_USED:
         if key in spec.values and key not in ("ports", "clusterIPs", "loadBalancerIP"):
             service[key] = spec.values[key]
-    if "clusterIP" not in service and spec.values.get("clusterIPs"):
-        service["clusterIP"] = spec.values["clusterIPs"][0]
+    cluster_ips = spec.values.get("clusterIPs")
+    if "clusterIP" not in service and isinstance(cluster_ips, list) and cluster_ips:
+        service["clusterIP"] = cluster_ips[0]
     lb_ips = [spec.values["loadBalancerIP"]] if spec.values.get("loadBalancerIP") else []
     ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
     lb_ips += [i["ip"] for i in ingress if isinstance(i, dict) and i.get("ip")]
@@ -171,7 +170,9 @@ def _service(
     ports, slice_ports = [], {}
     for index, (port_path, raw) in enumerate(spec.items("ports")):
         port = f.Section(raw, port_path, problems, SPEC_PORT_KEYS)
-        converted = {k: port.values[k] for k in ("name", "protocol", "port", "nodePort") if k in port.values}
+        converted = {
+            k: port.values[k] for k in ("name", "protocol", "port", "nodePort") if k in port.values
+        }
         if converted.get("protocol", "TCP") not in ("TCP", "UDP"):
             problems.add(f.join(port_path, "protocol"), "only TCP and UDP are supported")
         if external:
@@ -230,7 +231,9 @@ def _add_slice(
         address = str(addresses[0])
         existing = endpoints.get(address)
         if existing is not None:
-            existing["ports"].update({k: v for k, v in numbers.items() if k not in existing["ports"]})
+            existing["ports"].update(
+                {k: v for k, v in numbers.items() if k not in existing["ports"]}
+            )
             continue
         converted: Document = {"address": address, "ports": dict(numbers)}
         conditions = endpoint.values.get("conditions") or {}

@@ -83,6 +83,7 @@ def load_text(
 
     documents = parse_yaml_documents(text, source)
     options = options or LoadOptions()
+    document: object
     if is_manifest(documents):
         document = manifests_to_document(documents, options.node_name, source)
     elif len(documents) > 1:

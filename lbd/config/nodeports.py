@@ -39,7 +39,7 @@ def allocate_node_ports(
 def _explicit(service: Service, path: str) -> list[tuple[str, int, str]]:
     """(protocol, port, path) the file gave: nodePorts, and the healthCheckNodePort (TCP, from
     the same range, as the Kubernetes API server allocates it)."""
-    found = [
+    found: list[tuple[str, int, str]] = [
         (port.protocol, port.node_port, f"{path}.ports[{index}].nodePort")
         for index, port in enumerate(service.ports)
         if port.node_port is not None
@@ -51,6 +51,17 @@ def _explicit(service: Service, path: str) -> list[tuple[str, int, str]]:
 
 def _first_choice(identity: str, size: int) -> int:
     return int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "big") % size
+
+
+def _free(
+    identity: str, protocol: str, low: int, size: int, taken: dict[tuple[str, int], str]
+) -> int | None:
+    first = _first_choice(identity, size)
+    for step in range(size):
+        candidate = low + (first + step) % size
+        if (protocol, candidate) not in taken:
+            return candidate
+    return None
 
 
 def _allocate_service(
@@ -65,29 +76,27 @@ def _allocate_service(
         return service
     ports = list(service.ports)
     size = high - low + 1
-    if service.external_traffic_policy == "Local" and service.type == "LoadBalancer":
-        if service.health_check_node_port is None:
-            first = _first_choice(f"{service.key}/healthCheckNodePort", size)
-            for step in range(size):
-                candidate = low + (first + step) % size
-                if ("TCP", candidate) not in taken:
-                    taken[("TCP", candidate)] = f"{path}.healthCheckNodePort (allocated)"
-                    service = dataclasses.replace(service, health_check_node_port=candidate)
-                    break
-            else:
-                problems.add(f"{path}.healthCheckNodePort", f"no free port left in {low}-{high}")
+    if (
+        service.external_traffic_policy == "Local"
+        and service.type == "LoadBalancer"
+        and service.health_check_node_port is None
+    ):
+        found = _free(f"{service.key}/healthCheckNodePort", "TCP", low, size, taken)
+        if found is None:
+            problems.add(f"{path}.healthCheckNodePort", f"no free port left in {low}-{high}")
+        else:
+            taken[("TCP", found)] = f"{path}.healthCheckNodePort (allocated)"
+            service = dataclasses.replace(service, health_check_node_port=found)
     for index, port in enumerate(ports):
         if port.node_port is not None:
             continue
-        first = _first_choice(f"{service.key}/{port.name or port.port}/{port.protocol}", size)
-        for step in range(size):
-            candidate = low + (first + step) % size
-            if (port.protocol, candidate) not in taken:
-                taken[(port.protocol, candidate)] = f"{path}.ports[{index}] (allocated)"
-                ports[index] = dataclasses.replace(port, node_port=candidate)
-                break
-        else:
+        identity = f"{service.key}/{port.name or port.port}/{port.protocol}"
+        found = _free(identity, port.protocol, low, size, taken)
+        if found is None:
             problems.add(
                 f"{path}.ports[{index}].nodePort", f"no free nodePort left in {low}-{high}"
             )
+            continue
+        taken[(port.protocol, found)] = f"{path}.ports[{index}] (allocated)"
+        ports[index] = dataclasses.replace(port, node_port=found)
     return dataclasses.replace(service, ports=tuple(ports))

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any
 
-from lbd.config.model import API_VERSION, Admin, Config, Endpoint, Service, ServicePort
+from lbd.config.model import API_VERSION, READY, Admin, Config, Dns, Endpoint, Service, ServicePort
 
 Document = dict[str, Any]
 
@@ -26,9 +26,20 @@ def render_config(config: Config) -> Document:
             **({"zone": node.zone} if node.zone is not None else {}),
             "addresses": list(node.addresses),
             "nodePortRange": f"{node.node_port_range[0]}-{node.node_port_range[1]}",
+            **({"proxyName": node.proxy_name} if node.proxy_name else {}),
         },
         "admin": _admin(config.admin),
+        **({"dns": _dns(config.dns)} if config.dns != Dns() else {}),
         "services": [_service(service) for service in config.services],
+    }
+
+
+def _dns(dns: Dns) -> Document:
+    return {
+        "servers": [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in dns.servers],
+        "minTtl": dns.min_ttl,
+        "maxTtl": dns.max_ttl,
+        "timeout": dns.timeout,
     }
 
 
@@ -64,11 +75,41 @@ def _service(service: Service) -> Document:
             "connectTimeout": timeouts.connect,
             "idleTimeout": timeouts.idle,
             "drainTimeout": timeouts.drain,
+            "udpIdleTimeout": timeouts.udp_idle,
+            "maxUdpSessions": service.max_udp_sessions,
             "accessLog": service.access_log,
             "ports": [_port(port) for port in service.ports],
             "endpoints": [_endpoint(endpoint) for endpoint in service.endpoints],
         }
     )
+    document.update(_semantics(service))
+    return document
+
+
+def _semantics(service: Service) -> Document:
+    """The Kubernetes fields, only where they differ from Kubernetes' defaults."""
+    document: Document = {}
+    if service.labels:
+        document["labels"] = dict(service.labels)
+    if service.affinity_timeout is not None:
+        document["sessionAffinity"] = "ClientIP"
+        document["sessionAffinityConfig"] = {
+            "clientIP": {"timeoutSeconds": service.affinity_timeout}
+        }
+    if service.internal_traffic_policy != "Cluster":
+        document["internalTrafficPolicy"] = service.internal_traffic_policy
+    if service.external_traffic_policy != "Cluster":
+        document["externalTrafficPolicy"] = service.external_traffic_policy
+    if service.prefer_close:
+        document["trafficDistribution"] = "PreferClose"
+    if service.publish_not_ready:
+        document["publishNotReadyAddresses"] = True
+    if service.source_ranges:
+        document["loadBalancerSourceRanges"] = list(service.source_ranges)
+    if service.health_check_node_port is not None:
+        document["healthCheckNodePort"] = service.health_check_node_port
+    if service.external_name is not None:
+        document["externalName"] = service.external_name
     return document
 
 
@@ -81,4 +122,17 @@ def _port(port: ServicePort) -> Document:
 
 
 def _endpoint(endpoint: Endpoint) -> Document:
-    return {"address": endpoint.address, "ports": dict(endpoint.ports), "weight": endpoint.weight}
+    document: Document = {
+        "address": endpoint.address,
+        "ports": dict(endpoint.ports),
+        "weight": endpoint.weight,
+    }
+    state = endpoint.conditions
+    if state != READY:
+        document.update({"ready": state.ready, "serving": state.serving})
+        document["terminating"] = state.terminating
+        if state.node_name is not None:
+            document["nodeName"] = state.node_name
+        if state.zone is not None:
+            document["zone"] = state.zone
+    return document

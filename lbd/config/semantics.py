@@ -96,7 +96,10 @@ def _affinity_timeout(section: f.Section) -> int:
         ("clientIP",),
     )
     client_ip = f.Section(
-        config.raw("clientIP"), f.join(config.path, "clientIP"), section.problems, ("timeoutSeconds",)
+        config.raw("clientIP"),
+        f.join(config.path, "clientIP"),
+        section.problems,
+        ("timeoutSeconds",),
     )
     return client_ip.get("timeoutSeconds", _affinity_seconds, DEFAULT_AFFINITY_TIMEOUT)
 
@@ -108,7 +111,9 @@ def labels(section: f.Section) -> tuple[tuple[str, str], ...]:
         if not isinstance(key, str):
             continue  # reported by Section
         if not isinstance(value, str):
-            section.problems.add(f.join(raw.path, key), f"expected a string, got {f.type_name(value)}")
+            section.problems.add(
+                f.join(raw.path, key), f"expected a string, got {f.type_name(value)}"
+            )
             continue
         found.append((key, value))
     return tuple(sorted(found))
@@ -152,6 +157,8 @@ def dns_section(section: f.Section) -> Dns:
     )
     min_ttl = section.get("minTtl", parse_duration, base.min_ttl)
     max_ttl = section.get("maxTtl", parse_duration, base.max_ttl)
+    if min_ttl <= 0:
+        section.problems.add(f.join(section.path, "minTtl"), "must be greater than 0")
     if max_ttl < min_ttl:
         section.problems.add(f.join(section.path, "maxTtl"), "must not be less than minTtl")
     return Dns(

@@ -162,7 +162,9 @@ class TcpListener:
             self._reopen = self._loop.call_later(REBIND_RETRY_S, self._retry)
             return
         self._reopen = None
-        log.info("tcp listener open", listener=f"{self.address}:{self.port}", route=self.route.label)
+        log.info(
+            "tcp listener open", listener=f"{self.address}:{self.port}", route=self.route.label
+        )
 
     def _retry(self) -> None:
         self._reopen = self._loop.create_task(self._try_open())

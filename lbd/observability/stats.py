@@ -62,6 +62,9 @@ class ProcessStats:
     last_reload_failed_time: float = 0.0
     reloads_unchanged: int = 0  # the file was read again but its bytes had not changed
     listener_bind_failures: int = 0  # at start or in a reload's prepare phase
+    dns_resolutions_ok: int = 0  # ExternalName answers applied
+    dns_resolutions_failed: int = 0  # failed or empty: the last good answer stays
+    health_check_requests: int = 0  # healthCheckNodePort requests answered
 
     def __post_init__(self) -> None:
         self.last_reload_ok_time = self.last_reload_ok_time or self.started
