@@ -40,7 +40,6 @@ from lbd.route import Route
 log = structlog.get_logger("lbd.runtime")
 
 
-
 class ListenerError(Exception):
     """A listener could not be bound; names the listener and the service."""
 

@@ -21,7 +21,7 @@ from tests.support import (
     udp_client,
     udp_echo_backend,
     udp_echo_backends,
-    wait_until,
+    until,
 )
 
 NODE = "{name: node-a, zone: zone-1, addresses: ['%s'], nodePortRange: 30000-32767}"
@@ -364,7 +364,7 @@ async def test_should_be_rejected_and_then_served_when_an_endpoint_becomes_ready
             await runtime.apply(text(True))
             listener = runtime.listener_for("default/svc")
             assert listener.tcp is not None
-            await wait_until(lambda: listener.tcp is not None and listener.tcp.listening)
+            await until(lambda: listener.tcp is not None and listener.tcp.listening)
             assert at(runtime) == target  # the same address and port, port 0 resolved once
             assert await name_via(target) == "backend-0"
             await runtime.apply(text(False))

@@ -20,7 +20,7 @@ import yaml
 from lbd.config import ConfigError, load_text
 from lbd.config.loader import LoadOptions
 from lbd.config.render import render_config
-from tests.support import config, document, echo_backend, fresh_ip, running, wait_until
+from tests.support import config, document, echo_backend, fresh_ip, running, until
 from tests.test_kubernetes import at, name_via, refused
 
 EXAMPLE = Path(__file__).parent.parent / "configs" / "kubernetes.yaml"
@@ -80,11 +80,11 @@ async def test_external_name_resolves_balances_follows_ttl_and_keeps_the_last_an
         server.addresses = [h1]
         async with running(config(external_name(dns_at, cluster_ip, 0, p1))) as runtime:
             route = next(iter(runtime.routes.values()))
-            await wait_until(lambda: len(route.pool.members) == 1)
+            await until(lambda: len(route.pool.members) == 1)
             assert await name_via(at(runtime)) == "first"
             server.failing = True
             seen = server.queries
-            await wait_until(lambda: server.queries > seen + 1)  # re-resolved on the TTL
+            await until(lambda: server.queries > seen + 1)  # re-resolved on the TTL
             assert runtime.process.dns_resolutions_failed >= 1
             assert await name_via(at(runtime)) == "first"  # the last good answer is kept
 
@@ -103,11 +103,11 @@ async def test_external_name_switches_to_new_answers_and_to_cluster_ip_by_reload
                 text = external_name(dns_at, cluster_ip, service_port, port)
                 async with running(config(text)) as runtime:
                     route = next(iter(runtime.routes.values()))
-                    await wait_until(lambda: len(route.pool.members) == 1)
+                    await until(lambda: len(route.pool.members) == 1)
                     target = at(runtime)
                     assert await name_via(target) == "first"
                     server.addresses = [second]
-                    await wait_until(lambda: route.pool.members[0].address == second)
+                    await until(lambda: route.pool.members[0].address == second)
                     assert await name_via(target) == "second"
                     # ExternalName → ClusterIP by reload: the config's endpoints, no resolver.
                     cluster = document(
