@@ -69,9 +69,16 @@ class ExternalNameResolver:
     """Keeps one ExternalName service's pools filled with the addresses its name resolves to."""
 
     def __init__(
-        self, service: str, name: str, config: Dns, routes: RoutesOf, process: ProcessStats
+        self,
+        service: str,
+        name: str,
+        config: Dns,
+        routes: RoutesOf,
+        process: ProcessStats,
+        changed: Callable[[], None] = lambda: None,
     ) -> None:
         self.service = service
+        self.changed = changed  # e.g. start or stop health checkers for the new answer
         self.name = name
         self.config = config
         self.routes = routes
@@ -119,4 +126,5 @@ class ExternalNameResolver:
                 )
                 self.addresses = addresses
                 self.apply()
+                self.changed()
             await asyncio.sleep(min(max(ttl, self.config.min_ttl), self.config.max_ttl))

@@ -33,9 +33,15 @@ def wanted_health_checks(config: Config) -> dict[HealthKey, str]:
 
 
 class ServiceExtras:
-    def __init__(self, routes: dict[RouteKey, Route], process: ProcessStats) -> None:
+    def __init__(
+        self,
+        routes: dict[RouteKey, Route],
+        process: ProcessStats,
+        pools_changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.routes = routes  # the runtime's own dict, read at use
         self.process = process
+        self.pools_changed = pools_changed  # a resolver changed endpoints outside a reload
         self.resolvers: dict[str, ExternalNameResolver] = {}
         self.health: dict[HealthKey, HealthCheckServer] = {}
         self._services: dict[str, Service] = {}
@@ -82,7 +88,12 @@ class ServiceExtras:
             if kept is None:
                 assert service.external_name is not None
                 created = ExternalNameResolver(
-                    key, service.external_name, new.dns, self._ports_of(key), self.process
+                    key,
+                    service.external_name,
+                    new.dns,
+                    self._ports_of(key),
+                    self.process,
+                    self.pools_changed,
                 )
                 self.resolvers[key] = created
                 self._new_resolvers.append(created)

@@ -117,7 +117,7 @@ class Runtime:
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
-        self.extras = ServiceExtras(self.routes, self.process)
+        self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""

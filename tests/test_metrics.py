@@ -289,5 +289,5 @@ async def test_health_limits_and_refusals_are_exported() -> None:
     assert series[("lbd_health_transitions_total", frozenset({("to", "unhealthy")}))] == 1
     assert series[("lbd_health_checks_total", frozenset())] >= 1
     assert series[("lbd_health_checkers_active", frozenset())] == 1
-    for reason in ("overflow", "queue_timeout", "endpoint_limits", "fd_exhausted"):
+    for reason in ("overflow", "queue_timeout", "endpoint_limits", "fd_exhausted", "source_range"):
         assert series[("lbd_downstream_cx_refused_total", labels(reason=reason))] == 0

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 
 class Waiter(Protocol):
+    @property
+    def external(self) -> bool:
+        """Accepted on an external listener (traffic policies may give it other endpoints)."""
+        ...
+
     def admitted(self) -> None:
         """Leave the queue and go on: the connection now holds a slot."""
         ...
@@ -41,19 +46,19 @@ class Admission:
     def queued(self) -> int:
         return len(self._queue)
 
-    def has_room(self) -> bool:
+    def has_room(self, external: bool) -> bool:
         limits = self.limits
         if limits.max_connections is not None and self.active >= limits.max_connections:
             return False
         per_endpoint = limits.max_connections_per_endpoint
         if per_endpoint is not None:
-            return any(m.active < per_endpoint for m in self.pool.eligible())
+            return any(m.active < per_endpoint for m in self.pool.eligible(external))
         return True
 
     def request(self, waiter: Waiter) -> bool | None:
         """True: admitted now. None: queued (``waiter.admitted()`` or ``finish`` follows).
         False: refused, the queue is full (counted)."""
-        if not self._queue and self.has_room():
+        if not self._queue and self.has_room(waiter.external):
             self.active += 1
             return True
         if len(self._queue) >= self.limits.max_queue:
@@ -78,7 +83,7 @@ class Admission:
     def wake(self) -> None:
         """Admit queued connections while there is room (after a release or a reload)."""
         queue = self._queue
-        while queue and self.has_room():
+        while queue and self.has_room(next(iter(queue)).external):
             waiter = next(iter(queue))
             queue.pop(waiter).cancel()
             self.active += 1

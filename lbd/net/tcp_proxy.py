@@ -243,6 +243,11 @@ class Downstream(asyncio.Protocol):
             self.admission = "admitted"
         self._connect_task = loop.create_task(self._connect())
 
+    @property
+    def external(self) -> bool:
+        """Accepted on an external listener (NodePort, LoadBalancer IP, external IP)."""
+        return self.listener.external
+
     def admitted(self) -> None:
         """Called by the route's Admission when a queued connection gets its slot."""
         self.admission = "admitted"

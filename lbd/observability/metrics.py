@@ -75,7 +75,7 @@ METRICS = _specs(
         "over maxConnections with the queue full; queue_timeout: waited queueTimeout; "
         "endpoint_limits: every endpoint at maxConnectionsPerEndpoint; fd_exhausted: no "
         "descriptor for the upstream socket; proxy_header_invalid: a trusted source sent no "
-        "valid PROXY header).",
+        "valid PROXY header; source_range: outside loadBalancerSourceRanges).",
         (*ROUTE, "reason"),
     ),
     M(
@@ -95,6 +95,13 @@ METRICS = _specs(
         "counter",
         "Connections closed after maxConnectionDuration.",
         ROUTE,
+    ),
+    M(
+        "lbd_listener_rebind_failures_total",
+        "counter",
+        "Re-binding a listener closed for lack of usable endpoints failed (retried every "
+        "second), by protocol.",
+        (*ROUTE, "protocol"),
     ),
     M(
         "lbd_endpoints_panic_total",
@@ -193,8 +200,9 @@ METRICS = _specs(
     M(
         "lbd_udp_sess_dropped_total",
         "counter",
-        "New UDP clients whose datagram was dropped, by reason "
-        "(overflow: maxUdpSessions reached; no_endpoint; create_fail: no upstream socket).",
+        "New UDP clients whose datagram was dropped, by reason (overflow: maxUdpSessions "
+        "reached; no_endpoint; create_fail: no upstream socket; source_range: outside "
+        "loadBalancerSourceRanges).",
         (*ROUTE, "reason"),
     ),
     M(
@@ -223,7 +231,7 @@ METRICS = _specs(
         "lbd_udp_errors_total",
         "counter",
         "UDP errors, handled and counted, by where they happened (downstream_rx, downstream_tx, "
-        "upstream_rx, upstream_tx, upstream_icmp, listener_bind).",
+        "upstream_rx, upstream_tx, upstream_icmp).",
         (*ROUTE, "where"),
     ),
     # -- process -----------------------------------------------------------------------------
@@ -246,6 +254,24 @@ METRICS = _specs(
         "lbd_health_checkers_active",
         "gauge",
         "Endpoints being checked (one per address, port and check).",
+        (),
+    ),
+    M(
+        "lbd_dns_resolutions_total",
+        "counter",
+        "ExternalName resolutions, by result (success; failure: the last good answer stays).",
+        ("result",),
+    ),
+    M(
+        "lbd_health_check_node_port_requests_total",
+        "counter",
+        "Requests answered on healthCheckNodePort listeners.",
+        (),
+    ),
+    M(
+        "lbd_listener_bind_failures_total",
+        "counter",
+        "Listeners that could not be bound at start or in a reload (which then changed nothing).",
         (),
     ),
     M(
@@ -317,6 +343,10 @@ def runtime_snapshot(
         snap.add("lbd_health_transitions_total", ("healthy",), health.transitions_healthy_total)
         snap.add("lbd_health_transitions_total", ("unhealthy",), health.transitions_unhealthy_total)
         snap.add("lbd_health_checkers_active", (), health.checkers_active)
+    snap.add("lbd_dns_resolutions_total", ("success",), process.dns_resolutions_ok)
+    snap.add("lbd_dns_resolutions_total", ("failure",), process.dns_resolutions_failed)
+    snap.add("lbd_health_check_node_port_requests_total", (), process.health_check_requests)
+    snap.add("lbd_listener_bind_failures_total", (), process.listener_bind_failures)
     snap.add("lbd_config_reloads_total", ("success",), process.reloads_ok)
     snap.add("lbd_config_reloads_total", ("failure",), process.reloads_failed)
     snap.add("lbd_config_last_reload_success_timestamp_seconds", (), process.last_reload_ok_time)
@@ -338,12 +368,15 @@ def _route_values(snap: Snapshot, route: Route) -> None:
         ("endpoint_limits", stats.upstream_cx_overflow),
         ("fd_exhausted", stats.downstream_cx_fd_exhausted),
         ("proxy_header_invalid", stats.downstream_cx_proxy_header_invalid),
+        ("source_range", stats.downstream_cx_refused_source_range),
     ):
         add("lbd_downstream_cx_refused_total", (*labels, reason), value)
     add("lbd_downstream_cx_queued_total", labels, stats.downstream_cx_queued)
     add("lbd_downstream_cx_half_closed_timeout_total", labels, stats.half_closed_timeouts)
     add("lbd_downstream_cx_max_duration_reached_total", labels, stats.max_duration_timeouts)
     add("lbd_endpoints_panic_total", labels, route.pool.panics)
+    add("lbd_listener_rebind_failures_total", (*labels, "TCP"), stats.tcp_listener_bind_fail)
+    add("lbd_listener_rebind_failures_total", (*labels, "UDP"), stats.udp_listener_bind_fail)
     outlier = route.outlier
     add(
         "lbd_outlier_ejections_overflow_total",
@@ -388,6 +421,7 @@ def _udp_values(snap: Snapshot, labels: Labels, stats: RouteStats) -> None:
         ("overflow", stats.udp_sess_overflow),
         ("no_endpoint", stats.udp_sess_no_endpoint),
         ("create_fail", stats.udp_sess_create_fail),
+        ("source_range", stats.udp_sess_source_range),
     ):
         add("lbd_udp_sess_dropped_total", (*labels, reason), value)
     add("lbd_udp_sess_ended_total", (*labels, "idle_timeout"), stats.udp_sess_idle_timeout)
@@ -404,7 +438,6 @@ def _udp_values(snap: Snapshot, labels: Labels, stats: RouteStats) -> None:
         ("upstream_rx", stats.udp_upstream_rx_errors),
         ("upstream_tx", stats.udp_upstream_tx_errors),
         ("upstream_icmp", stats.udp_upstream_icmp_errors),
-        ("listener_bind", stats.udp_listener_bind_fail),
     ):
         add("lbd_udp_errors_total", (*labels, where), value)
 
