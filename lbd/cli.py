@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
     )
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes (a number or 'auto': one per CPU); overrides the config's workers",
+    )
     with_runtime_options(run)
 
     check = commands.add_parser("check", help="validate a config file without binding anything")
@@ -107,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_command(args, target)
     configure_logging(args.log_format, args.log_level)
     if args.command == "run":
-        return run(args.config, args.loop, args.pid_file, watch=not args.no_watch)
+        return run(args)
     return demo(args.loop, args.connections, args.once)
 
 
@@ -195,26 +200,50 @@ def send_reload(pid_file: str) -> int:
     return EXIT_OK
 
 
-def run(path: str, loop: LoopName, pid_file: str | None, watch: bool) -> int:
+def run(args: argparse.Namespace) -> int:
     from lbd.admin.server import AdminError
+    from lbd.config.loader import workers_count
     from lbd.runtime import ListenerError
-    from lbd.worker import serve
+    from lbd.supervisor import StartError
 
+    path, loop, pid_file = args.config, args.loop, args.pid_file
     loaded = _load_with_bytes(path)
     if loaded is None:
         return EXIT_CONFIG
     config, data = loaded
+    workers = config.workers
+    if args.workers is not None:
+        try:
+            workers = workers_count(args.workers if args.workers == "auto" else int(args.workers))
+        except ValueError as error:  # FieldError is one
+            print(f"lbd run: --workers: {error}", file=sys.stderr)
+            return EXIT_USAGE
     if pid_file:
         Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
-            return runner.run(serve(config, source=(path, data), watch=watch))
-    except (ListenerError, AdminError) as error:
+            return runner.run(_serve(args, config, data, workers))
+    except (ListenerError, AdminError, StartError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
     finally:
         if pid_file:
             Path(pid_file).unlink(missing_ok=True)
+
+
+async def _serve(args: argparse.Namespace, config: Config, data: bytes, workers: int) -> int:
+    source, watch = (args.config, data), not args.no_watch
+    if workers == 1:
+        from lbd.worker import serve
+
+        return await serve(config, source=source, watch=watch)
+    from lbd.supervisor import Supervisor
+    from lbd.supervisor_admin import serve_supervised
+
+    worker_args = [f"--loop={args.loop}", f"--log-format={args.log_format}"]
+    worker_args.append(f"--log-level={args.log_level}")
+    supervisor = Supervisor(config, source, workers=workers, worker_args=worker_args)
+    return await serve_supervised(supervisor, watch=watch)
 
 
 def demo(loop: LoopName, connections: int, once: bool) -> int:

@@ -23,6 +23,7 @@ from lbd.health.outlier import OutlierDetector
 from lbd.net.admission import Admission
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool
+from lbd.shared import EndpointSlots
 
 # Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
 # as kube-proxy's userspace proxier did (250 ms, 500 ms, 1 s ...), scaled to connectTimeout:
@@ -146,8 +147,10 @@ class Route:
         return f"{self.namespace}/{self.service}:{self.port_name}"
 
     @classmethod
-    def from_spec(cls, spec: RouteSpec, rng: random.Random | None = None) -> Route:
-        pool = Pool(name=spec.label, slow_start=spec.slow_start)
+    def from_spec(
+        cls, spec: RouteSpec, rng: random.Random | None = None, slots: EndpointSlots | None = None
+    ) -> Route:
+        pool = Pool(name=spec.label, slow_start=spec.slow_start, slots=slots, route_key=spec.key)
         pool.update(spec.targets)
         return cls(
             namespace=spec.namespace,

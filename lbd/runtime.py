@@ -28,12 +28,13 @@ from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
-from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
+from lbd.net.listeners import LISTEN_BACKLOG, InheritedSockets, bind_tcp_listener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
 from lbd.observability.metrics import Snapshot, runtime_snapshot
 from lbd.observability.stats import ProcessStats
 from lbd.route import Route
+from lbd.shared import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime")
 
@@ -100,7 +101,20 @@ def empty_like(config: Config) -> Config:
 
 
 class Runtime:
-    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rng: random.Random | None = None,
+        *,
+        sockets: InheritedSockets | None = None,
+        slots: EndpointSlots | None = None,
+        udp_reuse_port: bool = False,
+    ) -> None:
+        # Several workers, or a restart: listening sockets someone else bound, taken by
+        # (protocol, address, port) before binding a new one.
+        self.sockets = sockets
+        self.slots = slots  # several workers: active counts shared through these slots
+        self.udp_reuse_port = udp_reuse_port  # several workers: each binds its UDP listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
         self.config_hash = config_hash(self.config)
         self._initial = config
@@ -127,7 +141,7 @@ class Runtime:
         # Routes for new service ports exist before commit so new listeners can point at them;
         # nothing reaches them until the listeners start serving.
         added = {
-            key: Route.from_spec(spec, self._rng)
+            key: Route.from_spec(spec, self._rng, self.slots)
             for key, spec in specs.items()
             if key not in self.routes
         }
@@ -156,11 +170,11 @@ class Runtime:
                 route = routes[spec.route_key]
                 try:
                     if spec.protocol == "UDP":
-                        udp = UdpListener(spec.address, spec.port, route)
+                        udp = UdpListener(spec.address, spec.port, route, self.udp_reuse_port)
                         udp.bind()
                         prepared.append(Listener(spec, route, udp.bound, udp=udp))
                         continue
-                    sock = bind_tcp_listener(spec.address, spec.port)
+                    sock = self._tcp_socket(spec)
                 except OSError as error:
                     self.process.listener_bind_failures += 1
                     raise ListenerError(
@@ -181,6 +195,12 @@ class Runtime:
                 listener.close()
             raise
         return prepared
+
+    def _tcp_socket(self, spec: ListenerSpec) -> socket.socket:
+        inherited = self.sockets.take(spec.identity) if self.sockets is not None else None
+        if inherited is not None:
+            return inherited
+        return bind_tcp_listener(spec.address, spec.port)
 
     def _commit(
         self, new: Config, diff: ConfigDiff, prepared: list[Listener], added: dict[RouteKey, Route]

@@ -19,7 +19,7 @@ import structlog
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.model import Config
 from lbd.config.watcher import watch_config
-from lbd.reload import Reloader
+from lbd.reload import Reloader, ReloadResult
 from lbd.runtime import Runtime
 
 log = structlog.get_logger("lbd.worker")
@@ -49,12 +49,16 @@ async def serve(
     watch: bool = False,
     ready: Callable[[Runtime], Awaitable[None]] | None = None,
     state: ShutdownState | None = None,
+    runtime: Runtime | None = None,
+    admin_api: bool = True,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
     ``source`` is the config file's path and the bytes ``config`` was loaded from: with it,
     SIGHUP, ``POST /reload`` and (with ``watch``) any change of the file reload the config in
-    place. The admin API starts after the listeners (so /readyz never says ready too early) and
+    place. A supervised worker passes its own ``runtime`` (inherited sockets, shared counts) and
+    ``admin_api=False``: its supervisor serves the admin API and fans reloads out. The admin API
+    starts after the listeners (so /readyz never says ready too early) and
     stops after the last connection has drained (so the drain can be watched through it).
     """
     loop = asyncio.get_running_loop()
@@ -63,11 +67,12 @@ async def serve(
         loop.add_signal_handler(signum, state.on_signal, signum)
     raise_file_limit()
     loop.set_exception_handler(AcceptErrorFilter())
-    runtime = Runtime(config)
+    runtime = runtime or Runtime(config)
     reloader = Reloader(runtime, *source) if source is not None else None
     admin: AdminServer | None = None
-    if config.admin.enabled:
-        admin = AdminServer(config.admin, runtime, admin_reload(reloader) if reloader else None)
+    if config.admin.enabled and admin_api:
+        reload = admin_reload(reloader.reload) if reloader else None
+        admin = AdminServer(config.admin, runtime, reload)
     background: list[asyncio.Task[None]] = []
     try:
         await runtime.start()
@@ -78,7 +83,7 @@ async def serve(
                 runtime.stop_accepting()
                 raise
         log.info(
-            "lbd started",
+            "lbd started" if admin_api else "worker serving",
             services=len(config.services),
             listeners=len(runtime.listeners),
             node=config.node.name,
@@ -107,11 +112,11 @@ async def serve(
     return 0
 
 
-def admin_reload(reloader: Reloader) -> ReloadHook:
+def admin_reload(reload_config: Callable[[str], Awaitable[ReloadResult]]) -> ReloadHook:
     """``POST /reload``: the same reload as SIGHUP, answered with its outcome."""
 
     async def reload() -> tuple[int, dict[str, Any]]:
-        result = await reloader.reload("admin")
+        result = await reload_config("admin")
         body: dict[str, Any] = {
             "ok": result.outcome != "failed",
             "outcome": result.outcome,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from lbd.config.checks import check_listeners
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
+    MAX_WORKERS,
     PROTOCOLS,
     SERVICE_TYPES,
     Admin,
@@ -26,7 +28,7 @@ from lbd.config.nodeports import allocate_node_ports
 from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "workers")
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange")
 SERVICE_KEYS = (
@@ -75,6 +77,7 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
     node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS))
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
     admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
+    workers = top.get("workers", workers_count, 1)
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
@@ -95,7 +98,9 @@ def build_config(document: object, problems: f.Problems) -> Config | None:
     services = allocate_node_ports(services, paths, node.node_port_range, problems)
     if problems.items:
         return None
-    config = Config(node=node, defaults=defaults, services=tuple(services), admin=admin)
+    config = Config(
+        node=node, defaults=defaults, services=tuple(services), admin=admin, workers=workers
+    )
     check_listeners(config, paths, problems)
     return config
 
@@ -127,6 +132,18 @@ def _admin(section: f.Section) -> Admin:
         socket=socket_path,
         token_file=section.get("tokenFile", _path, None),
     )
+
+
+def workers_count(value: object) -> int:
+    """``workers``: a process count, or ``auto`` for one per CPU this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) or 1
+    if isinstance(value, str):
+        raise FieldError(f"expected a number of processes or 'auto', got {value!r}")
+    return _workers(value)
+
+
+_workers = f.int_between(1, MAX_WORKERS)
 
 
 def _host_port(value: object) -> tuple[str, int]:

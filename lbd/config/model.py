@@ -26,6 +26,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,9 @@ class Config:
     defaults: Defaults
     services: tuple[Service, ...]
     admin: Admin = field(default_factory=Admin)
+    # Processes serving every listener (``auto``: one per CPU). Like ``admin``, read at start:
+    # a reload that changes it is applied and logged, the count changes on the next restart.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ def render_config(config: Config) -> Document:
             "nodePortRange": f"{node.node_port_range[0]}-{node.node_port_range[1]}",
         },
         "admin": _admin(config.admin),
+        "workers": config.workers,
         "services": [_service(service) for service in config.services],
     }
 

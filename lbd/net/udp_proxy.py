@@ -64,14 +64,16 @@ class UdpListener:
         "address",
         "closed",
         "port",
+        "reuse_port",
         "route",
         "sessions",
         "sock",
         "wildcard",
     )
 
-    def __init__(self, address: str, port: int, route: Route) -> None:
+    def __init__(self, address: str, port: int, route: Route, reuse_port: bool = False) -> None:
         self.address = address
+        self.reuse_port = reuse_port  # several workers: each binds its own, the kernel hashes
         self.port = port  # 0 until the first bind resolves it; re-binds reuse it
         self.route = route
         self.sock: socket.socket | None = None
@@ -95,7 +97,7 @@ class UdpListener:
         """Bind the socket (raises OSError) and resolve port 0; nothing is read yet. A reload
         binds every new listener first, so a failure can still change nothing."""
         self._loop = asyncio.get_running_loop()
-        sock = bind_udp_listener(self.address, self.port)
+        sock = bind_udp_listener(self.address, self.port, reuse_port=self.reuse_port)
         self.port = sock.getsockname()[1]
         self.sock = sock
 
