@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
     )
     run.add_argument(
+        "--restart-socket",
+        metavar="PATH",
+        help="listen here for `lbd restart` (default with --pid-file: PID_FILE.restart)",
+    )
+    run.add_argument(
+        "--takeover",
+        metavar="PATH",
+        help="take the listening sockets of the lbd whose restart socket is PATH, then serve",
+    )
+    run.add_argument(
         "--workers",
         metavar="N",
         help="worker processes (a number or 'auto': one per CPU); overrides the config's workers",
@@ -59,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = commands.add_parser("reload", help="ask a running lbd to reload its config (SIGHUP)")
     reload.add_argument("--pid-file", required=True, help="the file `lbd run --pid-file` wrote")
+
+    restart = commands.add_parser(
+        "restart",
+        help="replace a running lbd by a new process without refusing a connection (SIGUSR2)",
+    )
+    restart.add_argument("--pid-file", required=True, help="the file `lbd run --pid-file` wrote")
 
     demo = commands.add_parser(
         "demo", help="start demo backends and services on 127.x and show how each strategy balances"
@@ -102,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return check(args.config) if args.diff is None else check_diff(args.config, args.diff)
     if args.command == "reload":
-        return send_reload(args.pid_file)
+        return send_signal(args.pid_file, signal.SIGHUP, "reload")
+    if args.command == "restart":
+        return send_signal(args.pid_file, signal.SIGUSR2, "restart")
     if args.command in ("status", "explain"):
         from lbd.admin.commands import admin_command
 
@@ -189,20 +207,21 @@ def check_diff(running: str, new: str) -> int:
     return EXIT_OK
 
 
-def send_reload(pid_file: str) -> int:
+def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
     try:
         pid = int(Path(pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except (OSError, ValueError) as error:
-        print(f"lbd reload: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
+        print(f"lbd {command}: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
         return EXIT_START
-    print(f"lbd reload: sent SIGHUP to {pid}")
+    print(f"lbd {command}: sent {signum.name} to {pid}")
     return EXIT_OK
 
 
 def run(args: argparse.Namespace) -> int:
     from lbd.admin.server import AdminError
     from lbd.config.loader import workers_count
+    from lbd.handoff import HandoffError
     from lbd.runtime import ListenerError
     from lbd.supervisor import StartError
 
@@ -223,27 +242,50 @@ def run(args: argparse.Namespace) -> int:
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
             return runner.run(_serve(args, config, data, workers))
-    except (ListenerError, AdminError, StartError) as error:
+    except (ListenerError, AdminError, StartError, HandoffError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
     finally:
         if pid_file:
-            Path(pid_file).unlink(missing_ok=True)
+            _remove_pid_file(Path(pid_file))
+
+
+def _remove_pid_file(path: Path) -> None:
+    """Only our own: after a restart the file names the successor."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass  # already gone
 
 
 async def _serve(args: argparse.Namespace, config: Config, data: bytes, workers: int) -> int:
+    from lbd.handoff import Restart, take_over
+
     source, watch = (args.config, data), not args.no_watch
-    if workers == 1:
-        from lbd.worker import serve
+    restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
+    takeover = await take_over(args.takeover) if args.takeover else None
+    restart = Restart(restart_path, takeover)
+    try:
+        if workers == 1:
+            from lbd.worker import serve
 
-        return await serve(config, source=source, watch=watch)
-    from lbd.supervisor import Supervisor
-    from lbd.supervisor_admin import serve_supervised
+            return await serve(config, source=source, watch=watch, restart=restart)
+        from lbd.supervisor import Supervisor
+        from lbd.supervisor_admin import serve_supervised
 
-    worker_args = [f"--loop={args.loop}", f"--log-format={args.log_format}"]
-    worker_args.append(f"--log-level={args.log_level}")
-    supervisor = Supervisor(config, source, workers=workers, worker_args=worker_args)
-    return await serve_supervised(supervisor, watch=watch)
+        worker_args = [f"--loop={args.loop}", f"--log-format={args.log_format}"]
+        worker_args.append(f"--log-level={args.log_level}")
+        supervisor = Supervisor(
+            config,
+            source,
+            workers=workers,
+            worker_args=worker_args,
+            inherited=restart.inherited,
+        )
+        return await serve_supervised(supervisor, watch=watch, restart=restart)
+    finally:
+        restart.close()
 
 
 def demo(loop: LoopName, connections: int, once: bool) -> int:

@@ -85,6 +85,30 @@ class Channel:
             else:
                 self._loop.remove_writer(self.sock.fileno())
 
+    def flush_blocking(self, timeout: float = 5.0) -> None:
+        """Send what is queued before returning (a last message before closing)."""
+        if not self._out or self.closed:
+            return
+        self.sock.settimeout(timeout)
+        try:
+            while self._out:
+                data, fds = self._out.popleft()
+                ancillary = (
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+                )
+                sent = self.sock.sendmsg([data], ancillary)
+                if sent < len(data):
+                    self._out.appendleft((data[sent:], []))
+        except OSError:
+            self.close()
+            return
+        finally:
+            if not self.closed:
+                self.sock.setblocking(False)
+        if self._writing:
+            self._writing = False
+            self._loop.remove_writer(self.sock.fileno())
+
     def _readable(self) -> None:
         try:
             data, ancdata, _flags, _addr = self.sock.recvmsg(

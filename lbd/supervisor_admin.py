@@ -8,11 +8,14 @@ worker and are replayed to a worker that replaces one.
 
 from __future__ import annotations
 
+import socket
+
 import structlog
 
 from lbd.admin import views
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
+from lbd.handoff import ADMIN_KEY, Restart
 from lbd.observability.metrics import Snapshot
 from lbd.supervisor import Supervisor
 from lbd.worker import admin_reload
@@ -58,19 +61,23 @@ class SupervisorBackend:
         return body
 
 
-async def serve_supervised(supervisor: Supervisor, *, watch: bool) -> int:
+async def serve_supervised(
+    supervisor: Supervisor, *, watch: bool, restart: Restart | None = None
+) -> int:
     """Start the workers and the admin API, serve until stopped; returns the exit code."""
     config = supervisor.config
+    restart = restart or Restart(None)
     admin: AdminServer | None = None
     if config.admin.enabled:
         admin = AdminServer(
             config.admin, SupervisorBackend(supervisor), admin_reload(supervisor.reload)
         )
+    admin_sock = restart.take_admin()  # before start() closes what it did not take
     try:
         await supervisor.start()
         if admin is not None:
             try:
-                await admin.start()
+                await admin.start(admin_sock)
             except BaseException:
                 await supervisor.stop()
                 raise
@@ -81,8 +88,17 @@ async def serve_supervised(supervisor: Supervisor, *, watch: bool) -> int:
             node=config.node.name,
             admin=admin.bound if admin is not None else None,
         )
+
+        def sockets() -> dict[tuple[object, ...], socket.socket]:
+            handed = supervisor.listening_sockets()
+            if admin is not None and admin.sock is not None:
+                handed[ADMIN_KEY] = admin.sock
+            return handed
+
+        restart.serving(sockets, supervisor.stopping.set)
         return await supervisor.run(watch=watch)
     finally:
+        restart.close()
         if admin is not None:
-            await admin.stop()
+            await admin.stop(unlink=not restart.handed_off)
         supervisor.close()

@@ -19,6 +19,7 @@ import structlog
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.model import Config
 from lbd.config.watcher import watch_config
+from lbd.handoff import ADMIN_KEY, Restart
 from lbd.reload import Reloader, ReloadResult
 from lbd.runtime import Runtime
 
@@ -51,6 +52,7 @@ async def serve(
     state: ShutdownState | None = None,
     runtime: Runtime | None = None,
     admin_api: bool = True,
+    restart: Restart | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
@@ -59,7 +61,8 @@ async def serve(
     place. A supervised worker passes its own ``runtime`` (inherited sockets, shared counts) and
     ``admin_api=False``: its supervisor serves the admin API and fans reloads out. The admin API
     starts after the listeners (so /readyz never says ready too early) and
-    stops after the last connection has drained (so the drain can be watched through it).
+    stops after the last connection has drained (so the drain can be watched through it),
+    unless a successor took over (``restart``): then the successor serves it already.
     """
     loop = asyncio.get_running_loop()
     state = state or ShutdownState()
@@ -67,7 +70,8 @@ async def serve(
         loop.add_signal_handler(signum, state.on_signal, signum)
     raise_file_limit()
     loop.set_exception_handler(AcceptErrorFilter())
-    runtime = runtime or Runtime(config)
+    restart = restart or Restart(None)
+    runtime = runtime or Runtime(config, sockets=restart.inherited)
     reloader = Reloader(runtime, *source) if source is not None else None
     admin: AdminServer | None = None
     if config.admin.enabled and admin_api:
@@ -78,7 +82,7 @@ async def serve(
         await runtime.start()
         if admin is not None:
             try:
-                await admin.start()
+                await admin.start(restart.take_admin())
             except BaseException:
                 runtime.stop_accepting()
                 raise
@@ -99,17 +103,33 @@ async def serve(
                 )
         if ready is not None:
             await ready(runtime)
+        restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
         await state.should_exit.wait()
+        if restart.handed_off and admin is not None:
+            await admin.stop(unlink=False)  # the successor answers on it now
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
+        restart.close()
         if admin is not None:
-            await admin.stop()
+            await admin.stop(unlink=not restart.handed_off)
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
+
+
+def handoff_sockets(runtime: Runtime, admin: AdminServer | None) -> dict[tuple[object, ...], Any]:
+    """What a successor takes over: every TCP listening socket, and the admin socket."""
+    sockets: dict[tuple[object, ...], Any] = {
+        key: listener.sock
+        for key, listener in runtime.listeners.items()
+        if listener.sock is not None and not listener.removed
+    }
+    if admin is not None and admin.sock is not None:
+        sockets[ADMIN_KEY] = admin.sock
+    return sockets
 
 
 def admin_reload(reload_config: Callable[[str], Awaitable[ReloadResult]]) -> ReloadHook:

@@ -75,22 +75,34 @@ class AdminServer:
         host, port = self._sock.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def start(self) -> None:
+    @property
+    def sock(self) -> socket.socket | None:
+        """The listening socket (a seamless restart hands it to the next lbd)."""
+        return self._sock
+
+    async def start(self, inherited: socket.socket | None = None) -> None:
         token = read_token(self.admin.token_file) if self.admin.token_file else None
-        self._sock = _unix_socket(self.admin.socket) if self.admin.socket else self._tcp_socket()
+        if inherited is not None:
+            inherited.setblocking(False)
+            self._sock = inherited
+        elif self.admin.socket:
+            self._sock = _unix_socket(self.admin.socket)
+        else:
+            self._sock = self._tcp_socket()
         app = build_app(self.backend, token, self.admin.socket is not None, self.reload)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
         log.info("admin listening", admin=self.bound, token=token is not None)
 
-    async def stop(self) -> None:
+    async def stop(self, unlink: bool = True) -> None:
+        """``unlink=False``: the next lbd serves the same unix socket file now."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._sock is not None:
             self._sock.close()
-        if self.admin.socket is not None:
+        if self.admin.socket is not None and unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.admin.socket)
 
