@@ -55,9 +55,9 @@ class UpstreamEndpoint:
         "port",
         "ramp_end",
         "ramp_length",
-        "static_weight",
         "shared",
         "slot",
+        "static_weight",
         "stats",
         "weight_override",
     )

@@ -19,7 +19,7 @@ from tests.support import (
     fresh_ip,
     read_name,
     service_yaml,
-    wait_until,
+    until,
 )
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ async def test_restart_under_load_refuses_no_connection(tmp_path: Path, workers:
             task = asyncio.create_task(load.run(ip, port))
             successor, before = 0, 0
             try:
-                await wait_until(lambda: load.ok >= 50, 20)  # under load before the restart
+                await until(lambda: load.ok >= 50, 20)  # under load before the restart
                 code, _, err = await run_cli("restart", "--pid-file", str(pid_file))
                 assert code == 0, err
                 await old.wait_event("restart: the next lbd serves; draining and exiting", 60)
@@ -80,13 +80,13 @@ async def test_restart_under_load_refuses_no_connection(tmp_path: Path, workers:
                 successor = int(pid_file.read_text())
                 assert successor != old.process.pid and alive(successor)
                 before = load.ok
-                await wait_until(lambda: load.ok >= before + 50, 20)  # and after it
+                await until(lambda: load.ok >= before + 50, 20)  # and after it
             finally:
                 load.stop.set()
                 await asyncio.wait_for(task, 30)
                 if successor:
                     os.kill(successor, signal.SIGTERM)  # started by our lbd, by its PID
-                    await wait_until(lambda: not alive(successor), 20)  # not our child
+                    await until(lambda: not alive(successor), 20)  # not our child
             assert load.errors == [] and load.ok >= before + 50
             assert not pid_file.exists()
 

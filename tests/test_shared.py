@@ -8,7 +8,7 @@ import socket
 from lbd.ipc import Channel, Message
 from lbd.pool import Pool
 from lbd.shared import EndpointSlots, SharedCounts, SlotAllocator
-from tests.support import config, service_yaml, wait_until
+from tests.support import config, service_yaml, until
 from tests.support import document as doc
 
 
@@ -90,7 +90,7 @@ async def test_channel_carries_messages_and_sockets() -> None:
     try:
         sender.send({"type": "big", "data": b"x" * 3_000_000})  # more than one socket buffer
         sender.send({"type": "start", "keys": [("TCP", "127.0.0.1", 1)]}, [listener])
-        await wait_until(lambda: len(got) == 2, 10)
+        await until(lambda: len(got) == 2, 10)
         assert [m["type"] for m, _ in got] == ["big", "start"]
         (passed,) = got[1][1]
         assert passed.getsockname() == listener.getsockname()
