@@ -105,6 +105,8 @@ class Supervisor:
         self.members = [WorkerSlot(i) for i in range(workers)]
         self.restarts = 0  # workers replaced after they exited
         self.overrides: list[tuple[str, dict[str, str]]] = []  # admin changes, for new workers
+        # Health verdicts of the probing worker (0), for the others and for replacements.
+        self.health: dict[object, bool] = {}
         self.stopping = asyncio.Event()
         self._ids = itertools.count(1)
         self._reload_lock = asyncio.Lock()
@@ -199,6 +201,8 @@ class Supervisor:
                 "data": self.data,
                 "keys": keys,
                 "slots": self.slots_table,
+                "index": member.index,
+                "health": self.health,
             },
             socks,
         )
@@ -213,6 +217,11 @@ class Supervisor:
                 member.ready.set_result(message["pid"])
             for name, query in self.overrides:
                 self._send(member, {"type": "admin", "view": name, "query": query})
+        elif kind == "health":
+            self.health[message["key"]] = message["healthy"]
+            for other in self.members:
+                if other is not member and other.serving:
+                    self._send(other, message)
         elif kind == "failed":
             if member.ready is not None and not member.ready.done():
                 member.ready.set_exception(StartError(message["error"]))

@@ -22,6 +22,7 @@ import structlog
 
 from lbd.admin import views
 from lbd.config import ConfigError, load_text
+from lbd.health.registry import CheckKey, HealthRegistry
 from lbd.ipc import Channel, ChannelClosed, Message
 from lbd.loops import LOOP_FACTORIES
 from lbd.net.listeners import InheritedSockets
@@ -70,6 +71,8 @@ class WorkerProcess:
         elif kind == "reload":
             self._attach(message, sockets)
             self._spawn(self._reload(message))
+        elif kind == "health" and self.runtime is not None:
+            self.runtime.health.follow(message["key"], message["healthy"])
         elif kind == "snapshot" and self.runtime is not None:
             self._reply(message, snapshot=self.runtime.metrics_snapshot())
         elif kind == "admin" and self.runtime is not None:
@@ -77,6 +80,10 @@ class WorkerProcess:
         else:
             for sock in sockets:
                 sock.close()
+
+    def _report_health(self, key: CheckKey, healthy: bool) -> None:
+        if not self.channel.closed:
+            self.channel.send({"type": "health", "key": key, "healthy": healthy})
 
     def _spawn(self, coro: Any) -> None:
         # Control-plane work (a reload): one task per message, not on the data path.
@@ -109,6 +116,11 @@ class WorkerProcess:
         start = await self.started
         config = load_text(start["data"], start["path"])
         self.runtime = Runtime(config, sockets=self.sockets, slots=self.slots, udp_reuse_port=True)
+        # Health: worker 0 probes and reports transitions; the others follow (start included).
+        probing = start["index"] == 0
+        self.runtime.health = HealthRegistry(probing=probing, on_transition=self._report_health)
+        for key, healthy in start["health"].items():
+            self.runtime.health.follow(key, healthy)
         self.reloader = Reloader(self.runtime, start["path"], start["data"])
 
         async def ready(runtime: Runtime) -> None:

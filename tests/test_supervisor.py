@@ -197,3 +197,29 @@ async def test_a_worker_that_cannot_start_stops_lbd_with_exit_3(tmp_path: Path) 
         async with lbd_process(path) as lbd:
             assert await lbd.wait_exit(30) == 3
             assert any("cannot bind" in line for line in lbd.lines)
+
+
+async def test_one_worker_probes_health_and_the_others_follow(tmp_path: Path) -> None:
+    async with echo_backend("b1") as (bh, bp, _):
+        dead = fresh_ip()
+        text = with_workers(
+            document(
+                service_yaml("svc", [(bh, bp), (dead, dead_port(dead))]),
+                defaults="{healthCheck: {interval: 100ms, timeout: 1s, unhealthyThreshold: 1}}",
+            )
+        )
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            target, _ = await started(lbd)
+            await lbd.wait_event("endpoint unhealthy")
+            host, port = lbd.listener()
+            for _ in range(30):  # whichever worker accepts, it knows the endpoint is down
+                assert await read_name(host, port) == "b1"
+            assert await metric(target, "lbd_upstream_cx_connect_fail_total") == 0
+            assert await metric(target, "lbd_health_checkers_active") == 2  # not 4
+            probers = {
+                e.get("worker") for e in lbd.events if e.get("event") == "endpoint unhealthy"
+            }
+            assert probers == {0}
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
