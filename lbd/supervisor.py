@@ -11,7 +11,13 @@ holds its session.
 The supervisor also owns what must agree across workers: the config (it reads the file, checks
 it, and sends every worker the same bytes), the slot table of the shared active counts
 (``lbd.shared``), the summed metrics (``WorkerSnapshots``) and the admin API
-(``lbd.supervisor_admin``). One watcher (here) reloads everyone.
+(``lbd.supervisor_admin``). One watcher (here) reloads everyone. Health is probed by worker 0
+only; the supervisor relays its transitions to the others.
+
+ClientIP affinity (``sessionAffinity``, not built yet) is the next thing that must be global:
+a client's connections land on any worker. The seam is the same as health's: either a table in
+the shared memory region (client address hash -> endpoint slot and expiry, written by the
+worker that picked, read by all), or the supervisor relaying picks like health transitions.
 """
 
 from __future__ import annotations

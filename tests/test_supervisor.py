@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from lbd.admin.client import AdminTarget, call
-from tests.procs import LbdProcess, lbd_process
+from tests.procs import LbdProcess, lbd_process, run_cli
 from tests.support import (
     dead_port,
     document,
@@ -223,3 +223,10 @@ async def test_one_worker_probes_health_and_the_others_follow(tmp_path: Path) ->
             assert probers == {0}
             lbd.signal(signal.SIGTERM)
             assert await lbd.wait_exit() == 0
+
+
+async def test_bad_workers_option_is_a_usage_error(tmp_path: Path) -> None:
+    path = write(tmp_path, document(service_yaml("svc", [(fresh_ip(), 80)])))
+    for bad in ("0", "many"):
+        code, _, err = await run_cli("run", str(path), "--workers", bad)
+        assert code == 2 and "--workers" in err
