@@ -225,8 +225,8 @@ class Supervisor:
                 self._send(member, {"type": "admin", "view": name, "query": query})
         elif kind == "health":
             self.health[message["key"]] = message["healthy"]
-            for other in self.members:
-                if other is not member and other.serving:
+            for other in self.members:  # starting ones too: it follows their start message
+                if other is not member:
                     self._send(other, message)
         elif kind == "failed":
             if member.ready is not None and not member.ready.done():

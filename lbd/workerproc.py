@@ -47,6 +47,8 @@ class WorkerProcess:
         self.runtime: Runtime | None = None
         self.reloader: Reloader | None = None
         self.tasks: set[asyncio.Task[None]] = set()
+        # Verdicts of the probing worker that arrived before our runtime existed.
+        self.health_known: dict[CheckKey, bool] = {}
         self.channel = Channel(channel_sock, self.on_message, self.on_close)
 
     def on_close(self) -> None:
@@ -71,8 +73,10 @@ class WorkerProcess:
         elif kind == "reload":
             self._attach(message, sockets)
             self._spawn(self._reload(message))
-        elif kind == "health" and self.runtime is not None:
-            self.runtime.health.follow(message["key"], message["healthy"])
+        elif kind == "health":
+            self.health_known[message["key"]] = message["healthy"]
+            if self.runtime is not None:
+                self.runtime.health.follow(message["key"], message["healthy"])
         elif kind == "snapshot" and self.runtime is not None:
             self._reply(message, snapshot=self.runtime.metrics_snapshot())
         elif kind == "admin" and self.runtime is not None:
@@ -119,7 +123,7 @@ class WorkerProcess:
         # Health: worker 0 probes and reports transitions; the others follow (start included).
         probing = start["index"] == 0
         self.runtime.health = HealthRegistry(probing=probing, on_transition=self._report_health)
-        for key, healthy in start["health"].items():
+        for key, healthy in {**start["health"], **self.health_known}.items():
             self.runtime.health.follow(key, healthy)
         self.reloader = Reloader(self.runtime, start["path"], start["data"])
 
