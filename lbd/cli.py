@@ -60,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
     )
+    run.add_argument(
+        "--restart-socket",
+        metavar="PATH",
+        help="listen here for `lbd restart` (default with --pid-file: PID_FILE.restart)",
+    )
+    run.add_argument(
+        "--takeover",
+        metavar="PATH",
+        help="take the listening sockets of the lbd whose restart socket is PATH, then serve",
+    )
+    run.add_argument(
+        "--workers",
+        metavar="N",
+        help="worker processes (a number or 'auto': one per CPU); overrides the config's workers",
+    )
     with_runtime_options(run)
 
     check = commands.add_parser("check", help="validate a config file without binding anything")
@@ -77,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     reload = commands.add_parser("reload", help="ask a running lbd to reload its config (SIGHUP)")
     reload.add_argument("--pid-file", required=True, help="the file `lbd run --pid-file` wrote")
+
+    restart = commands.add_parser(
+        "restart",
+        help="replace a running lbd by a new process without refusing a connection (SIGUSR2)",
+    )
+    restart.add_argument("--pid-file", required=True, help="the file `lbd run --pid-file` wrote")
 
     demo = commands.add_parser(
         "demo", help="start demo backends and services on 127.x and show how each strategy balances"
@@ -125,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return check_diff(args.config, args.diff, options)
         return check(args.config, options)
     if args.command == "reload":
-        return send_reload(args.pid_file)
+        return send_signal(args.pid_file, signal.SIGHUP, "reload")
+    if args.command == "restart":
+        return send_signal(args.pid_file, signal.SIGUSR2, "restart")
     if args.command in ("status", "explain"):
         from lbd.admin.commands import admin_command
 
@@ -135,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return admin_command(args, target)
     configure_logging(args.log_format, args.log_level)
     if args.command == "run":
-        return run(args.config, args.loop, args.pid_file, watch=not args.no_watch, options=options)
+        return run(args, options)
     return demo(args.loop, args.connections, args.once)
 
 
@@ -229,43 +252,92 @@ def check_diff(running: str, new: str, options: LoadOptions | None = None) -> in
     return EXIT_OK
 
 
-def send_reload(pid_file: str) -> int:
+def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
     try:
         pid = int(Path(pid_file).read_text().strip())
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signum)
     except (OSError, ValueError) as error:
-        print(f"lbd reload: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
+        print(f"lbd {command}: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
         return EXIT_START
-    print(f"lbd reload: sent SIGHUP to {pid}")
+    print(f"lbd {command}: sent {signum.name} to {pid}")
     return EXIT_OK
 
 
-def run(
-    path: str,
-    loop: LoopName,
-    pid_file: str | None,
-    watch: bool,
-    options: LoadOptions | None = None,
-) -> int:
+def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.admin.server import AdminError
+    from lbd.config.loader import workers_count
+    from lbd.handoff import HandoffError
     from lbd.runtime import ListenerError
-    from lbd.worker import serve
+    from lbd.supervisor import StartError
 
+    path, loop, pid_file = args.config, args.loop, args.pid_file
     loaded = _load_with_bytes(path, options)
     if loaded is None:
         return EXIT_CONFIG
     config, data = loaded
+    workers = config.workers
+    if args.workers is not None:
+        try:
+            workers = workers_count(args.workers if args.workers == "auto" else int(args.workers))
+        except ValueError as error:  # FieldError is one
+            print(f"lbd run: --workers: {error}", file=sys.stderr)
+            return EXIT_USAGE
     if pid_file:
         Path(pid_file).write_text(f"{os.getpid()}\n")
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
-            return runner.run(serve(config, source=(path, data), watch=watch, options=options))
-    except (ListenerError, AdminError) as error:
+            return runner.run(_serve(args, config, data, workers, options))
+    except (ListenerError, AdminError, StartError, HandoffError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
     finally:
         if pid_file:
-            Path(pid_file).unlink(missing_ok=True)
+            _remove_pid_file(Path(pid_file))
+
+
+def _remove_pid_file(path: Path) -> None:
+    """Only our own: after a restart the file names the successor."""
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass  # already gone
+
+
+async def _serve(
+    args: argparse.Namespace,
+    config: Config,
+    data: bytes,
+    workers: int,
+    options: LoadOptions | None,
+) -> int:
+    from lbd.handoff import Restart, take_over
+
+    source, watch = (args.config, data), not args.no_watch
+    restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
+    takeover = await take_over(args.takeover) if args.takeover else None
+    restart = Restart(restart_path, takeover)
+    try:
+        if workers == 1:
+            from lbd.worker import serve
+
+            return await serve(config, source=source, watch=watch, restart=restart, options=options)
+        from lbd.supervisor import Supervisor
+        from lbd.supervisor_admin import serve_supervised
+
+        worker_args = [f"--loop={args.loop}", f"--log-format={args.log_format}"]
+        worker_args.append(f"--log-level={args.log_level}")
+        supervisor = Supervisor(
+            config,
+            source,
+            workers=workers,
+            worker_args=worker_args,
+            inherited=restart.inherited,
+            options=options,
+        )
+        return await serve_supervised(supervisor, watch=watch, restart=restart)
+    finally:
+        restart.close()
 
 
 def demo(loop: LoopName, connections: int, once: bool) -> int:

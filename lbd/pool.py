@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 import structlog
 
 from lbd import topology
-from lbd.config.routes import CLUSTER, READY_STATE, EndpointState, TrafficPolicy
+from lbd.config.routes import CLUSTER, READY_STATE, EndpointState, RouteKey, TrafficPolicy
 from lbd.observability.stats import EndpointStats
+from lbd.shared import EndpointSlots, SharedCounts
 
 # Why an endpoint takes no new connections, as codes (stable, for /explain and tooling) with
 # what they mean. Later features add theirs here (not_ready, unhealthy, ejected, other_node,
@@ -51,7 +52,7 @@ class UpstreamEndpoint:
     """One (address, port) that connections of a service port can be sent to."""
 
     __slots__ = (
-        "active",
+        "active_here",
         "address",
         "admin_drained",
         "config_weight",
@@ -62,20 +63,32 @@ class UpstreamEndpoint:
         "port",
         "ramp_end",
         "ramp_length",
+        "shared",
+        "slot",
         "state",
         "static_weight",
         "stats",
         "weight_override",
     )
 
-    def __init__(self, address: str, port: int, weight: int = 1) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        weight: int = 1,
+        shared: SharedCounts | None = None,
+        slot: int = -1,
+    ) -> None:
         self.address = address
         self.port = port
         self.static_weight: float = weight  # the override if one is set, else config's
         self.config_weight = weight
         self.weight_override: int | None = None  # set through the admin API
         self.admin_drained = False  # set through the admin API
-        self.active = 0
+        self.active_here = 0  # connections of this process
+        # Set when several workers share the counts: this endpoint's column (for its lifetime).
+        self.shared = shared if slot >= 0 else None
+        self.slot = slot
         self.draining = False  # removed from the config; kept while connections remain
         self.healthy = True  # as the active checks last reported; config says ready
         self.ejected = False  # by outlier detection
@@ -106,6 +119,13 @@ class UpstreamEndpoint:
         if seconds > 0:
             self.ramp_length = seconds
             self.ramp_end = time.monotonic() + seconds
+
+    @property
+    def active(self) -> int:
+        """Open connections to the endpoint in every worker (what least-connection compares)."""
+        if self.shared is None:
+            return self.active_here
+        return self.shared.total(self.slot)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -167,6 +187,8 @@ class Pool:
         "panic",
         "panics",
         "policy",
+        "route_key",
+        "slots",
         "slow_start",
     )
 
@@ -176,11 +198,15 @@ class Pool:
         name: str = "",
         slow_start: float = 0.0,
         policy: TrafficPolicy = CLUSTER,
+        slots: EndpointSlots | None = None,
+        route_key: RouteKey = ("", ""),
     ) -> None:
         self.name = name  # the route's label, for logs
         self.slow_start = slow_start
         self.panic = False
         self.panics = 0  # times the pool entered panic mode
+        self.slots = slots  # several workers: new endpoints get their shared counter slot
+        self.route_key = route_key
         self.members: list[UpstreamEndpoint] = list(members)
         self.policy = policy
         # Removed by a reload but still carrying connections: shown by the admin API and
@@ -224,11 +250,17 @@ class Pool:
             self._refresh()
 
     def acquire(self, endpoint: UpstreamEndpoint) -> None:
-        endpoint.active += 1
+        endpoint.active_here += 1
+        shared = endpoint.shared
+        if shared is not None:
+            shared.add(endpoint.slot, 1)
 
     def release(self, endpoint: UpstreamEndpoint) -> None:
-        endpoint.active -= 1
-        if endpoint.draining and not endpoint.active and endpoint in self.draining:
+        endpoint.active_here -= 1
+        shared = endpoint.shared
+        if shared is not None:
+            shared.add(endpoint.slot, -1)
+        if endpoint.draining and not endpoint.active_here and endpoint in self.draining:
             self.draining.remove(endpoint)
 
     def update(self, wanted: Iterable[Wanted]) -> tuple[int, int]:
@@ -253,7 +285,7 @@ class Pool:
             else:
                 removed -= 1
             if member is None:
-                member = UpstreamEndpoint(address, port, weight)
+                member = self._new_endpoint(address, port, weight)
                 if ramp:
                     member.start_ramp(self.slow_start)
             elif member.draining or member.config_weight != weight:
@@ -269,9 +301,15 @@ class Pool:
                 gone.clear_overrides()
         changed = members != self.members or states_changed
         self.members = members
-        self.draining = [m for m in current.values() if m.active]
+        self.draining = [m for m in current.values() if m.active_here]
         self._refresh(changed)
         return added, removed
+
+    def _new_endpoint(self, address: str, port: int, weight: int) -> UpstreamEndpoint:
+        if self.slots is None:
+            return UpstreamEndpoint(address, port, weight)
+        slot = self.slots.slot_of(self.route_key, address, port)
+        return UpstreamEndpoint(address, port, weight, self.slots.counts, slot)
 
     def drain_all(self) -> None:
         """The service port is gone: every endpoint drains."""

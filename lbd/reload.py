@@ -62,15 +62,18 @@ class Reloader:
             reasons, self._reasons = self._reasons, []
             await self.reload(", ".join(sorted(set(reasons))))
 
-    async def reload(self, reason: str) -> ReloadResult:
+    async def reload(self, reason: str, data: bytes | None = None) -> ReloadResult:
+        """Reload from the file, or from ``data`` (a supervisor read and checked the file and
+        hands every worker the same bytes)."""
         async with self._lock:
-            return await self._reload(reason)
+            return await self._reload(reason, data)
 
-    async def _reload(self, reason: str) -> ReloadResult:
+    async def _reload(self, reason: str, data: bytes | None) -> ReloadResult:
         started = time.perf_counter()
         process = self.runtime.process
         try:
-            data = read_config_file(self.path)
+            if data is None:
+                data = read_config_file(self.path)
             digest = content_hash(data)
             if digest == self._applied_hash:
                 process.reloads_unchanged += 1

@@ -25,6 +25,7 @@ from lbd.health.outlier import OutlierDetector
 from lbd.net.admission import Admission
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool, UpstreamEndpoint
+from lbd.shared import EndpointSlots
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -203,8 +204,16 @@ class Route:
         self.pool.set_policy(spec.policy)
 
     @classmethod
-    def from_spec(cls, spec: RouteSpec, rng: random.Random | None = None) -> Route:
-        pool = Pool(name=spec.label, slow_start=spec.slow_start, policy=spec.policy)
+    def from_spec(
+        cls, spec: RouteSpec, rng: random.Random | None = None, slots: EndpointSlots | None = None
+    ) -> Route:
+        pool = Pool(
+            name=spec.label,
+            slow_start=spec.slow_start,
+            policy=spec.policy,
+            slots=slots,
+            route_key=spec.key,
+        )
         pool.update(spec.targets)
         route = cls(
             namespace=spec.namespace,

@@ -29,6 +29,7 @@ from lbd.config.routes import RouteKey, route_specs
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
 from lbd.net.healthcheck import HealthCheckServer
+from lbd.net.listeners import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
@@ -36,6 +37,7 @@ from lbd.observability.metrics import Snapshot, runtime_snapshot
 from lbd.observability.stats import ProcessStats
 from lbd.per_service import ServiceExtras
 from lbd.route import Route
+from lbd.shared import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime")
 
@@ -106,7 +108,24 @@ def empty_like(config: Config) -> Config:
 
 
 class Runtime:
-    def __init__(self, config: Config, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        rng: random.Random | None = None,
+        *,
+        sockets: InheritedSockets | None = None,
+        slots: EndpointSlots | None = None,
+        udp_reuse_port: bool = False,
+        shared_listeners: bool = False,
+    ) -> None:
+        # Several workers, or a restart: listening sockets someone else bound, taken by
+        # (protocol, address, port) before binding a new one.
+        self.sockets = sockets
+        self.slots = slots  # several workers: active counts shared through these slots
+        self.udp_reuse_port = udp_reuse_port  # several workers: each binds its UDP listeners
+        # Several workers share each TCP listening socket (the supervisor keeps a copy), so
+        # none can REJECT by closing it: without a usable endpoint they reset per connection.
+        self.shared_listeners = shared_listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
         self.config_hash = config_hash(self.config)
         self._initial = config
@@ -138,7 +157,7 @@ class Runtime:
         # Routes for new service ports exist before commit so new listeners can point at them;
         # nothing reaches them until the listeners start serving.
         added = {
-            key: Route.from_spec(spec, self._rng)
+            key: Route.from_spec(spec, self._rng, self.slots)
             for key, spec in specs.items()
             if key not in self.routes
         }
@@ -184,7 +203,12 @@ class Runtime:
                 try:
                     if spec.protocol == "UDP":
                         listener.udp = UdpListener(
-                            spec.address, spec.port, route, listener.external, listener.filtered
+                            spec.address,
+                            spec.port,
+                            route,
+                            listener.external,
+                            listener.filtered,
+                            reuse_port=self.udp_reuse_port,
                         )
                         listener.udp.bind()
                         listener.bound = listener.udp.bound
@@ -195,6 +219,8 @@ class Runtime:
                             route,
                             listener.external,
                             lambda listener=listener: Downstream(listener, self.connections),  # type: ignore[misc]
+                            inherited=self._inherited(spec),
+                            pinned=self.shared_listeners,
                         )
                         await listener.tcp.prepare()
                         listener.bound = listener.tcp.bound
@@ -210,6 +236,10 @@ class Runtime:
                 listener.close()
             raise
         return prepared
+
+    def _inherited(self, spec: ListenerSpec) -> socket.socket | None:
+        """A listening socket someone else bound for this spec (supervisor, restart), if any."""
+        return self.sockets.take(spec.identity) if self.sockets is not None else None
 
     def _commit(
         self, new: Config, diff: ConfigDiff, prepared: list[Listener], added: dict[RouteKey, Route]

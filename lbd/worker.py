@@ -20,7 +20,8 @@ from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.watcher import watch_config
-from lbd.reload import Reloader
+from lbd.handoff import ADMIN_KEY, Restart
+from lbd.reload import Reloader, ReloadResult
 from lbd.runtime import Runtime
 
 log = structlog.get_logger("lbd.worker")
@@ -51,13 +52,19 @@ async def serve(
     ready: Callable[[Runtime], Awaitable[None]] | None = None,
     state: ShutdownState | None = None,
     options: LoadOptions | None = None,
+    runtime: Runtime | None = None,
+    admin_api: bool = True,
+    restart: Restart | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
     ``source`` is the config file's path and the bytes ``config`` was loaded from: with it,
     SIGHUP, ``POST /reload`` and (with ``watch``) any change of the file reload the config in
-    place. The admin API starts after the listeners (so /readyz never says ready too early) and
-    stops after the last connection has drained (so the drain can be watched through it).
+    place. A supervised worker passes its own ``runtime`` (inherited sockets, shared counts) and
+    ``admin_api=False``: its supervisor serves the admin API and fans reloads out. The admin API
+    starts after the listeners (so /readyz never says ready too early) and
+    stops after the last connection has drained (so the drain can be watched through it),
+    unless a successor took over (``restart``): then the successor serves it already.
     """
     loop = asyncio.get_running_loop()
     state = state or ShutdownState()
@@ -65,22 +72,24 @@ async def serve(
         loop.add_signal_handler(signum, state.on_signal, signum)
     raise_file_limit()
     loop.set_exception_handler(AcceptErrorFilter())
-    runtime = Runtime(config)
+    restart = restart or Restart(None)
+    runtime = runtime or Runtime(config, sockets=restart.inherited)
     reloader = Reloader(runtime, *source, options) if source is not None else None
     admin: AdminServer | None = None
-    if config.admin.enabled:
-        admin = AdminServer(config.admin, runtime, admin_reload(reloader) if reloader else None)
+    if config.admin.enabled and admin_api:
+        reload = admin_reload(reloader.reload) if reloader else None
+        admin = AdminServer(config.admin, runtime, reload)
     background: list[asyncio.Task[None]] = []
     try:
         await runtime.start()
         if admin is not None:
             try:
-                await admin.start()
+                await admin.start(restart.take_admin())
             except BaseException:
                 runtime.stop_accepting()
                 raise
         log.info(
-            "lbd started",
+            "lbd started" if admin_api else "worker serving",
             services=len(config.services),
             listeners=len(runtime.listeners),
             node=config.node.name,
@@ -96,24 +105,40 @@ async def serve(
                 )
         if ready is not None:
             await ready(runtime)
+        restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
         await state.should_exit.wait()
+        if restart.handed_off and admin is not None:
+            await admin.stop(unlink=False)  # the successor answers on it now
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
+        restart.close()
         if admin is not None:
-            await admin.stop()
+            await admin.stop(unlink=not restart.handed_off)
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0
 
 
-def admin_reload(reloader: Reloader) -> ReloadHook:
+def handoff_sockets(runtime: Runtime, admin: AdminServer | None) -> dict[tuple[object, ...], Any]:
+    """What a successor takes over: every TCP listening socket, and the admin socket."""
+    sockets: dict[tuple[object, ...], Any] = {
+        key: listener.sock
+        for key, listener in runtime.listeners.items()
+        if listener.sock is not None and not listener.removed
+    }
+    if admin is not None and admin.sock is not None:
+        sockets[ADMIN_KEY] = admin.sock
+    return sockets
+
+
+def admin_reload(reload_config: Callable[[str], Awaitable[ReloadResult]]) -> ReloadHook:
     """``POST /reload``: the same reload as SIGHUP, answered with its outcome."""
 
     async def reload() -> tuple[int, dict[str, Any]]:
-        result = await reloader.reload("admin")
+        result = await reload_config("admin")
         body: dict[str, Any] = {
             "ok": result.outcome != "failed",
             "outcome": result.outcome,

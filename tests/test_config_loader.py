@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -129,8 +130,8 @@ def test_unknown_key_has_did_you_mean() -> None:
 
 
 def test_unknown_top_level_key_from_a_later_issue_is_an_error_not_ignored() -> None:
-    assert problems_of("apiVersion: lbd/v1\nservices: []\nworkers: 4\n")[0].startswith(
-        "workers: unknown key"
+    assert problems_of("apiVersion: lbd/v1\nservices: []\nthreads: 4\n")[0].startswith(
+        "threads: unknown key"
     )
 
 
@@ -497,3 +498,24 @@ def test_a_thousand_services_on_one_port_number_have_no_false_conflicts() -> Non
         for i in range(1000)
     )
     assert len(load_text("apiVersion: lbd/v1\nservices:\n" + services).services) == 1000
+
+
+def test_workers_is_a_count_or_auto() -> None:
+    assert load_text("apiVersion: lbd/v1\nservices: []\n").workers == 1
+    assert load_text("apiVersion: lbd/v1\nworkers: 3\nservices: []\n").workers == 3
+    auto = load_text("apiVersion: lbd/v1\nworkers: auto\nservices: []\n").workers
+    assert auto == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("0", "workers: must be between 1 and 256, got 0"),
+        ("257", "workers: must be between 1 and 256, got 257"),
+        ("many", "workers: expected a number of processes or 'auto', got 'many'"),
+        ("1.5", "workers: expected a whole number, got a number 1.5"),
+        ("true", "workers: expected a whole number, got a boolean True"),
+    ],
+)
+def test_bad_workers(value: str, message: str) -> None:
+    assert problems_of(f"apiVersion: lbd/v1\nworkers: {value}\nservices: []\n") == [message]

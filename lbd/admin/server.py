@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
 from lbd.admin import views
+from lbd.admin.backend import AdminBackend, LocalBackend
 from lbd.config.model import Admin
 from lbd.config.render import render_config
 from lbd.observability.metrics import SnapshotCollector
@@ -49,14 +50,18 @@ class AdminSettings:
         self.reload = reload
 
 
-RUNTIME = web.AppKey("runtime", Runtime)
+BACKEND = web.AppKey("backend", AdminBackend)
 SETTINGS = web.AppKey("settings", AdminSettings)
 
 
 class AdminServer:
-    def __init__(self, admin: Admin, runtime: Runtime, reload: ReloadHook | None = None) -> None:
+    """``runtime`` is this process's (one worker), or a supervisor's view of all its workers."""
+
+    def __init__(
+        self, admin: Admin, runtime: Runtime | AdminBackend, reload: ReloadHook | None = None
+    ) -> None:
         self.admin = admin
-        self.runtime = runtime
+        self.backend = LocalBackend(runtime) if isinstance(runtime, Runtime) else runtime
         self.reload = reload
         self._runner: web.AppRunner | None = None
         self._sock: socket.socket | None = None
@@ -70,22 +75,34 @@ class AdminServer:
         host, port = self._sock.getsockname()[:2]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def start(self) -> None:
+    @property
+    def sock(self) -> socket.socket | None:
+        """The listening socket (a seamless restart hands it to the next lbd)."""
+        return self._sock
+
+    async def start(self, inherited: socket.socket | None = None) -> None:
         token = read_token(self.admin.token_file) if self.admin.token_file else None
-        self._sock = _unix_socket(self.admin.socket) if self.admin.socket else self._tcp_socket()
-        app = build_app(self.runtime, token, self.admin.socket is not None, self.reload)
+        if inherited is not None:
+            inherited.setblocking(False)
+            self._sock = inherited
+        elif self.admin.socket:
+            self._sock = _unix_socket(self.admin.socket)
+        else:
+            self._sock = self._tcp_socket()
+        app = build_app(self.backend, token, self.admin.socket is not None, self.reload)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
         log.info("admin listening", admin=self.bound, token=token is not None)
 
-    async def stop(self) -> None:
+    async def stop(self, unlink: bool = True) -> None:
+        """``unlink=False``: the next lbd serves the same unix socket file now."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._sock is not None:
             self._sock.close()
-        if self.admin.socket is not None:
+        if self.admin.socket is not None and unlink:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.admin.socket)
 
@@ -147,10 +164,10 @@ def _unix_socket(path: str) -> socket.socket:
 
 
 def build_app(
-    runtime: Runtime, token: bytes | None, trusted: bool, reload: ReloadHook | None
+    backend: AdminBackend, token: bytes | None, trusted: bool, reload: ReloadHook | None
 ) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _authorize])
-    app[RUNTIME] = runtime
+    app[BACKEND] = backend
     app[SETTINGS] = AdminSettings(token, trusted, reload)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -211,7 +228,7 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[RUNTIME].ready:
+    if request.app[BACKEND].ready:
         return web.json_response({"status": "ready"})
     return web.json_response({"status": "not ready"}, status=503)
 
@@ -220,7 +237,7 @@ async def _metrics(request: web.Request) -> web.Response:
     """The counters are read on the loop (a few ms for a thousand endpoints, and consistent);
     rendering them is far slower (~0.5 s for a thousand endpoints) and runs in a thread, so the
     data path keeps getting the loop between the thread's GIL slices."""
-    snapshot = request.app[RUNTIME].metrics_snapshot()
+    snapshot = await request.app[BACKEND].snapshot()
     # prometheus-client's own negotiation: the text format, or OpenMetrics when asked.
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
 
@@ -235,23 +252,15 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _config(request: web.Request) -> web.Response:
-    return web.json_response(render_config(request.app[RUNTIME].config))
+    return web.json_response(render_config(request.app[BACKEND].config))
 
 
 async def _services(request: web.Request) -> web.Response:
-    return web.json_response(views.services_view(request.app[RUNTIME]))
+    return web.json_response(await request.app[BACKEND].view("services", {}))
 
 
 async def _explain(request: web.Request) -> web.Response:
-    query = request.query
-    result = views.explain_view(
-        request.app[RUNTIME],
-        query.get("service", ""),
-        query.get("port"),
-        query.get("client"),
-        query.get("kind", "clusterIP"),
-    )
-    return web.json_response(result)
+    return web.json_response(await request.app[BACKEND].view("explain", dict(request.query)))
 
 
 async def _reload(request: web.Request) -> web.Response:
@@ -276,35 +285,14 @@ async def _weight(request: web.Request) -> web.Response:
 
 
 async def _endpoint_action(request: web.Request, action: str) -> web.Response:
-    """``?service=NS/NAME&endpoint=ADDRESS[:PORT]`` (``&port=P`` to pick one service port;
-    without it, every port of the service that has the endpoint). ``weight`` takes
-    ``&weight=N`` (or ``config`` to drop the override)."""
-    runtime = request.app[RUNTIME]
-    query = request.query
-    service, port, endpoint = query.get("service"), query.get("port"), query.get("endpoint")
-    routes = (
-        [views.find_route(runtime, service, port)] if port else views.routes_of(runtime, service)
-    )
-    changed: list[Json] = []
-    for route in routes:
-        try:
-            targets = views.endpoint_targets(route, endpoint)
-        except views.NotFound:
-            if port:
-                raise
-            continue  # this port of the service has no such endpoint; another may
-        if action == "weight":
-            changed.append(views.set_weight(route, targets, query.get("weight")))
-        else:
-            changed.append(views.set_drained(route, targets, action == "drain"))
-    if not changed:
-        raise views.NotFound(f"service {service} has no endpoint {endpoint}")
+    query = dict(request.query)
+    body = await request.app[BACKEND].view(action, query)
     log.info(
         "admin endpoint override",
         action=action,
-        service=service,
-        port=port,
-        endpoint=endpoint,
+        service=query.get("service"),
+        port=query.get("port"),
+        endpoint=query.get("endpoint"),
         weight=query.get("weight"),
     )
-    return web.json_response({"action": action, "changed": changed})
+    return web.json_response(body)

@@ -88,6 +88,46 @@ def _endpoint_view(endpoint: UpstreamEndpoint) -> Json:
 LISTENER_KINDS = ("clusterIP", "externalIP", "nodePort", "loadBalancerIP")
 
 
+def call(runtime: Runtime, name: str, query: dict[str, str]) -> Json:
+    """One admin view by name, with the request's query: what a supervisor asks a worker."""
+    if name == "services":
+        return services_view(runtime)
+    if name == "explain":
+        return explain_view(
+            runtime,
+            query.get("service", ""),
+            query.get("port"),
+            query.get("client"),
+            query.get("kind", "clusterIP"),
+        )
+    if name in ("drain", "enable", "weight"):
+        return endpoint_action(runtime, name, query)
+    raise NotFound(f"no admin view {name!r}")
+
+
+def endpoint_action(runtime: Runtime, action: str, query: dict[str, str]) -> Json:
+    """``?service=NS/NAME&endpoint=ADDRESS[:PORT]`` (``&port=P`` to pick one service port;
+    without it, every port of the service that has the endpoint). ``weight`` takes
+    ``&weight=N`` (or ``config`` to drop the override)."""
+    service, port, endpoint = query.get("service"), query.get("port"), query.get("endpoint")
+    routes = [find_route(runtime, service, port)] if port else routes_of(runtime, service)
+    changed: list[Json] = []
+    for route in routes:
+        try:
+            targets = endpoint_targets(route, endpoint)
+        except NotFound:
+            if port:
+                raise
+            continue  # this port of the service has no such endpoint; another may
+        if action == "weight":
+            changed.append(set_weight(route, targets, query.get("weight")))
+        else:
+            changed.append(set_drained(route, targets, action == "drain"))
+    if not changed:
+        raise NotFound(f"service {service} has no endpoint {endpoint}")
+    return {"action": action, "changed": changed}
+
+
 def explain_view(
     runtime: Runtime, service: str, port: str | None, client: str | None, kind: str = "clusterIP"
 ) -> Json:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from lbd.config.checks import check_listeners
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
+    MAX_WORKERS,
     PROTOCOLS,
     SERVICE_TYPES,
     Admin,
@@ -37,7 +39,7 @@ from lbd.config.semantics import (
 from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
 SERVICE_KEYS = (
@@ -114,6 +116,7 @@ def build_config(
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
     admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
+    workers = top.get("workers", workers_count, 1)
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
@@ -148,6 +151,7 @@ def build_config(
         admin=admin,
         dns=dns,
         skipped=tuple(skipped),
+        workers=workers,
     )
     check_listeners(config, paths, problems)
     return config
@@ -183,6 +187,18 @@ def _admin(section: f.Section) -> Admin:
         socket=socket_path,
         token_file=section.get("tokenFile", _path, None),
     )
+
+
+def workers_count(value: object) -> int:
+    """``workers``: a process count, or ``auto`` for one per CPU this process may run on."""
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) or 1
+    if isinstance(value, str):
+        raise FieldError(f"expected a number of processes or 'auto', got {value!r}")
+    return _workers(value)
+
+
+_workers = f.int_between(1, MAX_WORKERS)
 
 
 def _host_port(value: object) -> tuple[str, int]:

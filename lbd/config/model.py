@@ -33,6 +33,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +237,9 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     dns: Dns = field(default_factory=Dns)
     skipped: tuple[Skipped, ...] = ()
+    # Processes serving every listener (``auto``: one per CPU). Like ``admin``, read at start:
+    # a reload that changes it is applied and logged, the count changes on the next restart.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ def render_config(config: Config) -> Document:
         },
         "admin": _admin(config.admin),
         **({"dns": _dns(config.dns)} if config.dns != Dns() else {}),
+        "workers": config.workers,
         "services": [_service(service) for service in config.services],
     }
 

@@ -9,12 +9,17 @@ A checker lives while it has subscribers (a reference count): ``sync`` after eve
 Only transitions change state (HAProxy's rise/fall): ``healthyThreshold`` successes in a row
 bring a down endpoint up, ``unhealthyThreshold`` failures in a row take an up endpoint down.
 Endpoints start up (the config says they are ready) and the first probe runs at once.
+
+With several workers, one of them probes (``probing=True``) and reports each transition
+(``on_transition``); the supervisor passes it to the others, whose checkers only follow
+(``follow``), so an endpoint is probed once per interval however many workers there are.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -26,6 +31,7 @@ from lbd.pool import Pool
 log = structlog.get_logger("lbd.health")
 
 CheckKey = tuple[str, int, HealthCheck]
+Transition = Callable[[CheckKey, bool], None]
 
 
 @dataclass(slots=True)
@@ -43,7 +49,15 @@ class HealthStats:
 class Checker:
     """Probes one endpoint and tells every subscribed pool about transitions."""
 
-    def __init__(self, key: CheckKey, stats: HealthStats, rng: random.Random) -> None:
+    def __init__(
+        self,
+        key: CheckKey,
+        stats: HealthStats,
+        rng: random.Random,
+        on_transition: Transition | None = None,
+    ) -> None:
+        self.key = key
+        self.on_transition = on_transition
         self.address, self.port, self.check = key
         self.stats = stats
         self.rng = rng
@@ -113,17 +127,44 @@ class Checker:
                 reason=reason,
                 failures=self.failures,
             )
+        self._tell_pools()
+        if self.on_transition is not None:
+            self.on_transition(self.key, healthy)
+
+    def follow(self, healthy: bool) -> None:
+        """The probing worker's verdict (counted and logged there, not again here)."""
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._tell_pools()
+
+    def _tell_pools(self) -> None:
         for pool in self.subscribers:
-            pool.set_healthy((self.address, self.port), healthy)
+            pool.set_healthy((self.address, self.port), self.healthy)
 
 
 class HealthRegistry:
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        *,
+        probing: bool = True,
+        on_transition: Transition | None = None,
+    ) -> None:
         self.stats = HealthStats()
+        self.probing = probing  # False: a worker that follows another one's probes
+        self.on_transition = on_transition
+        self.known: dict[CheckKey, bool] = {}  # followers: verdicts reported so far
         self._rng = rng or random.Random()
         self._checkers: dict[CheckKey, Checker] = {}
         self._subscribed: dict[Pool, set[CheckKey]] = {}
         self._stopped: set[asyncio.Task[None]] = set()
+
+    def follow(self, key: CheckKey, healthy: bool) -> None:
+        """A verdict of the probing worker (also for checkers this worker starts later)."""
+        self.known[key] = healthy
+        checker = self._checkers.get(key)
+        if checker is not None:
+            checker.follow(healthy)
 
     def checker(self, address: str, port: int, check: HealthCheck) -> Checker | None:
         return self._checkers.get((address, port, check))
@@ -169,9 +210,13 @@ class HealthRegistry:
     def _add(self, key: CheckKey, pool: Pool) -> None:
         checker = self._checkers.get(key)
         if checker is None:
-            checker = self._checkers[key] = Checker(key, self.stats, self._rng)
-            checker.start()
-            self.stats.checkers_active += 1
+            checker = Checker(key, self.stats, self._rng, self.on_transition)
+            self._checkers[key] = checker
+            if self.probing:
+                checker.start()
+                self.stats.checkers_active += 1
+            else:
+                checker.healthy = self.known.get(key, True)
         checker.subscribers.add(pool)
         pool.set_healthy(key[:2], checker.healthy)
 
@@ -183,4 +228,5 @@ class HealthRegistry:
         if not checker.subscribers:
             self._stop(checker)
             del self._checkers[key]
-            self.stats.checkers_active -= 1
+            if self.probing:
+                self.stats.checkers_active -= 1

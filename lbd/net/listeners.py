@@ -15,6 +15,33 @@ LISTEN_BACKLOG = 4096
 UDP_LISTENER_BUFFER = 4 * 1024 * 1024
 
 
+class InheritedSockets:
+    """Listening sockets bound by another process (the supervisor, or the lbd being replaced),
+    keyed by ``ListenerSpec.identity`` (protocol, address, port). ``take`` hands each out once;
+    a listener not found here is bound anew."""
+
+    def __init__(self, sockets: dict[tuple[object, ...], socket.socket] | None = None) -> None:
+        self.sockets = dict(sockets or {})
+
+    def add(self, key: tuple[object, ...], sock: socket.socket) -> None:
+        old = self.sockets.pop(key, None)
+        if old is not None:
+            old.close()
+        self.sockets[key] = sock
+
+    def take(self, key: tuple[object, ...]) -> socket.socket | None:
+        sock = self.sockets.pop(key, None)
+        if sock is not None:
+            sock.setblocking(False)
+        return sock
+
+    def close(self) -> None:
+        """Close what nobody took (a listener the new config no longer has)."""
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+
+
 def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking listening TCP socket on (address, port).
 
@@ -51,11 +78,13 @@ def _try_setsockopt(sock: socket.socket, level: int, option: int, value: int = 1
         sock.setsockopt(level, option, value)
 
 
-def bind_udp_listener(address: str, port: int) -> socket.socket:
+def bind_udp_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket on (address, port).
 
     No SO_REUSEADDR: for UDP it would let a second socket share the port and take part of its
-    datagrams. A wildcard address gets IP_PKTINFO (IPV6_RECVPKTINFO), so each datagram says
+    datagrams; ``reuse_port`` is for lbd's own workers (SO_REUSEPORT admits only sockets of the
+    same user that set it too, and hashes each client address to one of them). A wildcard address
+    gets IP_PKTINFO (IPV6_RECVPKTINFO), so each datagram says
     which local address it was sent to and the reply can leave from exactly that address.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -63,6 +92,8 @@ def bind_udp_listener(address: str, port: int) -> socket.socket:
     try:
         _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_LISTENER_BUFFER)
         _try_setsockopt(sock, socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_LISTENER_BUFFER)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _try_setsockopt(sock, socket.IPPROTO_IPV6, IPV6_FREEBIND)

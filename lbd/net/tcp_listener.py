@@ -38,12 +38,14 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 class TcpListener:
     __slots__ = (
         "_factory",
+        "_inherited",
         "_loop",
         "_reopen",
         "_unwatch",
         "address",
         "closed",
         "external",
+        "pinned",
         "port",
         "route",
         "server",
@@ -51,8 +53,22 @@ class TcpListener:
     )
 
     def __init__(
-        self, address: str, port: int, route: Route, external: bool, factory: ProtocolFactory
+        self,
+        address: str,
+        port: int,
+        route: Route,
+        external: bool,
+        factory: ProtocolFactory,
+        *,
+        inherited: socket.socket | None = None,
+        pinned: bool = False,
     ) -> None:
+        """``inherited``: a listening socket bound elsewhere (a supervisor, the lbd this one
+        took over from), used instead of binding. ``pinned``: never closed for lack of
+        endpoints, because other processes listen on the same socket; connections are then
+        reset one by one instead (Downstream), as before REJECT-by-closing."""
+        self._inherited = inherited
+        self.pinned = pinned
         self.address = address
         self.port = port  # 0 until the first bind resolves it; re-binds reuse it
         self.route = route
@@ -105,7 +121,9 @@ class TcpListener:
     # -- the socket follows the pool ---------------------------------------------------------
 
     async def _open(self, start_serving: bool) -> None:
-        sock = bind_tcp_listener(self.address, self.port)
+        sock, self._inherited = self._inherited, None
+        if sock is None:
+            sock = bind_tcp_listener(self.address, self.port)
         self.port = sock.getsockname()[1]
         self.sock = sock
         try:
@@ -131,7 +149,7 @@ class TcpListener:
         self.sock = None
 
     def _pool_changed(self, pool: Pool) -> None:
-        if self.closed:
+        if self.closed or self.pinned:
             return
         if not pool.eligible(self.external):
             if self.server is not None:

@@ -66,6 +66,7 @@ class UdpListener:
         "external",
         "filtered",
         "port",
+        "reuse_port",
         "route",
         "sessions",
         "sock",
@@ -73,11 +74,18 @@ class UdpListener:
     )
 
     def __init__(
-        self, address: str, port: int, route: Route, external: bool = False, filtered: bool = False
+        self,
+        address: str,
+        port: int,
+        route: Route,
+        external: bool = False,
+        filtered: bool = False,
+        reuse_port: bool = False,
     ) -> None:
         self.address = address
         self.external = external  # not a clusterIP listener: externalTrafficPolicy applies
         self.filtered = filtered  # loadBalancerSourceRanges apply
+        self.reuse_port = reuse_port  # several workers: each binds its own, the kernel hashes
         self.port = port  # 0 until the first bind resolves it; re-binds reuse it
         self.route = route
         self.sock: socket.socket | None = None
@@ -101,7 +109,7 @@ class UdpListener:
         """Bind the socket (raises OSError) and resolve port 0; nothing is read yet. A reload
         binds every new listener first, so a failure can still change nothing."""
         self._loop = asyncio.get_running_loop()
-        sock = bind_udp_listener(self.address, self.port)
+        sock = bind_udp_listener(self.address, self.port, reuse_port=self.reuse_port)
         self.port = sock.getsockname()[1]
         self.sock = sock
 

@@ -290,6 +290,15 @@ METRICS = _specs(
     ),
     M("lbd_config_info", "gauge", "The running config's hash, as a label.", ("hash",), "max"),
     M("lbd_build_info", "gauge", "lbd's version, as labels.", ("version", "python"), "max"),
+    # -- supervisor (workers: N > 1) -------------------------------------------------------
+    M("lbd_workers", "gauge", "Worker processes serving now.", (), "max"),
+    M(
+        "lbd_worker_restarts_total",
+        "counter",
+        "Worker processes replaced after they exited.",
+        (),
+        "max",
+    ),
 )
 del M
 
@@ -400,7 +409,7 @@ def _route_values(snap: Snapshot, route: Route) -> None:
         e = (*labels, str(endpoint))
         es = endpoint.stats
         add("lbd_upstream_cx_total", e, es.cx_total)
-        add("lbd_upstream_cx_active", e, endpoint.active)
+        add("lbd_upstream_cx_active", e, endpoint.active_here)  # workers: summed
         add("lbd_upstream_cx_connect_fail_total", e, es.connect_fail)
         add("lbd_upstream_cx_connect_timeout_total", e, es.connect_timeout)
         add("lbd_upstream_bytes_sent_total", e, es.bytes_sent)

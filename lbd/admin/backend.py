@@ -1,0 +1,48 @@
+"""What the admin API reads and changes: one process's runtime, or (with several workers) the
+supervisor's view of them all (``lbd.supervisor``). The HTTP layer sees only this interface."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from lbd.admin import views
+from lbd.config.model import Config
+from lbd.observability.metrics import Snapshot
+from lbd.runtime import Runtime
+
+
+class AdminBackend(Protocol):
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    async def snapshot(self) -> Snapshot:
+        """Every metric, summed over workers where there are several."""
+        ...
+
+    async def view(self, name: str, query: dict[str, str]) -> views.Json:
+        """``views.call``; raises ``views.NotFound``/``views.BadRequest``."""
+        ...
+
+
+class LocalBackend:
+    __slots__ = ("runtime",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime.ready
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    async def snapshot(self) -> Snapshot:
+        return self.runtime.metrics_snapshot()
+
+    async def view(self, name: str, query: dict[str, str]) -> views.Json:
+        return views.call(self.runtime, name, query)

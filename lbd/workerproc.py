@@ -1,0 +1,190 @@
+"""One supervised worker process: ``python -m lbd.workerproc --channel FD ...``.
+
+It serves the supervisor's listening sockets (received with the config over the channel) and
+answers the supervisor's messages: reload (same bytes in every worker, new sockets attached),
+snapshot (metrics), admin (a view or an endpoint override). It stops on SIGTERM like a single
+lbd (drain, then close), and also when the channel closes: a supervisor that died must not
+leave workers serving on their own. SIGINT and SIGHUP are ignored: a terminal's Ctrl+C reaches
+the supervisor, which stops the workers in order, and reloads come from the supervisor only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+import structlog
+
+from lbd.admin import views
+from lbd.config import ConfigError, load_text
+from lbd.config.loader import LoadOptions
+from lbd.health.registry import CheckKey, HealthRegistry
+from lbd.ipc import Channel, ChannelClosed, Message
+from lbd.loops import LOOP_FACTORIES
+from lbd.net.listeners import InheritedSockets
+from lbd.observability.logging import configure_logging
+from lbd.reload import Reloader
+from lbd.runtime import ListenerError, Runtime
+from lbd.shared import EndpointSlots, SharedCounts
+from lbd.worker import ShutdownState, serve
+
+log = structlog.get_logger("lbd.workerproc")
+
+EXIT_START = 3
+
+
+class WorkerProcess:
+    def __init__(self, channel_sock: socket.socket, counts: SharedCounts) -> None:
+        self.counts = counts
+        self.state = ShutdownState()
+        self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.sockets = InheritedSockets()
+        self.slots = EndpointSlots(counts, {})
+        self.runtime: Runtime | None = None
+        self.reloader: Reloader | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        # Verdicts of the probing worker that arrived before our runtime existed.
+        self.health_known: dict[CheckKey, bool] = {}
+        self.channel = Channel(channel_sock, self.on_message, self.on_close)
+
+    def on_close(self) -> None:
+        if not self.state.should_exit.is_set():
+            log.warning("supervisor gone, stopping")
+        self.state.should_exit.set()
+        if not self.started.done():
+            self.started.set_exception(ChannelClosed("supervisor gone before start"))
+
+    def _attach(self, message: Message, sockets: list[socket.socket]) -> None:
+        for key, sock in zip(message.get("keys", ()), sockets, strict=True):
+            self.sockets.add(key, sock)
+        if "slots" in message:
+            self.slots.table = message["slots"]
+
+    def on_message(self, message: Message, sockets: list[socket.socket]) -> None:
+        kind = message["type"]
+        if kind == "start":
+            self._attach(message, sockets)
+            if not self.started.done():
+                self.started.set_result(message)
+        elif kind == "reload":
+            self._attach(message, sockets)
+            self._spawn(self._reload(message))
+        elif kind == "health":
+            self.health_known[message["key"]] = message["healthy"]
+            if self.runtime is not None:
+                self.runtime.health.follow(message["key"], message["healthy"])
+        elif kind == "snapshot" and self.runtime is not None:
+            self._reply(message, snapshot=self.runtime.metrics_snapshot())
+        elif kind == "admin" and self.runtime is not None:
+            self._admin(message)
+        else:
+            for sock in sockets:
+                sock.close()
+
+    def _report_health(self, key: CheckKey, healthy: bool) -> None:
+        if not self.channel.closed:
+            self.channel.send({"type": "health", "key": key, "healthy": healthy})
+
+    def _spawn(self, coro: Any) -> None:
+        # Control-plane work (a reload): one task per message, not on the data path.
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _reply(self, message: Message, **fields: Any) -> None:
+        if not self.channel.closed:
+            self.channel.send({"type": message["type"], "id": message["id"], **fields})
+
+    def _admin(self, message: Message) -> None:
+        assert self.runtime is not None
+        try:
+            body = views.call(self.runtime, message["view"], message["query"])
+        except views.NotFound as error:
+            self._reply(message, status=404, error=str(error))
+        except views.BadRequest as error:
+            self._reply(message, status=400, error=str(error))
+        else:
+            self._reply(message, status=200, body=body)
+
+    async def _reload(self, message: Message) -> None:
+        assert self.reloader is not None
+        result = await self.reloader.reload(message["reason"], message["data"])
+        self.sockets.close()  # sockets sent for listeners this reload did not bind
+        self._reply(message, outcome=result.outcome, problems=list(result.problems))
+
+    async def run(self) -> int:
+        start = await self.started
+        options = LoadOptions(start.get("nodeName"), start.get("proxyName"))
+        config = load_text(start["data"], start["path"], options)
+        self.runtime = Runtime(
+            config,
+            sockets=self.sockets,
+            slots=self.slots,
+            udp_reuse_port=True,
+            shared_listeners=True,
+        )
+        # Health: worker 0 probes and reports transitions; the others follow (start included).
+        probing = start["index"] == 0
+        self.runtime.health = HealthRegistry(probing=probing, on_transition=self._report_health)
+        for key, healthy in {**start["health"], **self.health_known}.items():
+            self.runtime.health.follow(key, healthy)
+        self.reloader = Reloader(self.runtime, start["path"], start["data"], options)
+
+        async def ready(runtime: Runtime) -> None:
+            self.sockets.close()
+            self.channel.send({"type": "ready", "pid": os.getpid()})
+
+        try:
+            return await serve(
+                config, runtime=self.runtime, ready=ready, state=self.state, admin_api=False
+            )
+        finally:
+            for task in list(self.tasks):
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def main_async(channel_fd: int, counts: SharedCounts) -> int:
+    worker = WorkerProcess(socket.socket(fileno=channel_fd), counts)
+    try:
+        return await worker.run()
+    except (ListenerError, ConfigError, ChannelClosed) as error:
+        message = str(error)
+        if isinstance(error, ConfigError):
+            message = "; ".join(str(problem) for problem in error.problems)
+        log.error("worker failed to start", error=message)
+        if not worker.channel.closed:
+            worker.channel.send({"type": "failed", "error": message})
+            await asyncio.sleep(0.05)  # let the message leave before the process does
+        return EXIT_START
+    finally:
+        worker.channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lbd-worker")
+    parser.add_argument("--channel", type=int, required=True)
+    parser.add_argument("--counts", type=int, required=True, help="shared counters memfd")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--workers", type=int, required=True)
+    parser.add_argument("--slots", type=int, required=True)
+    parser.add_argument("--loop", choices=list(LOOP_FACTORIES), default="uvloop")
+    parser.add_argument("--log-format", default="json")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    configure_logging(args.log_format, args.log_level)
+    structlog.contextvars.bind_contextvars(worker=args.index)
+    counts = SharedCounts(args.counts, args.workers, args.slots, worker=args.index)
+    with asyncio.Runner(loop_factory=LOOP_FACTORIES[args.loop]) as runner:
+        return runner.run(main_async(args.channel, counts))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

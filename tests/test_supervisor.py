@@ -1,0 +1,263 @@
+"""``workers: N``: a supervisor and real worker processes, real signals, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from lbd.admin.client import AdminTarget, call
+from tests.procs import LbdProcess, lbd_process, run_cli
+from tests.support import (
+    dead_port,
+    document,
+    echo_backend,
+    echo_backends,
+    fresh_ip,
+    read_name,
+    service_yaml,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "lbd.yaml"
+    path.write_text(text)
+    return path
+
+
+def with_workers(text: str, workers: int = 2) -> str:
+    return text.replace("apiVersion: lbd/v1\n", f"apiVersion: lbd/v1\nworkers: {workers}\n")
+
+
+async def started(lbd: LbdProcess, workers: int = 2) -> tuple[AdminTarget, list[int]]:
+    event = await lbd.wait_event("lbd started", timeout=30)
+    assert event["workers"] == workers
+    pids = [int(str(e["pid"])) for e in lbd.events if e.get("event") == "worker started"]
+    return AdminTarget(address=str(event["admin"])), pids
+
+
+async def metric(target: AdminTarget, name: str) -> float:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(f"http://{target.address}/metrics") as response:
+            text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_workers_serve_sum_metrics_and_stop_cleanly(tmp_path: Path) -> None:
+    async with echo_backend("b1") as (bh, bp, stats):
+        path = write(tmp_path, with_workers(document(service_yaml("svc", [(bh, bp)]))))
+        async with lbd_process(path) as lbd:
+            target, pids = await started(lbd)
+            assert len(pids) == 2 and all(alive(pid) for pid in pids)
+            host, port = lbd.listener()
+            for _ in range(40):
+                assert await read_name(host, port) == "b1"
+            assert stats.connections == 40
+            assert await metric(target, "lbd_downstream_cx_total") == 40
+            assert await metric(target, "lbd_workers") == 2
+            status, body = await call(target, "/readyz")
+            assert status == 200 and body["status"] == "ready"
+            status, body = await call(target, "/services")
+            assert status == 200 and body["services"][0]["endpoints"][0]["address"] == bh
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+            await lbd.wait_event("lbd stopped")
+            assert not any(alive(pid) for pid in pids)
+
+
+async def test_a_dead_worker_is_replaced_and_counted(tmp_path: Path) -> None:
+    async with echo_backend("b1") as (bh, bp, _):
+        path = write(tmp_path, with_workers(document(service_yaml("svc", [(bh, bp)]))))
+        async with lbd_process(path) as lbd:
+            target, pids = await started(lbd)
+            os.kill(pids[0], signal.SIGKILL)  # a worker lbd started, by its PID
+            await lbd.wait_event("worker exited, restarting")
+            await lbd.wait_event("worker started", count=3)
+            await lbd.wait_event("worker serving", count=3)
+            host, port = lbd.listener()
+            for _ in range(20):
+                assert await read_name(host, port) == "b1"
+            assert await metric(target, "lbd_worker_restarts_total") == 1
+            assert await metric(target, "lbd_workers") == 2
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_reload_reaches_every_worker(tmp_path: Path) -> None:
+    async with echo_backends(2) as [(h1, p1, _), (h2, p2, _)]:
+        ip = fresh_ip()
+        port = dead_port(ip)
+        text = with_workers(document(service_yaml("svc", [(h1, p1)], cluster_ip=ip, port=port)))
+        path = write(tmp_path, text)
+        async with lbd_process(path, "--no-watch") as lbd:
+            target, _ = await started(lbd)
+            # A new service (a new listener, bound once by the supervisor) and a new endpoint.
+            other = fresh_ip()
+            path.write_text(
+                with_workers(
+                    document(
+                        service_yaml("svc", [(h2, p2)], cluster_ip=ip, port=port),
+                        service_yaml("new", [(h2, p2)], cluster_ip=other, port=port),
+                    )
+                )
+            )
+            lbd.signal(signal.SIGHUP)
+            await lbd.wait_event("config reloaded", count=3)  # each worker, and the supervisor
+            reloaded = [e for e in lbd.events if e.get("event") == "config reloaded"]
+            assert [e["workers"] for e in reloaded if "worker" not in e] == [2]
+            for _ in range(20):  # both workers accept: every connection sees the new config
+                assert await read_name(ip, port) == "backend-1"
+                assert await read_name(other, port) == "backend-1"
+            status, body = await call(target, "/config")
+            assert status == 200 and len(body["services"]) == 2
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_least_connection_counts_are_global_across_workers(tmp_path: Path) -> None:
+    async with echo_backends(2) as backends:
+        eps = [(h, p) for h, p, _ in backends]
+        text = with_workers(document(service_yaml("svc", eps, strategy="least-connection")))
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            target, _ = await started(lbd)
+            host, port = lbd.listener()
+            held: list[asyncio.StreamWriter] = []
+            try:
+                for _ in range(20):
+                    reader, writer = await asyncio.open_connection(host, port)
+                    held.append(writer)
+                    await asyncio.wait_for(reader.readline(), 5)  # connected to an endpoint
+                # Whichever worker took each connection, it saw the others' counts.
+                assert [stats.open for _, _, stats in backends] == [10, 10]
+                status, body = await call(target, "/services")
+                actives = [e["active"] for e in body["services"][0]["endpoints"]]
+                assert status == 200 and actives == [10, 10]
+                assert await metric(target, "lbd_upstream_cx_active") == 20
+            finally:
+                for writer in held:
+                    writer.close()
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_admin_override_reaches_every_worker(tmp_path: Path) -> None:
+    async with echo_backends(2) as [(h1, p1, _), (h2, p2, _)]:
+        socket_path = tmp_path / "admin.sock"
+        text = with_workers(
+            document(service_yaml("svc", [(h1, p1), (h2, p2)]), admin=f"{{socket: {socket_path}}}")
+        )
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            await lbd.wait_event("lbd started", timeout=30)
+            target = AdminTarget(socket=str(socket_path))
+            status, body = await call(
+                target, "/endpoints/drain", {"service": "svc", "endpoint": h1}, "POST"
+            )
+            assert status == 200, body
+            host, port = lbd.listener()
+            names = {await read_name(host, port) for _ in range(20)}
+            assert names == {"backend-1"}
+            status, body = await call(
+                target, "/endpoints/drain", {"service": "svc", "endpoint": "127.9.9.9"}, "POST"
+            )
+            assert status == 404
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_a_worker_that_cannot_start_stops_lbd_with_exit_3(tmp_path: Path) -> None:
+    ip = fresh_ip()
+    with contextlib.closing(__import__("socket").socket(2, 2)) as taken:  # UDP, no REUSEPORT
+        taken.bind((ip, 0))
+        port = taken.getsockname()[1]
+        text = with_workers(
+            document(service_yaml("svc", [(ip, 9)], cluster_ip=ip, port=port, protocol="UDP"))
+        )
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            assert await lbd.wait_exit(30) == 3
+            assert any("cannot bind" in line for line in lbd.lines)
+
+
+async def test_one_worker_probes_health_and_the_others_follow(tmp_path: Path) -> None:
+    async with echo_backend("b1") as (bh, bp, _):
+        dead = fresh_ip()
+        text = with_workers(
+            document(
+                service_yaml("svc", [(bh, bp), (dead, dead_port(dead))]),
+                defaults="{healthCheck: {interval: 100ms, timeout: 1s, unhealthyThreshold: 1}}",
+            )
+        )
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            target, _ = await started(lbd)
+            await lbd.wait_event("endpoint unhealthy")
+            host, port = lbd.listener()
+            # The verdict reaches the other worker through the supervisor a few ms later (its
+            # connections meanwhile fail over to b1): by the end of a first round it has.
+            for _ in range(10):
+                assert await read_name(host, port) == "b1"
+            failed = await metric(target, "lbd_upstream_cx_connect_fail_total")
+            for _ in range(30):  # whichever worker accepts, it knows the endpoint is down
+                assert await read_name(host, port) == "b1"
+            assert await metric(target, "lbd_upstream_cx_connect_fail_total") == failed
+            assert await metric(target, "lbd_health_checkers_active") == 2  # not 4
+            probers = {
+                e.get("worker") for e in lbd.events if e.get("event") == "endpoint unhealthy"
+            }
+            assert probers == {0}
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_bad_workers_option_is_a_usage_error(tmp_path: Path) -> None:
+    path = write(tmp_path, document(service_yaml("svc", [(fresh_ip(), 80)])))
+    for bad in ("0", "many"):
+        code, _, err = await run_cli("run", str(path), "--workers", bad)
+        assert code == 2 and "--workers" in err
+
+
+async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: Path) -> None:
+    # Workers share the listening socket (the supervisor keeps a copy), so a port without a
+    # usable endpoint cannot stop listening: every connection is reset at once instead of
+    # hanging, and one that gets an endpoint by reload is served again.
+    ip = fresh_ip()
+    path = write(tmp_path, with_workers(document(service_yaml("svc", [], cluster_ip=ip))))
+    async with lbd_process(path, "--no-watch") as lbd:
+        target, _ = await started(lbd)
+        host, port = lbd.listener()
+        for _ in range(4):
+            with pytest.raises(ConnectionResetError):
+                await read_name(host, port)
+        async with echo_backend("late") as (bh, bp, _):
+            path.write_text(with_workers(document(service_yaml("svc", [(bh, bp)], cluster_ip=ip))))
+            lbd.signal(signal.SIGHUP)
+            await lbd.wait_event("config reloaded", timeout=10)
+            for _ in range(200):
+                with contextlib.suppress(ConnectionResetError):
+                    if await read_name(host, port) == "late":
+                        break
+                await asyncio.sleep(0.01)
+            assert await read_name(host, port) == "late"
+        lbd.signal(signal.SIGTERM)
+        assert await lbd.wait_exit(timeout=20) == 0
