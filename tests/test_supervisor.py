@@ -244,7 +244,7 @@ async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: P
     ip = fresh_ip()
     path = write(tmp_path, with_workers(document(service_yaml("svc", [], cluster_ip=ip))))
     async with lbd_process(path, "--no-watch") as lbd:
-        target, _ = await started(lbd)
+        await started(lbd)
         host, port = lbd.listener()
         for _ in range(4):
             with pytest.raises(ConnectionResetError):
