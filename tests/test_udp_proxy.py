@@ -331,3 +331,47 @@ async def test_reload_through_the_runtime_keeps_sessions_of_endpoints_that_stay(
                 await runtime.apply(config(udp_service([(h1, p1)], cluster_ip=ip)))
                 assert await name_of(client) == "backend-1"  # its endpoint went: moved at once
             assert len(s0.peers) == 1  # one upstream socket throughout the first reload
+
+
+async def test_proxy_protocol_v2_header_precedes_every_datagram() -> None:
+    from lbd.net import proxy_protocol
+
+    received: list[bytes] = []
+    got = asyncio.Event()
+
+    class Recorder(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            received.append(data)
+            self.transport.sendto(b"ok", addr)  # type: ignore[attr-defined]
+            got.set()
+
+    loop = asyncio.get_running_loop()
+    backend_ip = fresh_ip()
+    transport, _ = await loop.create_datagram_endpoint(Recorder, local_addr=(backend_ip, 0))
+    try:
+        bp = transport.get_extra_info("sockname")[1]
+        text = udp_service([(backend_ip, bp)], extra="    proxyProtocol: v2\n")
+        async with running(config(text)) as runtime:
+            listen = address_of(runtime)
+            client_ip = fresh_ip()
+            async with udp_client(listen, local_ip=client_ip) as client:
+                for payload in (b"first", b"second"):
+                    assert await client.ask(payload) == b"ok"
+                local = client.local
+            for data, payload in zip(received, (b"first", b"second"), strict=True):
+                length, source, destination = proxy_protocol.parse(data)  # type: ignore[misc]
+                assert source == (client_ip, local[1]) and destination == listen
+                assert data[length:] == payload
+                assert data[13] == 0x12  # AF_INET + DGRAM
+    finally:
+        transport.close()
+
+
+def test_proxy_protocol_v1_is_refused_on_a_udp_service() -> None:
+    from lbd.config import ConfigError
+
+    with pytest.raises(ConfigError, match="v1 carries TCP only"):
+        config(udp_service([("127.0.0.1", 53)], extra="    proxyProtocol: v1\n"))

@@ -242,6 +242,11 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     cluster_ip = section.get("clusterIP", f.unicast_address)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
+    if tunables.proxy_protocol.send == "v1" and any(p.protocol == "UDP" for p in ports):
+        section.problems.add(
+            f.join(section.path, "proxyProtocol"),
+            "v1 carries TCP only; a service with a UDP port needs v2 (or a separate service)",
+        )
     semantics = service_semantics(section, kind, len(external_ips))
     service = Service(
         name=name,

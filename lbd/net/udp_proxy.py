@@ -30,11 +30,14 @@ from collections.abc import Callable
 
 import structlog
 
+from lbd.net import proxy_protocol
 from lbd.net.listeners import IP_PKTINFO, bind_udp_listener
 from lbd.pool import Pool, UpstreamEndpoint
 from lbd.route import Route
 
 log = structlog.get_logger("lbd.udp")
+
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 
 RECV_SIZE = 65536  # above the largest UDP payload: 65,507 bytes over IPv4, 65,527 over IPv6
 BATCH = 64  # datagrams read per wakeup: one busy socket cannot hold the loop for long
@@ -284,6 +287,13 @@ class UdpListener:
         stats.udp_downstream_rx_datagrams += received
         stats.udp_downstream_rx_bytes += nbytes
 
+    def _destination(self, key: object) -> tuple[str, int]:
+        """The address the client sent to: the listener's, or (wildcard) the one PKTINFO gave."""
+        if self.wildcard and isinstance(key, tuple) and len(key) == 2 and key[1]:
+            family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+            return socket.inet_ntop(family, key[1]), self.port
+        return self.address, self.port
+
     def _open_session(
         self, key: object, client: Client, ancillary: Ancillary | None
     ) -> UdpSession | None:
@@ -317,7 +327,10 @@ class UdpListener:
                 error=error.strerror or str(error),
             )
             return None
-        session = UdpSession(self, key, client, endpoint, sock, ancillary)
+        header = None
+        if route.proxy_protocol.send == "v2":
+            header = proxy_protocol.build_v2(client[:2], self._destination(key), "UDP")
+        session = UdpSession(self, key, client, endpoint, sock, ancillary, header)
         self.sessions[key] = session
         route.pool.acquire(endpoint)
         stats.udp_sess_total += 1
@@ -349,6 +362,7 @@ class UdpSession:
         "client",
         "closed",
         "endpoint",
+        "header",
         "key",
         "last_activity",
         "listener",
@@ -363,8 +377,12 @@ class UdpSession:
         endpoint: UpstreamEndpoint,
         sock: socket.socket,
         ancillary: Ancillary | None,
+        header: bytes | None = None,
     ) -> None:
         self.listener = listener
+        # PROXY protocol v2 (proxyProtocol: v2): sent before every datagram, since each one may
+        # reach the endpoint on its own, as HAProxy's and AWS NLB's UDP proxies do.
+        self.header = header
         self.key = key
         self.client = client
         self.endpoint = endpoint
@@ -382,7 +400,13 @@ class UdpSession:
         listener = self.listener
         self.last_activity = listener._loop.time()
         try:
-            self.sock.send(data)
+            if self.header is None:
+                self.sock.send(data)
+            elif len(self.header) + len(data) > MAX_DATAGRAM:
+                listener.route.stats.udp_upstream_tx_errors += 1  # no room for the header
+                return True
+            else:
+                self.sock.sendmsg([self.header, data])  # no copy to prepend it
         except BlockingIOError:
             listener.route.stats.udp_upstream_tx_errors += 1  # send buffer full: dropped
             return True
