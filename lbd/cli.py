@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("service", help="NAMESPACE/NAME (or NAME in default)")
     explain.add_argument("--port", help="port name or number; needed when the service has several")
     explain.add_argument("--client", help="the client's IP address")
+    explain.add_argument(
+        "--kind",
+        choices=("clusterIP", "externalIP", "nodePort", "loadBalancerIP"),
+        default="clusterIP",
+        help="the listener the connection arrives on (traffic policies, source ranges)",
+    )
     explain.add_argument("--json", action="store_true", help="print the /explain JSON")
     with_admin_target(explain)
     return parser

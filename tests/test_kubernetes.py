@@ -275,6 +275,37 @@ async def test_should_only_allow_access_from_service_loadbalancer_source_ranges(
             assert await name_via(at(runtime, "nodePort"), denied) == "backend-0"
 
 
+async def test_source_ranges_apply_to_the_client_a_trusted_proxy_header_names() -> None:
+    from lbd.net import proxy_protocol
+
+    async with echo_backends(1) as [(host, port, _)]:
+        proxy, allowed, denied, lb_ip = fresh_ip(), fresh_ip(), fresh_ip(), fresh_ip()
+        extra = (
+            f"    loadBalancerIPs: ['{lb_ip}']\n    loadBalancerSourceRanges: ['{allowed}/32']\n"
+            f"    acceptProxyProtocolFrom: ['{proxy}/32']\n"
+        )
+        text = cfg(service([endpoint(host, port)], kind="LoadBalancer", extra=extra))
+        async with running(text) as runtime:
+            lb = at(runtime, "loadBalancerIP")
+
+            async def via_proxy(client: str) -> str:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(*lb, local_addr=(proxy, 0)), 5
+                )
+                try:
+                    writer.write(proxy_protocol.build_v1((client, 40000), lb))
+                    return (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+                finally:
+                    writer.close()
+
+            assert await via_proxy(allowed) == "backend-0"
+            # The proxy itself is outside the ranges: what counts is the client it names.
+            with pytest.raises(ConnectionResetError):
+                await via_proxy(denied)
+            route = next(iter(runtime.routes.values()))
+            assert route.stats.downstream_cx_refused_source_range == 1
+
+
 # -- 6. healthCheckNodePort --------------------------------------------------------------------
 
 

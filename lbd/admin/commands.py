@@ -62,6 +62,8 @@ async def explain(args: argparse.Namespace, target: AdminTarget) -> int:
         params["port"] = args.port
     if args.client:
         params["client"] = args.client
+    if getattr(args, "kind", "clusterIP") != "clusterIP":
+        params["kind"] = args.kind
     view = await _get(target, "/explain", params)
     if args.json:
         print(json.dumps(view, indent=2))

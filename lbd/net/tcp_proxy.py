@@ -157,7 +157,9 @@ class Downstream(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = peer[0] if peer else ""
         listener = self.listener
-        if listener.filtered and not route.allows(self.client):
+        # A trusted PROXY source is checked against the ranges once its header names the client.
+        via_proxy = bool(route.trusted_proxies) and self._trusted(self.client)
+        if listener.filtered and not via_proxy and not route.allows(self.client):
             # Refusing per client needs the connection accepted first: a reset is the best the
             # kernel lets a listening socket do without packet filtering.
             stats.downstream_cx_refused_source_range += 1
@@ -174,7 +176,7 @@ class Downstream(asyncio.Protocol):
         self.connections.add(self)
         if route.max_duration is not None:
             self._max_duration_timer = loop.call_later(route.max_duration, self._max_duration)
-        if route.trusted_proxies and self._trusted(self.client):
+        if via_proxy:
             # Read the PROXY header first: it says who the client is, before any pick.
             self._header = b""
             self._header_timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._header_missing)
@@ -212,6 +214,10 @@ class Downstream(asyncio.Protocol):
         if source is not None and destination is not None:
             self.addresses = (source, destination)
             self.client = source[0]
+        if self.listener.filtered and not self.route.allows(self.client):
+            self.route.stats.downstream_cx_refused_source_range += 1
+            self.finish("source_range", abort=True)
+            return
         rest = buffer[length:]
         if rest:
             self.received += len(rest)
