@@ -117,6 +117,21 @@ def ensure_free(host: str, port: int, kind: int = socket.SOCK_STREAM) -> None:
             raise NotReadyError(f"{host}:{port} is already in use by another process") from exc
 
 
+def wait_log_line(proc: Proc, text: str, timeout: float = 30.0) -> None:
+    """Wait until ``text`` appears in the process's log; fail early if it died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise NotReadyError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.log_tail()}")
+        try:
+            if text in proc.log_path.read_text(errors="replace"):
+                return
+        except OSError:
+            pass  # not written yet
+        time.sleep(0.05)
+    raise NotReadyError(f"{proc.name} did not log {text!r} within {timeout}s")
+
+
 def wait_tcp_ready(proc: Proc, host: str, port: int, timeout: float = 15.0) -> None:
     """Poll-connect until the listener accepts; fail early if the process died."""
     deadline = time.monotonic() + timeout

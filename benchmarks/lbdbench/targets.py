@@ -25,6 +25,7 @@ from lbdbench.procs import (
     ensure_free,
     max_proxied_connections,
     spawn,
+    wait_log_line,
     wait_tcp_ready,
     wait_udp_ready,
 )
@@ -99,10 +100,7 @@ class Target(ABC):
         proc = spawn(self.key, self.command(route, workdir), log_dir, cpus=cpus)
         running = Running(self.listen, proc)
         try:
-            if route.transport == "tcp":
-                wait_tcp_ready(proc, self.listen.host, self.listen.port)
-            else:
-                wait_udp_ready(proc, self.listen.host, self.listen.port)
+            self.wait_ready(proc, route)
             yield running
         finally:
             was_alive = proc.alive()
@@ -111,6 +109,13 @@ class Target(ABC):
                 running.problems.append(f"{self.label} exited on its own with code {code}")
             elif code not in self.clean_exits:
                 running.problems.append(f"{self.label} exited with code {code} after SIGTERM")
+
+
+    def wait_ready(self, proc: Proc, route: Route) -> None:
+        if route.transport == "tcp":
+            wait_tcp_ready(proc, self.listen.host, self.listen.port)
+        else:
+            wait_udp_ready(proc, self.listen.host, self.listen.port)
 
 
 class Direct(Target):
@@ -172,10 +177,18 @@ services:
 """
         path = workdir / f"{self.key}.yaml"
         path.write_text(config)
-        argv = [*self.launcher, "run", str(path), "--log-level", "warning", "--loop", self.loop]
+        argv = [*self.launcher, "run", str(path), "--log-format", "json", "--loop", self.loop]
         if self.workers > 1:
             argv += ["--workers", str(self.workers)]
         return argv
+
+    def wait_ready(self, proc: Proc, route: Route) -> None:
+        """With workers the supervisor's socket accepts (into its backlog) before any worker
+        serves, so a probe connection would sit there and reach the backend right before the
+        benchmark's own (iperf3's server then refuses the real client as busy). Wait for lbd to
+        say it has started, then probe as for every target."""
+        wait_log_line(proc, '"event": "lbd started"')
+        super().wait_ready(proc, route)
 
 
 class HAProxy(Target):
