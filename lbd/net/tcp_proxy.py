@@ -348,10 +348,12 @@ class Downstream(asyncio.Protocol):
                 )
             except asyncio.CancelledError:
                 timer.cancel()
-                if not upstream.timed_out:
+                # Not our deadline, or the client went away too (then a second cancel request
+                # is pending that uncancel() below would swallow): stop here.
+                if not upstream.timed_out or self.closed:
                     if not upstream.attached:
                         route.pool.release(endpoint)
-                    raise  # the client went away
+                    raise
                 assert self._connect_task is not None
                 self._connect_task.uncancel()
                 stats.upstream_cx_connect_timeout += 1
