@@ -9,6 +9,8 @@ import asyncio
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
+from lbd.net.idle import IdleWheel
+
 
 class Closable(Protocol):
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
@@ -18,11 +20,12 @@ T = TypeVar("T", bound=Closable)
 
 
 class ConnectionSet(Generic[T]):
-    __slots__ = ("_empty", "_items")
+    __slots__ = ("_empty", "_items", "idle")
 
     def __init__(self) -> None:
         self._items: set[T] = set()
         self._empty: asyncio.Event | None = None
+        self.idle = IdleWheel()  # the idle deadlines of these connections, one timer for all
 
     def __len__(self) -> int:
         return len(self._items)

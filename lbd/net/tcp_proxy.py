@@ -89,7 +89,6 @@ class Downstream(asyncio.Protocol):
         "_half_closed_timer",
         "_header",
         "_header_timer",
-        "_idle_timer",
         "_loop",
         "_max_duration_timer",
         "_pending",
@@ -102,6 +101,7 @@ class Downstream(asyncio.Protocol):
         "connections",
         "endpoint",
         "id",
+        "idle_tick",
         "last_activity",
         "listener",
         "received",
@@ -122,7 +122,7 @@ class Downstream(asyncio.Protocol):
         self.endpoint: UpstreamEndpoint | None = None
         self._pending: list[bytes] = []
         self._connect_task: asyncio.Task[None] | None = None
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self.idle_tick = -1  # filed in the idle wheel under this tick (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
         self._half_closed_timer: asyncio.TimerHandle | None = None
         self._max_duration_timer: asyncio.TimerHandle | None = None
@@ -375,6 +375,8 @@ class Downstream(asyncio.Protocol):
             endpoint.stats.connect_seconds.observe(self.connected - began)
             if route.outlier is not None:
                 route.outlier.connect_succeeded(endpoint)
+            # Done: drop the finished task (and its frame, ~700 bytes) for the connection's life.
+            self._connect_task = None
             return
         stats.upstream_cx_none_succeeded += 1
         log.warning(
@@ -455,8 +457,7 @@ class Downstream(asyncio.Protocol):
         else:
             assert self.transport is not None
             self.transport.resume_reading()
-        timeout = self.route.idle_timeout
-        self._idle_timer = self._loop.call_at(self.last_activity + timeout, self._check_idle)
+        self.connections.idle.file(self, self.last_activity + self.route.idle_timeout)
 
     def _proxy_header(self, version: str) -> bytes:
         addresses = self.addresses
@@ -469,13 +470,16 @@ class Downstream(asyncio.Protocol):
             return proxy_protocol.build_v1(*addresses)
         return proxy_protocol.build_v2(*addresses, "TCP")
 
-    def _check_idle(self) -> None:
+    def check_idle(self) -> None:
+        """Called by the idle wheel when the deadline this connection was filed under passed."""
+        if self.closed:
+            return
         deadline = self.last_activity + self.route.idle_timeout
         if self._loop.time() >= deadline:
             self.route.stats.idle_timeouts += 1
             self.finish("idle_timeout")
         else:
-            self._idle_timer = self._loop.call_at(deadline, self._check_idle)
+            self.connections.idle.file(self, deadline)
 
     # -- draining (reload, shutdown) ---------------------------------------------------------
 
@@ -499,8 +503,8 @@ class Downstream(asyncio.Protocol):
         route = self.route
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
+        self.connections.idle.remove(self)
         for timer in (
-            self._idle_timer,
             self._drain_timer,
             self._half_closed_timer,
             self._max_duration_timer,
