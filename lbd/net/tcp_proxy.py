@@ -61,8 +61,6 @@ _PID_PREFIX = f"{os.getpid():x}"
 _next_id = itertools.count(1)
 
 
-def _connection_id() -> str:
-    return f"{_PID_PREFIX}-{next(_next_id):x}"
 
 
 def _same(upstream: Upstream) -> Upstream:
@@ -92,6 +90,7 @@ class Downstream(asyncio.Protocol):
         "_loop",
         "_max_duration_timer",
         "_pending",
+        "_serial",
         "addresses",
         "admission",
         "client",
@@ -100,7 +99,6 @@ class Downstream(asyncio.Protocol):
         "connected",
         "connections",
         "endpoint",
-        "id",
         "idle_tick",
         "last_activity",
         "listener",
@@ -120,7 +118,9 @@ class Downstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.upstream: Upstream | None = None
         self.endpoint: UpstreamEndpoint | None = None
-        self._pending: list[bytes] = []
+        # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
+        # the time: one object less per idle connection.
+        self._pending: list[bytes] | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self.idle_tick = -1  # filed in the idle wheel under this tick (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
@@ -142,7 +142,18 @@ class Downstream(asyncio.Protocol):
         self.started = 0.0
         self.connected = 0.0  # when the upstream connect succeeded (0: not yet)
         self.last_activity = 0.0
-        self.id = _connection_id()
+        self._serial = next(_next_id)
+
+    @property
+    def id(self) -> str:
+        """The connection id in logs: made only when something is logged about it."""
+        return f"{_PID_PREFIX}-{self._serial:x}"
+
+    def _keep(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+        else:
+            self._pending.append(data)
 
     # -- asyncio.Protocol, client side -------------------------------------------------------
 
@@ -221,7 +232,7 @@ class Downstream(asyncio.Protocol):
         rest = buffer[length:]
         if rest:
             self.received += len(rest)
-            self._pending.append(rest)
+            self._keep(rest)
         assert self.transport is not None
         self.transport.pause_reading()
         self._admit()
@@ -269,7 +280,7 @@ class Downstream(asyncio.Protocol):
         if upstream is not None:
             upstream.transport.write(data)
         else:
-            self._pending.append(data)
+            self._keep(data)
 
     def eof_received(self) -> bool:
         if self._header is not None:
@@ -451,7 +462,7 @@ class Downstream(asyncio.Protocol):
             transport.write(self._proxy_header(version))
         if self._pending:
             transport.write(b"".join(self._pending))
-            self._pending.clear()
+        self._pending = None
         if self.client_eof:
             transport.write_eof()
         else:
