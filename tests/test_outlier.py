@@ -85,7 +85,8 @@ async def test_ejection_expires_and_grows_with_each_ejection() -> None:
     detector.connect_failed(a)
     await until(lambda: not a.ejected, 5)
     second = loop.time() - start
-    assert 0.3 <= first < 0.3 + 0.5 and 0.5 <= second < 0.5 + 0.5
+    # uvloop's timers have millisecond resolution: allow them 10 ms early.
+    assert 0.29 <= first < 0.3 + 0.5 and 0.49 <= second < 0.5 + 0.5
 
 
 async def test_connect_failures_through_lbd_eject_the_dead_endpoint() -> None:
