@@ -13,8 +13,8 @@ from tests.support import document as doc
 
 
 def two_endpoints(second: bool = True) -> str:
-    eps = [("10.0.0.1", 80), ("10.0.0.2", 80)] if second else [("10.0.0.1", 80)]
-    return doc(service_yaml("svc", eps, cluster_ip="10.96.0.1", port=80))
+    eps = [("127.0.3.1", 80), ("127.0.3.2", 80)] if second else [("127.0.3.1", 80)]
+    return doc(service_yaml("svc", eps, cluster_ip="127.96.3.1", port=80))
 
 
 def test_each_worker_writes_its_row_and_readers_sum_the_column() -> None:
@@ -39,8 +39,8 @@ def test_pool_acquire_release_write_the_shared_slot_only() -> None:
     try:
         mine = SharedCounts(region.fd, 2, 4, worker=1)
         key = ("default/svc", "80")
-        pool = Pool(slots=EndpointSlots(mine, {(key, "10.0.0.1", 80): 2}), route_key=key)
-        pool.update([("10.0.0.1", 80, 1), ("10.0.0.2", 80, 1)])
+        pool = Pool(slots=EndpointSlots(mine, {(key, "127.0.3.1", 80): 2}), route_key=key)
+        pool.update([("127.0.3.1", 80, 1), ("127.0.3.2", 80, 1)])
         slotted, unslotted = pool.members
         region.values[2] = 4  # worker 0's connections on the same endpoint
         pool.acquire(slotted)
@@ -60,14 +60,14 @@ def test_slots_are_stable_and_freed_only_when_nobody_counts_on_them() -> None:
     try:
         table = allocator.assign(config(two_endpoints()))
         assert sorted(table.values()) == [0, 1]
-        gone = next(key for key in table if key[1] == "10.0.0.2")
+        gone = next(key for key in table if key[1] == "127.0.3.2")
         region.values[table[gone]] = 1  # still one connection somewhere: it drains
         assert allocator.assign(config(two_endpoints(False)), region) == table
         region.values[table[gone]] = 0
         assert gone not in allocator.assign(config(two_endpoints(False)), region)
         crowded = doc(
             service_yaml(
-                "svc", [(f"10.0.0.{i}", 80) for i in range(1, 5)], cluster_ip="10.96.0.1", port=80
+                "svc", [(f"127.0.3.{i}", 80) for i in range(1, 5)], cluster_ip="127.96.3.1", port=80
             )
         )
         assert len(allocator.assign(config(crowded))) == 2 and allocator.exhausted == 2
