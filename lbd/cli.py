@@ -261,6 +261,9 @@ def check_diff(running: str, new: str, options: LoadOptions | None = None) -> in
 def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
     try:
         pid = int(Path(pid_file).read_text().strip())
+        if pid <= 1:
+            # os.kill(0 or -1, ...) would signal our own process group or every process.
+            raise ValueError(f"{pid} is not the process id of an lbd")
         os.kill(pid, signum)
     except (OSError, ValueError) as error:
         print(f"lbd {command}: cannot signal the process in {pid_file}: {error}", file=sys.stderr)

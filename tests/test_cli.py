@@ -380,3 +380,14 @@ async def test_reload_over_the_admin_api_checks_the_file(tmp_path: Path) -> None
                 assert 'lbd_config_reloads_total{result="success"} 1.0' in await response.text()
         lbd.signal(signal.SIGTERM)
         assert await lbd.wait_exit() == 0
+
+
+@pytest.mark.parametrize("content", ["0", "-1", "1", "not a pid"])
+async def test_reload_refuses_a_pid_file_that_would_signal_a_group(
+    tmp_path: Path, content: str
+) -> None:
+    pid_file = tmp_path / "lbd.pid"
+    pid_file.write_text(content)
+    code, _, err = await run_cli("reload", "--pid-file", str(pid_file))
+    assert code == 3
+    assert "cannot signal the process" in err

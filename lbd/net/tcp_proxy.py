@@ -61,8 +61,6 @@ _PID_PREFIX = f"{os.getpid():x}"
 _next_id = itertools.count(1)
 
 
-
-
 def _same(upstream: Upstream) -> Upstream:
     """A protocol factory that returns the Upstream made before the connect started."""
     return upstream
