@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +34,30 @@ class ReloadResult:
     problems: tuple[str, ...] = ()
 
 
+class ReloadRequests:
+    """Reload requests from signals, watchers and the admin API, coalesced: ``request`` only
+    records; ``serve`` runs one reload at a time, and requests made during one cause one more."""
+
+    __slots__ = ("_reasons", "_wanted")
+
+    def __init__(self) -> None:
+        self._wanted = asyncio.Event()
+        self._reasons: list[str] = []
+
+    def request(self, reason: str) -> None:
+        """Record that a reload is wanted (safe from a signal handler or a watcher)."""
+        self._reasons.append(reason)
+        self._wanted.set()
+
+    async def serve(self, reload: Callable[[str], Awaitable[ReloadResult]]) -> None:
+        """Call ``reload(reasons)`` for each burst of requests, until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            reasons, self._reasons = self._reasons, []
+            await reload(", ".join(sorted(set(reasons))))
+
+
 def content_hash(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
@@ -45,22 +70,16 @@ class Reloader:
         self.path = path
         self.options = options  # --node-name, --proxy-name: the same for every reload
         self._applied_hash = content_hash(applied)
-        self._wanted = asyncio.Event()
-        self._reasons: list[str] = []
+        self._requests = ReloadRequests()
         self._lock = asyncio.Lock()
 
     def request(self, reason: str) -> None:
         """Record that a reload is wanted (safe from a signal handler or a watcher)."""
-        self._reasons.append(reason)
-        self._wanted.set()
+        self._requests.request(reason)
 
     async def run(self) -> None:
         """Serve requests until cancelled; requests made during a reload cause one more."""
-        while True:
-            await self._wanted.wait()
-            self._wanted.clear()
-            reasons, self._reasons = self._reasons, []
-            await self.reload(", ".join(sorted(set(reasons))))
+        await self._requests.serve(self.reload)
 
     async def reload(self, reason: str, data: bytes | None = None) -> ReloadResult:
         """Reload from the file, or from ``data`` (a supervisor read and checked the file and

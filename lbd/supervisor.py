@@ -43,7 +43,7 @@ from lbd.config.yamlfile import read_config_file
 from lbd.ipc import Channel, Message
 from lbd.net.listeners import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
-from lbd.reload import ReloadResult, content_hash
+from lbd.reload import ReloadRequests, ReloadResult, content_hash
 from lbd.runtime import ListenerError
 from lbd.shared import DEFAULT_SLOTS, SharedCounts, SlotAllocator
 from lbd.worker import STOP_SIGNALS
@@ -119,8 +119,7 @@ class Supervisor:
         self.stopping = asyncio.Event()
         self._ids = itertools.count(1)
         self._reload_lock = asyncio.Lock()
-        self._reload_wanted = asyncio.Event()
-        self._reload_reasons: list[str] = []
+        self._reload_requests = ReloadRequests()
         self.reloads_ok = 0
         self.reloads_failed = 0
 
@@ -366,15 +365,10 @@ class Supervisor:
     # -- reload ----------------------------------------------------------------------------------
 
     def request_reload(self, reason: str) -> None:
-        self._reload_reasons.append(reason)
-        self._reload_wanted.set()
+        self._reload_requests.request(reason)
 
     async def reload_loop(self) -> None:
-        while True:
-            await self._reload_wanted.wait()
-            self._reload_wanted.clear()
-            reasons, self._reload_reasons = self._reload_reasons, []
-            await self.reload(", ".join(sorted(set(reasons))))
+        await self._reload_requests.serve(self.reload)
 
     async def reload(self, reason: str) -> ReloadResult:
         async with self._reload_lock:

@@ -206,7 +206,7 @@ def _cidrs(section: f.Section, key: str) -> tuple[str, ...]:
         except FieldError as error:
             section.problems.add(path, str(error))
         except ValueError:
-            message = f"expected an address or CIDR such as 10.0.0.0/8, got {raw!r}"
+            message = f"expected an address or CIDR such as 127.0.0.0/8, got {raw!r}"
             section.problems.add(path, message)
     return tuple(networks)
 
