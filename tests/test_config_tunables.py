@@ -45,7 +45,7 @@ def test_full_keys_parse_and_merge_over_defaults() -> None:
         slowStart: 30s
         maxConnections: 100
         proxyProtocol: v2
-        acceptProxyProtocolFrom: [10.1.2.3/8, "::1"]
+        acceptProxyProtocolFrom: [127.1.2.3/8, "::1"]
         """,
         service="""\
         healthCheck: {timeout: 500ms, host: example.org, unhealthyThreshold: 2}
@@ -72,7 +72,7 @@ def test_full_keys_parse_and_merge_over_defaults() -> None:
     assert service.slow_start == 30.0  # type: ignore[attr-defined]
     assert service.limits == Limits(100, 5, 20, 2.0)  # type: ignore[attr-defined]
     assert service.timeouts.half_closed == 10.0 and service.timeouts.max_duration == 3600.0  # type: ignore[attr-defined]
-    assert service.proxy_protocol == ProxyProtocol("v2", ("10.0.0.0/8", "::1/128"))  # type: ignore[attr-defined]
+    assert service.proxy_protocol == ProxyProtocol("v2", ("127.0.0.0/8", "::1/128"))  # type: ignore[attr-defined]
 
 
 def test_a_service_can_switch_inherited_features_off() -> None:
@@ -174,8 +174,8 @@ def test_timeouts_values() -> None:
 
 
 def test_proxy_protocol_values() -> None:
-    assert problems(service="proxyProtocol: v3\nacceptProxyProtocolFrom: [10.0.0.0/33, 7]\n") == [
+    assert problems(service="proxyProtocol: v3\nacceptProxyProtocolFrom: [127.0.0.0/33, 7]\n") == [
         "services[0].proxyProtocol: must be one of v1, v2, none, got 'v3'",
-        "services[0].acceptProxyProtocolFrom[0]: expected an address or CIDR such as 10.0.0.0/8, got '10.0.0.0/33'",
+        "services[0].acceptProxyProtocolFrom[0]: expected an address or CIDR such as 127.0.0.0/8, got '127.0.0.0/33'",
         "services[0].acceptProxyProtocolFrom[1]: expected a string, got a number",
     ]
