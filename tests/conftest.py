@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import sys
 from collections.abc import Callable, Mapping
 
 import pytest
@@ -25,3 +27,18 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_logs() -> None:
     configure_logging("json", "error")
+
+
+def _stray_signal(signum: int, frame: object) -> None:
+    # lbd's tests start real lbd processes and signal them by PID (SIGHUP reload, SIGUSR2
+    # restart). A signal that reaches the test runner itself instead would end it silently
+    # (their default action is to terminate); it is reported here rather than obeyed.
+    name = signal.Signals(signum).name
+    print(f"\n[conftest] the test runner received {name}; ignored", file=sys.stderr, flush=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _runner_survives_stray_signals() -> None:
+    # A Python-level handler, not SIG_IGN: children exec'd from here get the default back.
+    for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1):
+        signal.signal(signum, _stray_signal)
