@@ -91,7 +91,7 @@ class TcpListener:
     async def prepare(self) -> None:
         """Bind (raises OSError) and create the server, not yet accepting (reload phase 1)."""
         self._loop = asyncio.get_running_loop()
-        await self._open(start_serving=False)
+        await self._open()
 
     async def start(self) -> None:
         """Accept, and follow the pool from now on; with no usable endpoint, stop at once."""
@@ -120,7 +120,7 @@ class TcpListener:
 
     # -- the socket follows the pool ---------------------------------------------------------
 
-    async def _open(self, start_serving: bool) -> None:
+    async def _open(self) -> None:
         sock, self._inherited = self._inherited, None
         if sock is None:
             sock = bind_tcp_listener(self.address, self.port)
@@ -128,25 +128,26 @@ class TcpListener:
         self.sock = sock
         try:
             self.server = await self._loop.create_server(
-                self._factory, sock=sock, backlog=ACCEPT_BATCH, start_serving=start_serving
+                self._factory, sock=sock, backlog=ACCEPT_BATCH, start_serving=False
             )
-            if start_serving:
-                sock.listen(LISTEN_BACKLOG)
         except BaseException:
             self.sock = None
             sock.close()
             raise
 
     def _shut(self) -> None:
-        reopen, self._reopen = self._reopen, None
-        if reopen is not None:
-            reopen.cancel()
+        if isinstance(self._reopen, asyncio.TimerHandle):
+            self._reopen.cancel()
+            self._reopen = None
         if self.server is not None:
             self.server.close()  # closes the socket; open connections carry on
             self.server = None
-        elif self.sock is not None:
+            self.sock = None
+        elif self.sock is not None and self._reopen is None:
             self.sock.close()
-        self.sock = None
+            self.sock = None
+        # else a _serve task owns the bound socket and shuts it itself once it has a server:
+        # closing a socket under create_server would leave the loop watching a dead fd.
 
     def _pool_changed(self, pool: Pool) -> None:
         if self.closed or self.pinned:
@@ -159,16 +160,18 @@ class TcpListener:
                     route=self.route.label,
                 )
             self._shut()
-        elif self.server is None and self._reopen is None:
-            self._reopen = self._loop.create_task(self._try_open())
+        elif self.sock is None and self._reopen is None:
+            self._rebind()
 
-    async def _try_open(self) -> None:
-        """Runs as ``self._reopen`` (so no second one starts meanwhile); clears it when done."""
-        if self.closed or self.server is not None or not self.route.pool.eligible(self.external):
-            self._reopen = None
+    def _rebind(self) -> None:
+        """Bind and listen now, inside the pool change: from this moment the kernel completes
+        connects into the accept queue, so a reload that reports "applied" is already served.
+        The event loop starts accepting from the queue a moment later (``_serve``)."""
+        self._reopen = None
+        if self.closed or self.sock is not None or not self.route.pool.eligible(self.external):
             return
         try:
-            await self._open(start_serving=True)
+            sock = bind_tcp_listener(self.address, self.port)
         except OSError as error:
             self.route.stats.tcp_listener_bind_fail += 1
             log.warning(
@@ -177,12 +180,34 @@ class TcpListener:
                 route=self.route.label,
                 error=error.strerror or str(error),
             )
-            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._retry)
+            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._rebind)
             return
-        self._reopen = None
+        self.sock = sock
+        self._reopen = self._loop.create_task(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            self.server = await self._loop.create_server(
+                self._factory, sock=sock, backlog=ACCEPT_BATCH
+            )
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as error:  # not expected for a bound socket; never leave it half-open
+            self.route.stats.tcp_listener_bind_fail += 1
+            log.warning(
+                "tcp listener serve failed",
+                listener=f"{self.address}:{self.port}",
+                route=self.route.label,
+                error=error.strerror or str(error),
+            )
+            sock.close()
+            self.sock = None
+            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._rebind)
+            return
+        finally:
+            if self._reopen is asyncio.current_task():
+                self._reopen = None
         log.info(
             "tcp listener open", listener=f"{self.address}:{self.port}", route=self.route.label
         )
-
-    def _retry(self) -> None:
-        self._reopen = self._loop.create_task(self._try_open())
+        if self.closed or not self.route.pool.eligible(self.external):
+            self._shut()
