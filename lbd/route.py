@@ -93,6 +93,9 @@ class RouteStats:
     upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
     downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
     downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
+    splice_switches: int = 0  # connection directions that went bulk and moved to splice(2)
+    splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
+    splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
 
 
 @dataclass(slots=True, eq=False)

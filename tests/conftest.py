@@ -12,7 +12,7 @@ from lbd.observability.logging import configure_logging
 
 # Data-path tests run on both loops: uvloop is what lbd runs by default, asyncio is the
 # fallback (--loop asyncio) and behaves differently around pause_reading and closed transports.
-BOTH_LOOPS_MODULES = {"test_tcp_proxy", "test_udp_proxy"}
+BOTH_LOOPS_MODULES = {"test_splice", "test_tcp_proxy", "test_udp_proxy"}
 
 
 def pytest_asyncio_loop_factories(

@@ -24,6 +24,7 @@ import structlog
 
 from lbd.net import proxy_protocol
 from lbd.net.proxy_protocol import Address
+from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
 from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class Downstream(asyncio.Protocol):
         "idle_tick",
         "last_activity",
         "listener",
+        "pumps",
         "received",
         "route",
         "sent",
@@ -141,6 +143,8 @@ class Downstream(asyncio.Protocol):
         self.connected = 0.0  # when the upstream connect succeeded (0: not yet)
         self.last_activity = 0.0
         self._serial = next(_next_id)
+        # [upward, downward] splice pumps once a direction went bulk (lbd.net.splice).
+        self.pumps: list[SplicePump | None] | None = None
 
     @property
     def id(self) -> str:
@@ -277,6 +281,8 @@ class Downstream(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None:
             upstream.transport.write(data)
+            if len(data) >= BULK_READ:
+                self.splice(True)
         else:
             self._keep(data)
 
@@ -284,6 +290,11 @@ class Downstream(asyncio.Protocol):
         if self._header is not None:
             self._bad_header("closed before the header ended")
             return False
+        self.client_ended()
+        return True
+
+    def client_ended(self) -> None:
+        """The client finished sending (FIN): pass the half-close on."""
         self.client_eof = True
         upstream = self.upstream
         if upstream is not None:
@@ -292,7 +303,17 @@ class Downstream(asyncio.Protocol):
             elif not upstream.transport.is_closing():
                 upstream.transport.write_eof()
         self.half_closed()
-        return True
+
+    def upstream_ended(self) -> None:
+        """The endpoint finished sending (FIN): pass the half-close on."""
+        self.upstream_eof = True
+        if self.client_eof:
+            self.finish("completed")
+        else:
+            assert self.transport is not None
+            if not self.transport.is_closing():
+                self.transport.write_eof()
+            self.half_closed()
 
     def half_closed(self) -> None:
         """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
@@ -317,8 +338,64 @@ class Downstream(asyncio.Protocol):
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream is not None and not self.upstream.transport.is_closing():
-            self.upstream.transport.resume_reading()
+        upstream = self.upstream
+        if upstream is not None and not upstream.transport.is_closing() and not self.spliced(False):
+            upstream.transport.resume_reading()
+
+    # -- splice (lbd.net.splice) ----------------------------------------------------------------
+
+    def spliced(self, upward: bool) -> bool:
+        """This direction moves by splice: its source transport must stay paused."""
+        pumps = self.pumps
+        return pumps is not None and pumps[0 if upward else 1] is not None
+
+    def splice(self, upward: bool) -> None:
+        """A bulk read in this direction: move it with splice(2) from now on, once nothing is
+        left in the destination transport's buffer (else the next bulk read tries again)."""
+        upstream = self.upstream
+        if not SPLICE_AVAILABLE or self.closed or upstream is None or self.spliced(upward):
+            return
+        client = self.transport
+        assert client is not None
+        source, destination = (
+            (client, upstream.transport) if upward else (upstream.transport, client)
+        )
+        if destination.get_write_buffer_size() or destination.is_closing():
+            return
+        try:
+            pump = SplicePump(
+                self._loop,
+                source.get_extra_info("socket").fileno(),
+                destination.get_extra_info("socket").fileno(),
+                self,
+                upward,
+            )
+        except OSError:
+            self.route.stats.splice_fallbacks += 1
+            return
+        source.pause_reading()
+        if self.pumps is None:
+            self.pumps = [None, None]
+        self.pumps[0 if upward else 1] = pump
+        self.route.stats.splice_switches += 1
+
+    def pumped(self, upward: bool, count: int) -> None:
+        if upward:
+            self.received += count
+        else:
+            self.sent += count
+        self.route.stats.splice_bytes += count
+        self.last_activity = self._loop.time()
+
+    def pump_ended(self, upward: bool) -> None:
+        if upward:
+            self.client_ended()
+        else:
+            self.upstream_ended()
+
+    def pump_failed(self, upward: bool, at_source: bool, error: OSError) -> None:
+        client_failed = upward == at_source
+        self.finish("client_reset" if client_failed else "upstream_reset", abort=True)
 
     # -- upstream connect ----------------------------------------------------------------------
 
@@ -510,6 +587,10 @@ class Downstream(asyncio.Protocol):
             return
         self.closed = True
         route = self.route
+        if self.pumps is not None:
+            for pump in self.pumps:
+                if pump is not None:
+                    pump.close()
         if self._connect_task is not None and not self._connect_task.done():
             self._connect_task.cancel()
         self.connections.idle.remove(self)
@@ -593,17 +674,11 @@ class Upstream(asyncio.Protocol):
         downstream.last_activity = downstream._loop.time()
         assert downstream.transport is not None
         downstream.transport.write(data)
+        if len(data) >= BULK_READ:
+            downstream.splice(False)
 
     def eof_received(self) -> bool:
-        downstream = self.downstream
-        downstream.upstream_eof = True
-        if downstream.client_eof:
-            downstream.finish("completed")
-        else:
-            assert downstream.transport is not None
-            if not downstream.transport.is_closing():
-                downstream.transport.write_eof()
-            downstream.half_closed()
+        self.downstream.upstream_ended()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -618,5 +693,9 @@ class Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         transport = self.downstream.transport
-        if transport is not None and not transport.is_closing():
+        if (
+            transport is not None
+            and not transport.is_closing()
+            and not self.downstream.spliced(True)
+        ):
             transport.resume_reading()

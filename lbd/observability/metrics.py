@@ -121,6 +121,24 @@ METRICS = _specs(
         "Connections closed after idleTimeout without bytes.",
         ROUTE,
     ),
+    M(
+        "lbd_splice_switches_total",
+        "counter",
+        "Connection directions that showed bulk transfer and moved to splice(2).",
+        ROUTE,
+    ),
+    M(
+        "lbd_splice_fallbacks_total",
+        "counter",
+        "Bulk directions that stayed on the copy path: no pipe or descriptor for splice.",
+        ROUTE,
+    ),
+    M(
+        "lbd_splice_bytes_total",
+        "counter",
+        "Bytes moved by splice(2), both directions (also counted in the byte totals).",
+        ROUTE,
+    ),
     M("lbd_downstream_bytes_received_total", "counter", "Bytes received from clients.", ROUTE),
     M("lbd_downstream_bytes_sent_total", "counter", "Bytes sent to clients.", ROUTE),
     M(
@@ -393,6 +411,9 @@ def _route_values(snap: Snapshot, route: Route) -> None:
         outlier.ejections_overflow_total if outlier is not None else 0,
     )
     add("lbd_downstream_cx_idle_timeout_total", labels, stats.idle_timeouts)
+    add("lbd_splice_switches_total", labels, stats.splice_switches)
+    add("lbd_splice_fallbacks_total", labels, stats.splice_fallbacks)
+    add("lbd_splice_bytes_total", labels, stats.splice_bytes)
     add("lbd_downstream_bytes_received_total", labels, stats.downstream_bytes_received)
     add("lbd_downstream_bytes_sent_total", labels, stats.upstream_bytes_received)
     length = stats.cx_length_seconds

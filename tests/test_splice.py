@@ -1,0 +1,240 @@
+"""Bulk directions move to splice(2) (lbd.net.splice); small messages stay on the copy path."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import socket
+import struct
+
+import pytest
+
+from lbd.net import splice
+from tests.support import address_of, config, document, fresh_ip, route_of, running, service_yaml
+
+MiB = 1024 * 1024
+pytestmark = pytest.mark.skipif(not splice.SPLICE_AVAILABLE, reason="os.splice needs Linux")
+
+
+def _block(seed: bytes) -> bytes:
+    return hashlib.sha256(seed).digest() * (256 * 1024 // 32)
+
+
+async def _send(writer: asyncio.StreamWriter, total: int, seed: bytes) -> str:
+    """Write ``total`` bytes in 256 KiB writes (big enough to arrive as bulk reads), then FIN."""
+    digest = hashlib.sha256()
+    block = _block(seed)
+    sent = 0
+    while sent < total:
+        chunk = struct.pack("!Q", sent) + block[8 : min(len(block), total - sent)]
+        digest.update(chunk)
+        writer.write(chunk)
+        await writer.drain()
+        sent += len(chunk)
+    writer.write_eof()
+    return digest.hexdigest()
+
+
+async def _receive(reader: asyncio.StreamReader) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := await reader.read(MiB):
+        digest.update(chunk)
+        total += len(chunk)
+    return digest.hexdigest(), total
+
+
+async def _exchange(up: int, down: int, runtime_check: bool = True) -> tuple[int, int]:
+    """``up`` bytes client→backend and ``down`` bytes back at once, half-closing each way.
+    Returns the route's (splice switches, splice bytes)."""
+    results: dict[str, object] = {}
+    done = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent, received = await asyncio.gather(_send(writer, down, b"down"), _receive(reader))
+        results.update(backend_sent=sent, backend_received=received)
+        writer.close()
+        done.set()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(backend, bh, 0)
+    bp = server.sockets[0].getsockname()[1]
+    try:
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            reader, writer = await asyncio.open_connection(*address_of(runtime))
+            sent, received = await asyncio.wait_for(
+                asyncio.gather(_send(writer, up, b"up"), _receive(reader)), 60
+            )
+            await asyncio.wait_for(done.wait(), 10)
+            writer.close()
+            stats = route_of(runtime).stats
+            await _until_closed(runtime)
+            assert stats.downstream_bytes_received == up and stats.upstream_bytes_received == down
+    finally:
+        server.close()
+    assert received == (results["backend_sent"], down)
+    assert results["backend_received"] == (sent, up)
+    return stats.splice_switches, stats.splice_bytes
+
+
+async def _until_closed(runtime: object) -> None:
+    for _ in range(200):
+        if not runtime.connections:  # type: ignore[attr-defined]
+            return
+        await asyncio.sleep(0.01)
+
+
+async def test_bulk_each_way_moves_by_splice_byte_exact() -> None:
+    switches, spliced = await _exchange(48 * MiB, 48 * MiB)
+    assert switches == 2
+    assert spliced > 80 * MiB  # all but the first bulk reads of each direction
+
+
+async def test_bulk_upload_splices_only_that_direction() -> None:
+    switches, spliced = await _exchange(32 * MiB, 100)
+    assert switches == 1 and spliced > 28 * MiB
+
+
+async def test_small_messages_stay_on_the_copy_path() -> None:
+    switches, spliced = await _exchange(60_000, 60_000)
+    assert (switches, spliced) == (0, 0)
+
+
+async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Exhausted(splice.PipePool):
+        def get(self) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(splice, "PIPES", Exhausted())
+    results: dict[str, int] = {}
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        results["received"] = (await _receive(reader))[1]
+        writer.close()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(backend, bh, 0)
+    try:
+        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+        async with running(cfg) as runtime:
+            reader, writer = await asyncio.open_connection(*address_of(runtime))
+            await asyncio.wait_for(_send(writer, 16 * MiB, b"x"), 30)
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            stats = route_of(runtime).stats
+            assert stats.splice_switches == 0 and stats.splice_fallbacks >= 1
+    finally:
+        server.close()
+    assert results["received"] == 16 * MiB
+
+
+async def test_spliced_direction_keeps_backpressure_bounded() -> None:
+    """A client that stops reading: the backend can push only what the kernel buffers hold
+    (socket buffers and one pipe), never an unbounded amount."""
+    pushed = 0
+    stuck = asyncio.Event()
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal pushed
+        block = _block(b"f")
+        try:
+            for _ in range(1024):  # at most 256 MiB
+                writer.write(block)
+                try:
+                    await asyncio.wait_for(writer.drain(), 0.5)
+                except TimeoutError:
+                    stuck.set()
+                    return
+                pushed += len(block)
+        finally:
+            writer.transport.abort()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(firehose, bh, 0)
+    try:
+        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+        async with running(cfg) as runtime:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, address_of(runtime))
+            # Read a few MiB so the direction goes bulk, then stop reading.
+            got = 0
+            while got < 4 * MiB:
+                got += len(
+                    await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, MiB), 5)
+                )
+            await asyncio.wait_for(stuck.wait(), 30)
+            assert route_of(runtime).stats.splice_switches == 1
+            sock.close()
+    finally:
+        server.close()
+    # Socket buffers on both hops (a few MiB at most with autotuning) plus one 256 KiB pipe.
+    assert pushed - got < 32 * MiB, pushed - got
+
+
+@pytest.mark.parametrize("who", ["backend", "client"])
+async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
+    loop = asyncio.get_running_loop()
+    spliced = asyncio.Event()
+    backend_lost: asyncio.Future[BaseException] = loop.create_future()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            for _ in range(32):  # 8 MiB: the client reads 4 of it before anyone resets
+                writer.write(_block(b"b"))
+            await writer.drain()
+            await asyncio.wait_for(spliced.wait(), 10)
+            if who == "backend":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            await asyncio.wait_for(reader.read(), 10)  # the client sends nothing: EOF or reset
+        except ConnectionError as error:
+            backend_lost.set_result(error)
+        finally:
+            writer.transport.abort()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(backend, bh, 0)
+    try:
+        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+        async with running(cfg) as runtime:
+            sock = socket.create_connection(address_of(runtime))
+            sock.setblocking(False)
+            got = 0
+            while got < 4 * MiB:
+                got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
+            assert route_of(runtime).stats.splice_switches == 1
+            spliced.set()
+            if who == "client":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+                assert isinstance(await asyncio.wait_for(backend_lost, 10), ConnectionError)
+            else:
+                with pytest.raises(ConnectionResetError):
+                    await _read_to_the_end(loop, sock)
+                sock.close()
+            await _until_closed(runtime)
+            assert not runtime.connections
+    finally:
+        server.close()
+
+
+async def _read_to_the_end(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    while await asyncio.wait_for(loop.sock_recv(sock, MiB), 10):
+        pass
+
+
+def test_pipe_pool_reuses_empty_pipes_and_closes_dirty_ones() -> None:
+    pool = splice.PipePool(size=65536)
+    pipe = pool.get()
+    pool.put(pipe, empty=True)
+    assert pool.get() == pipe
+    os.write(pipe[1], b"left over")
+    pool.put(pipe, empty=False)
+    assert pool.idle == 0
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(pipe[0])
