@@ -34,7 +34,12 @@ class AffinityTable:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, client: str, now: float) -> UpstreamEndpoint | None:
+    def lookup(
+        self,
+        client: str,
+        now: float,
+        eligible: Collection[UpstreamEndpoint] | None = None,  # used by SharedAffinityTable
+    ) -> UpstreamEndpoint | None:
         entry = self._entries.get(client)
         if entry is None:
             return None
@@ -53,11 +58,13 @@ class AffinityTable:
                 return
         entries[client] = (endpoint, now)
 
-    def forget(self, keep: Collection[UpstreamEndpoint]) -> None:
-        """Drop the entries whose endpoint is not in ``keep`` (it left the eligible set)."""
+    def forget(self, keep: Collection[UpstreamEndpoint]) -> list[str]:
+        """Drop the entries whose endpoint is not in ``keep`` (it left the eligible set);
+        returns their clients."""
         gone = [client for client, (endpoint, _) in self._entries.items() if endpoint not in keep]
         for client in gone:
             del self._entries[client]
+        return gone
 
     def _sweep(self, now: float) -> None:
         """Drop expired entries; amortised: runs when the table has doubled since the last."""

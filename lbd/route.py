@@ -26,6 +26,7 @@ from lbd.net.admission import Admission
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool, UpstreamEndpoint
 from lbd.shared import EndpointSlots
+from lbd.shared_affinity import SharedAffinityTable
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -93,6 +94,7 @@ class RouteStats:
     upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
     downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
     downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
+    affinity_overflow: int = 0  # of affinity tables a reload switched off (see lbd.affinity)
     splice_switches: int = 0  # connection directions that went bulk and moved to splice(2)
     splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
     splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
@@ -171,7 +173,7 @@ class Route:
         affinity = self.affinity
         if affinity is None:
             return self.balancer.pick(eligible, client, tried)
-        endpoint = affinity.lookup(client, now)
+        endpoint = affinity.lookup(client, now, eligible)
         if endpoint is None or endpoint in tried or endpoint not in eligible:
             endpoint = self.balancer.pick(eligible, client, tried)
             if endpoint is None:
@@ -197,9 +199,17 @@ class Route:
     def _apply_semantics(self, spec: RouteSpec) -> None:
         """The Kubernetes Service settings that a reload may switch on, off, or change."""
         if spec.affinity_timeout is None:
+            if self.affinity is not None:  # its counter lives on in the route's (never goes down)
+                self.stats.affinity_overflow += self.affinity.overflow
             self.affinity = None
         elif self.affinity is None:
-            self.affinity = AffinityTable(spec.affinity_timeout)
+            slots = self.pool.slots
+            if slots is not None:  # several workers share counts and affinity
+                self.affinity = SharedAffinityTable(
+                    spec.affinity_timeout, slots.counts.affinity, self.pool
+                )
+            else:
+                self.affinity = AffinityTable(spec.affinity_timeout)
         else:
             self.affinity.timeout = spec.affinity_timeout
         self.source_ranges = tuple(ipaddress.ip_network(r) for r in spec.source_ranges)

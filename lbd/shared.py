@@ -21,6 +21,7 @@ from collections.abc import Iterable
 
 from lbd.config.model import Config
 from lbd.config.routes import RouteKey, route_specs
+from lbd.shared_affinity import AffinityRows
 
 SlotKey = tuple[RouteKey, str, int]  # (route, endpoint address, endpoint port)
 DEFAULT_SLOTS = 65536  # per worker: 512 KiB of address space, pages touched only when used
@@ -30,20 +31,25 @@ CELL = 8
 class SharedCounts:
     """The counters region, mapped in this process."""
 
-    __slots__ = ("_map", "fd", "slots", "values", "worker", "workers")
+    __slots__ = ("_map", "affinity", "fd", "slots", "values", "worker", "workers")
 
     def __init__(self, fd: int, workers: int, slots: int, worker: int = -1) -> None:
         self.fd = fd
         self.workers = workers
         self.slots = slots
         self.worker = worker  # the row this process writes; -1 in the supervisor (reads only)
-        self._map = mmap.mmap(fd, workers * slots * CELL)
-        self.values = memoryview(self._map).cast("q")
+        counts_size = workers * slots * CELL
+        self._map = mmap.mmap(fd, counts_size + AffinityRows.size(workers))
+        whole = memoryview(self._map)
+        self.values = whole[:counts_size].cast("q")
+        # After the counters: the workers' ClientIP affinity entries (lbd.shared_affinity).
+        self.affinity = AffinityRows(whole[counts_size:], workers, worker)
+        whole.release()
 
     @classmethod
     def create(cls, workers: int, slots: int = DEFAULT_SLOTS) -> SharedCounts:
         fd = os.memfd_create("lbd-active", os.MFD_CLOEXEC)
-        os.ftruncate(fd, workers * slots * CELL)
+        os.ftruncate(fd, workers * slots * CELL + AffinityRows.size(workers))
         return cls(fd, workers, slots)
 
     def add(self, slot: int, delta: int) -> None:
@@ -60,6 +66,7 @@ class SharedCounts:
 
     def close(self) -> None:
         self.values.release()
+        self.affinity.release()
         self._map.close()
         os.close(self.fd)
 

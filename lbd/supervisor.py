@@ -14,10 +14,9 @@ it, and sends every worker the same bytes), the slot table of the shared active 
 (``lbd.supervisor_admin``). One watcher (here) reloads everyone. Health is probed by worker 0
 only; the supervisor relays its transitions to the others.
 
-ClientIP affinity (``sessionAffinity``, not built yet) is the next thing that must be global:
-a client's connections land on any worker. The seam is the same as health's: either a table in
-the shared memory region (client address hash -> endpoint slot and expiry, written by the
-worker that picked, read by all), or the supervisor relaying picks like health transitions.
+ClientIP affinity is global through the same shared region: each worker publishes its picks in
+its own row and reads everyone's (``lbd.shared_affinity``), since a client's connections land
+on any worker.
 """
 
 from __future__ import annotations

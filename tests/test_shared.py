@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import time
+import zlib
 
+from lbd.config.routes import route_specs
 from lbd.ipc import Channel, Message
 from lbd.pool import Pool
+from lbd.route import Route
 from lbd.shared import EndpointSlots, SharedCounts, SlotAllocator
+from lbd.shared_affinity import ENTRIES, PROBES, SharedAffinityTable, client_key
 from tests.support import config, service_yaml, until
 from tests.support import document as doc
 
@@ -100,3 +106,100 @@ async def test_channel_carries_messages_and_sockets() -> None:
     finally:
         listener.close()
         receiver.close()
+
+
+def _worker_route(region: SharedCounts, worker: int, text: str) -> Route:
+    """The route of ``text``'s only service port as worker ``worker`` of two would build it."""
+    cfg = config(text)
+    [spec] = route_specs(cfg).values()
+    table = SlotAllocator(slots=8).assign(cfg)
+    view = SharedCounts(region.fd, 2, 8, worker=worker)
+    return Route.from_spec(spec, random.Random(worker), EndpointSlots(view, table))
+
+
+def test_client_ip_affinity_holds_across_workers() -> None:
+    """sessionAffinity with several workers: whichever worker accepts a client's connection,
+    the client keeps the endpoint the first pick gave it."""
+    eps = [(f"127.0.3.{i}", 80) for i in range(1, 7)]
+    text = doc(
+        service_yaml(
+            "svc",
+            eps,
+            cluster_ip="127.96.3.1",
+            port=80,
+            strategy="random",
+            extra="    sessionAffinity: ClientIP\n",
+        )
+    )
+    region = SharedCounts.create(workers=2, slots=8)
+    routes = [_worker_route(region, worker, text) for worker in (0, 1)]
+    try:
+        assert all(isinstance(route.affinity, SharedAffinityTable) for route in routes)
+        for client in [f"127.0.9.{i}" for i in range(1, 41)]:
+            picks = set()
+            for turn in range(6):
+                route = routes[turn % 2]
+                endpoint = route.pick(route.pool.eligible(), client, time.monotonic())
+                assert endpoint is not None
+                picks.add((endpoint.address, endpoint.port))
+            assert len(picks) == 1, (client, picks)
+        # The endpoint goes away in both workers: the client is re-balanced, and sticks again.
+        client = "127.0.9.1"
+        first = routes[0].pick(routes[0].pool.eligible(), client, time.monotonic())
+        assert first is not None
+        rest = [ep for ep in eps if ep != (first.address, first.port)]
+        for route in routes:
+            route.pool.update([(a, p, 1) for a, p in rest])
+        again = {
+            (e.address, e.port)
+            for route in routes
+            for e in [route.pick(route.pool.eligible(), client, time.monotonic())]
+            if e is not None
+        }
+        assert len(again) == 1 and (first.address, first.port) not in again
+    finally:
+        for route in routes:
+            route.affinity = None
+        region.close()
+
+
+def test_the_first_pick_wins_when_two_workers_raced() -> None:
+    region = SharedCounts.create(workers=2, slots=8)
+    try:
+        first, second = (SharedCounts(region.fd, 2, 8, worker=w).affinity for w in (0, 1))
+        client = client_key("127.0.9.7")
+        assert first.write(11, client, slot=3, now=100.0, timeout=10)
+        assert second.write(11, client, slot=5, now=100.5, timeout=10)
+        assert sorted(region.affinity.find(11, client, now=101.0, timeout=10)) == [
+            (100.0, 3),
+            (100.5, 5),
+        ]
+        assert region.affinity.find(12, client, now=101.0, timeout=10) == []  # another port
+        assert region.affinity.find(11, client, now=120.0, timeout=10) == []  # expired
+        first.clear(11, client)
+        assert region.affinity.find(11, client, now=101.0, timeout=10) == [(100.5, 5)]
+        for view in (first, second):
+            view.release()
+    finally:
+        region.close()
+
+
+def test_a_full_neighbourhood_keeps_the_entry_local() -> None:
+    region = SharedCounts.create(workers=1, slots=8)
+    try:
+        rows = SharedCounts(region.fd, 1, 8, worker=0).affinity
+        client = client_key("127.0.9.8")
+        start = zlib.crc32(client, 11) % ENTRIES
+        others = [client_key(f"127.1.{i // 250}.{i % 250}") for i in range(60000)]
+        taken = 0
+        for other in others:  # fill every cell the client may use with live entries
+            if (zlib.crc32(other, 11) % ENTRIES) in {(start + i) % ENTRIES for i in range(PROBES)}:
+                taken += rows.write(11, other, slot=1, now=100.0, timeout=10)
+            if taken == PROBES:
+                break
+        assert taken == PROBES
+        assert not rows.write(11, client, slot=2, now=100.0, timeout=10)
+        assert rows.write(11, client, slot=2, now=111.0, timeout=10)  # the others expired
+        rows.release()
+    finally:
+        region.close()

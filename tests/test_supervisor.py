@@ -261,3 +261,32 @@ async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: P
             assert await read_name(host, port) == "late"
         lbd.signal(signal.SIGTERM)
         assert await lbd.wait_exit(timeout=20) == 0
+
+
+async def test_client_ip_affinity_holds_whichever_worker_accepts(tmp_path: Path) -> None:
+    """sessionAffinity: ClientIP with two workers sharing the listening socket: every client's
+    connections reach one backend, though the workers accept them in turn."""
+    async with echo_backends(4) as backends:
+        eps = [(h, p) for h, p, _ in backends]
+        extra = "    sessionAffinity: ClientIP\n    accessLog: true\n"
+        text = with_workers(document(service_yaml("svc", eps, strategy="random", extra=extra)))
+        async with lbd_process(write(tmp_path, text)) as lbd:
+            await started(lbd)
+            host, port = lbd.listener()
+            clients = [fresh_ip() for _ in range(12)]
+            seen: dict[str, set[str]] = {client: set() for client in clients}
+            for _ in range(5):
+                for client in clients:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(host, port, local_addr=(client, 0)), 5
+                    )
+                    seen[client].add((await asyncio.wait_for(reader.readline(), 5)).decode())
+                    writer.close()
+            assert all(len(names) == 1 for names in seen.values()), seen
+            # Both workers took connections, else this test would prove nothing. A connection
+            # id starts with its worker's pid (access log).
+            await lbd.wait_event("connection closed", count=60)
+            closed = [e for e in lbd.events if e.get("event") == "connection closed"]
+            assert len({str(e["connection"]).split("-")[0] for e in closed}) == 2
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0

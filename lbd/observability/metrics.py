@@ -122,6 +122,19 @@ METRICS = _specs(
         ROUTE,
     ),
     M(
+        "lbd_affinity_entries",
+        "gauge",
+        "Clients remembered by sessionAffinity: ClientIP (per worker, summed).",
+        ROUTE,
+    ),
+    M(
+        "lbd_affinity_overflow_total",
+        "counter",
+        "Clients not remembered, or (several workers) remembered by their worker only: the "
+        "affinity table or the client's shared cells were full.",
+        ROUTE,
+    ),
+    M(
         "lbd_splice_switches_total",
         "counter",
         "Connection directions that showed bulk transfer and moved to splice(2).",
@@ -411,6 +424,10 @@ def _route_values(snap: Snapshot, route: Route) -> None:
         outlier.ejections_overflow_total if outlier is not None else 0,
     )
     add("lbd_downstream_cx_idle_timeout_total", labels, stats.idle_timeouts)
+    affinity = route.affinity
+    add("lbd_affinity_entries", labels, len(affinity) if affinity is not None else 0)
+    overflow = stats.affinity_overflow + (affinity.overflow if affinity is not None else 0)
+    add("lbd_affinity_overflow_total", labels, overflow)
     add("lbd_splice_switches_total", labels, stats.splice_switches)
     add("lbd_splice_fallbacks_total", labels, stats.splice_fallbacks)
     add("lbd_splice_bytes_total", labels, stats.splice_bytes)
