@@ -107,7 +107,10 @@ class Bulk(Workload):
         self.key = f"bulk-{streams}"
         streams_text = f"{streams} stream{'s' if streams > 1 else ''}"
         self.title = f"bulk TCP, {streams_text}"
-        self.metrics = (Metric("gbps", f"bulk throughput, {streams_text}", "Gbit/s", True, 1e-9),)
+        self.metrics = (
+            Metric("gbps", f"bulk throughput, {streams_text}", "Gbit/s", True, 1e-9),
+            Metric("cpu_s_per_gib", f"proxy CPU per GiB, {streams_text}", "ms", False, 1e3),
+        )
         self.backend_address = Address(BACKEND_HOST, 9001)
 
     def describe(self, s: Settings) -> str:
@@ -136,14 +139,16 @@ class Bulk(Workload):
         # The readiness probe reached the iperf3 server through the proxy too; iperf3 serves one
         # control connection at a time, so wait until the probe's upstream side is gone.
         wait_until_closed(self.backend_address)
+        cpu_before = cpu_seconds(target.proc.pid) if target.proc else 0.0
         result = run_json(argv, seconds + 30)
+        cpu = cpu_seconds(target.proc.pid) - cpu_before if target.proc else None
         if "error" in result:
             raise MeasureError(f"iperf3: {result['error']}")
         received = result["end"]["sum_received"]
-        return Measurement(
-            {"gbps": float(received["bits_per_second"])},
-            {"retransmits": result["end"]["sum_sent"].get("retransmits")},
-        )
+        values = {"gbps": float(received["bits_per_second"])}
+        if cpu is not None and received["bytes"]:  # the proxy's CPU time per GiB moved
+            values["cpu_s_per_gib"] = cpu / (received["bytes"] / 2**30)
+        return Measurement(values, {"retransmits": result["end"]["sum_sent"].get("retransmits")})
 
 
 class Http(Workload):
