@@ -123,6 +123,7 @@ class Route:
     max_duration: float | None = None
     proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
     outlier: OutlierDetector | None = None
+    splice: bool = True  # a bulk TCP direction may move to splice(2) (lbd.net.splice)
     stats: RouteStats = field(default_factory=RouteStats)
     admission: Admission | None = None  # None when the port has no limits
     fd_exhausted_logged_at: float = float("-inf")
@@ -240,6 +241,7 @@ class Route:
             idle_timeout=spec.idle_timeout,
             drain_timeout=spec.drain_timeout,
             access_log=spec.access_log,
+            splice=spec.splice,
             udp_idle_timeout=spec.udp_idle_timeout,
             max_udp_sessions=spec.max_udp_sessions,
             health_check=spec.health_check,
@@ -263,6 +265,7 @@ class Route:
         self.idle_timeout = spec.idle_timeout
         self.drain_timeout = spec.drain_timeout
         self.access_log = spec.access_log
+        self.splice = spec.splice
         self.udp_idle_timeout = spec.udp_idle_timeout
         self.max_udp_sessions = spec.max_udp_sessions
         self.health_check = spec.health_check

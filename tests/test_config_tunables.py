@@ -179,3 +179,12 @@ def test_proxy_protocol_values() -> None:
         "services[0].acceptProxyProtocolFrom[0]: expected an address or CIDR such as 127.0.0.0/8, got '127.0.0.0/33'",
         "services[0].acceptProxyProtocolFrom[1]: expected a string, got a number",
     ]
+
+
+def test_splice_mode_inherits_and_rejects_other_values() -> None:
+    assert load().splice == "auto"  # type: ignore[attr-defined]
+    assert load(defaults="splice: off\n").splice == "off"  # type: ignore[attr-defined]
+    assert load(defaults="splice: 'off'\n", service="splice: auto\n").splice == "auto"  # type: ignore[attr-defined]
+    assert problems(service="splice: always\n") == [
+        "services[0].splice: must be one of auto, off, got 'always'"
+    ]

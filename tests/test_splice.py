@@ -46,7 +46,7 @@ async def _receive(reader: asyncio.StreamReader) -> tuple[str, int]:
     return digest.hexdigest(), total
 
 
-async def _exchange(up: int, down: int, runtime_check: bool = True) -> tuple[int, int]:
+async def _exchange(up: int, down: int, extra: str = "") -> tuple[int, int]:
     """``up`` bytes client→backend and ``down`` bytes back at once, half-closing each way.
     Returns the route's (splice switches, splice bytes)."""
     results: dict[str, object] = {}
@@ -62,7 +62,8 @@ async def _exchange(up: int, down: int, runtime_check: bool = True) -> tuple[int
     server = await asyncio.start_server(backend, bh, 0)
     bp = server.sockets[0].getsockname()[1]
     try:
-        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+        cfg = config(document(service_yaml("svc", [(bh, bp)], extra=extra)))
+        async with running(cfg) as runtime:
             reader, writer = await asyncio.open_connection(*address_of(runtime))
             sent, received = await asyncio.wait_for(
                 asyncio.gather(_send(writer, up, b"up"), _receive(reader)), 60
@@ -95,6 +96,10 @@ async def test_bulk_each_way_moves_by_splice_byte_exact() -> None:
 async def test_bulk_upload_splices_only_that_direction() -> None:
     switches, spliced = await _exchange(32 * MiB, 100)
     assert switches == 1 and spliced > 28 * MiB
+
+
+async def test_splice_off_keeps_every_direction_on_the_copy_path() -> None:
+    assert await _exchange(16 * MiB, 16 * MiB, extra="    splice: off\n") == (0, 0)
 
 
 async def test_small_messages_stay_on_the_copy_path() -> None:

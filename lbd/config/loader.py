@@ -258,6 +258,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         strategy=tunables.strategy,
         timeouts=tunables.timeouts,
         access_log=tunables.access_log,
+        splice=tunables.splice,
         max_udp_sessions=tunables.max_udp_sessions,
         ports=ports,
         endpoints=endpoints,

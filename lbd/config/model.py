@@ -20,6 +20,7 @@ StrategyName = Literal["random", "round-robin", "least-connection"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
+SpliceMode = Literal["auto", "off"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 TRAFFIC_POLICIES: tuple[TrafficPolicy, ...] = ("Cluster", "Local")
@@ -33,6 +34,7 @@ PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
+SPLICE_MODES: tuple[SpliceMode, ...] = ("auto", "off")
 MAX_WORKERS = 256
 
 
@@ -149,6 +151,7 @@ class Service:
     max_udp_sessions: int  # per UDP service port; new clients beyond it are dropped
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
+    splice: SpliceMode = "auto"  # auto: bulk TCP directions move to splice(2); off: never
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = None
     slow_start: float = 0.0
@@ -186,6 +189,7 @@ class Defaults:
         default_factory=lambda: Timeouts(connect=1.0, idle=3600.0, drain=30.0, udp_idle=30.0)
     )
     access_log: bool = False
+    splice: SpliceMode = "auto"
     max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS
     health_check: HealthCheck | None = None
     outlier_detection: OutlierDetection | None = None

@@ -79,6 +79,7 @@ def _service(service: Service) -> Document:
             "udpIdleTimeout": timeouts.udp_idle,
             "maxUdpSessions": service.max_udp_sessions,
             "accessLog": service.access_log,
+            "splice": service.splice,
             "ports": [_port(port) for port in service.ports],
             "endpoints": [_endpoint(endpoint) for endpoint in service.endpoints],
         }

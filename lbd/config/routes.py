@@ -80,6 +80,7 @@ class RouteSpec:
     affinity_timeout: int | None = None  # sessionAffinity ClientIP, seconds
     source_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges (loadBalancerIP listeners)
     external_name: str | None = None  # targets come from resolving this name, not the config
+    splice: bool = True  # bulk TCP directions may move to splice(2)
 
     @property
     def key(self) -> RouteKey:
@@ -126,6 +127,7 @@ def route_spec(service: Service, port: ServicePort, node: Node) -> RouteSpec:
         idle_timeout=service.timeouts.idle,
         drain_timeout=service.timeouts.drain,
         access_log=service.access_log,
+        splice=service.splice == "auto",
         udp_idle_timeout=service.timeouts.udp_idle,
         max_udp_sessions=service.max_udp_sessions,
         health_check=service.health_check,

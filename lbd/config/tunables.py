@@ -16,12 +16,14 @@ from lbd.config.errors import FieldError
 from lbd.config.model import (
     HEALTH_CHECK_TYPES,
     PROXY_PROTOCOL_VERSIONS,
+    SPLICE_MODES,
     STRATEGIES,
     Defaults,
     HealthCheck,
     Limits,
     OutlierDetection,
     ProxyProtocol,
+    SpliceMode,
     Timeouts,
 )
 
@@ -35,6 +37,7 @@ TUNABLE_KEYS = (
     "halfClosedTimeout",
     "maxConnectionDuration",
     "accessLog",
+    "splice",
     "healthCheck",
     "outlierDetection",
     "slowStart",
@@ -78,6 +81,17 @@ _percent = f.int_between(0, 100)
 _max_udp_sessions = f.int_between(1, 1_000_000)
 
 
+_splice_modes = f.one_of(SPLICE_MODES)
+
+
+def _splice_mode(value: object) -> SpliceMode:
+    # An unquoted ``off`` is a YAML 1.1 boolean: take booleans for what they plainly mean.
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    mode: SpliceMode = _splice_modes(value)
+    return mode
+
+
 def positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -97,6 +111,7 @@ def read_tunables(section: f.Section, base: Defaults) -> Defaults:
         strategy=section.get("strategy", f.one_of(STRATEGIES), base.strategy),
         timeouts=_timeouts(section, base.timeouts),
         access_log=section.get("accessLog", f.boolean, base.access_log),
+        splice=section.get("splice", _splice_mode, base.splice),
         max_udp_sessions=section.get("maxUdpSessions", _max_udp_sessions, base.max_udp_sessions),
         health_check=_health_check(section, base.health_check),
         outlier_detection=_outlier(section, base.outlier_detection),

@@ -353,7 +353,13 @@ class Downstream(asyncio.Protocol):
         """A bulk read in this direction: move it with splice(2) from now on, once nothing is
         left in the destination transport's buffer (else the next bulk read tries again)."""
         upstream = self.upstream
-        if not SPLICE_AVAILABLE or self.closed or upstream is None or self.spliced(upward):
+        if (
+            not SPLICE_AVAILABLE
+            or not self.route.splice
+            or self.closed
+            or upstream is None
+            or self.spliced(upward)
+        ):
             return
         client = self.transport
         assert client is not None
