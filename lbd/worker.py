@@ -27,6 +27,8 @@ from lbd.runtime import Runtime
 log = structlog.get_logger("lbd.worker")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# Loop turns between closing the listeners and counting the connections left (see shutdown).
+ACCEPTED_SETTLE_TURNS = 3
 
 
 class ShutdownState:
@@ -195,13 +197,16 @@ def raise_file_limit() -> int:
 
 
 async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
-    open_now = len(runtime.connections)
-    log.info("shutdown: stop accepting", open_connections=open_now)
+    log.info("shutdown: stop accepting", open_connections=len(runtime.connections))
     runtime.stop_accepting()
+    # A connection accepted just before the listeners closed reaches connection_made a loop
+    # turn or two later (uvloop schedules it; asyncio runs an accept task first). Count only
+    # after those turns, or such a connection skips the drain and is reset below.
     # Not Server.wait_closed(): from Python 3.12 it also waits for open connections, which
     # belongs to the drain phase below, under its deadline.
-    await asyncio.sleep(0)
-    if open_now:
+    for _ in range(ACCEPTED_SETTLE_TURNS):
+        await asyncio.sleep(0)
+    if runtime.connections:
         log.info("shutdown: draining", open_connections=len(runtime.connections))
         drained = asyncio.ensure_future(runtime.drain())
         forced = asyncio.ensure_future(state.force_exit.wait())

@@ -52,21 +52,7 @@ class Load:
                 self.errors.append(repr(error))
 
 
-@pytest.mark.parametrize(
-    "workers",
-    [
-        1,
-        pytest.param(
-            2,
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="known, rare (about 1 run in 10 under a full suite): one short "
-                "connection is reset during a restart with 2 workers; cause not found yet, "
-                "see the closing note of the first session",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_restart_under_load_refuses_no_connection(tmp_path: Path, workers: int) -> None:
     async with echo_backend("b1") as (bh, bp, _):
         ip = fresh_ip()
