@@ -34,6 +34,9 @@ def configure_logging(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write per line (print() writes the newline separately, and unbuffered, e.g.
+        # PYTHONUNBUFFERED=1 as container images set it, the supervisor's and workers' lines
+        # on the shared stderr then interleave into broken JSON).
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
