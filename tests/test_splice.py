@@ -12,7 +12,16 @@ import struct
 import pytest
 
 from lbd.net import splice
-from tests.support import address_of, config, document, fresh_ip, route_of, running, service_yaml
+from tests.support import (
+    address_of,
+    config,
+    document,
+    fresh_ip,
+    route_of,
+    running,
+    service_yaml,
+    until,
+)
 
 MiB = 1024 * 1024
 pytestmark = pytest.mark.skipif(not splice.SPLICE_AVAILABLE, reason="os.splice needs Linux")
@@ -81,10 +90,7 @@ async def _exchange(up: int, down: int, extra: str = "") -> tuple[int, int]:
 
 
 async def _until_closed(runtime: object) -> None:
-    for _ in range(200):
-        if not runtime.connections:  # type: ignore[attr-defined]
-            return
-        await asyncio.sleep(0.01)
+    await until(lambda: not runtime.connections, 20)  # type: ignore[attr-defined]
 
 
 async def test_bulk_each_way_moves_by_splice_byte_exact() -> None:
@@ -161,19 +167,17 @@ async def test_spliced_direction_keeps_backpressure_bounded() -> None:
     try:
         cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
         async with running(cfg) as runtime:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, address_of(runtime))
-            # Read a few MiB so the direction goes bulk, then stop reading.
-            got = 0
-            while got < 4 * MiB:
-                got += len(
-                    await asyncio.wait_for(asyncio.get_running_loop().sock_recv(sock, MiB), 5)
-                )
-            await asyncio.wait_for(stuck.wait(), 30)
-            assert route_of(runtime).stats.splice_switches == 1
-            sock.close()
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+                sock.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_connect(sock, address_of(runtime))
+                # Read a few MiB so the direction goes bulk, then stop reading.
+                got = 0
+                while got < 4 * MiB:
+                    got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
+                await asyncio.wait_for(stuck.wait(), 30)
+                assert route_of(runtime).stats.splice_switches == 1
     finally:
         server.close()
     # Socket buffers on both hops (a few MiB at most with autotuning) plus one 256 KiB pipe.
@@ -207,21 +211,20 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
     try:
         cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
         async with running(cfg) as runtime:
-            sock = socket.create_connection(address_of(runtime))
-            sock.setblocking(False)
-            got = 0
-            while got < 4 * MiB:
-                got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
-            assert route_of(runtime).stats.splice_switches == 1
-            spliced.set()
-            if who == "client":
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-                assert isinstance(await asyncio.wait_for(backend_lost, 10), ConnectionError)
-            else:
-                with pytest.raises(ConnectionResetError):
-                    await _read_to_the_end(loop, sock)
-                sock.close()
+            with socket.create_connection(address_of(runtime)) as sock:
+                sock.setblocking(False)
+                got = 0
+                while got < 4 * MiB:
+                    got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
+                assert route_of(runtime).stats.splice_switches == 1
+                spliced.set()
+                if who == "client":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.close()
+                    assert isinstance(await asyncio.wait_for(backend_lost, 10), ConnectionError)
+                else:
+                    with pytest.raises(ConnectionResetError):
+                        await _read_to_the_end(loop, sock)
             await _until_closed(runtime)
             assert not runtime.connections
     finally:
