@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config import Config, load_text
-from lbd.route import Route
+from lbd.route import Route, RouteStats
 from lbd.runtime import Runtime
 
 _addresses = itertools.count(1)
@@ -367,3 +369,71 @@ async def tcp_server(
     finally:
         server.close()
         await settle()
+
+
+# -- bulk transfers ---------------------------------------------------------------------------
+
+
+async def send_hashed(
+    writer: asyncio.StreamWriter, total: int, seed: bytes, block_size: int = 65536
+) -> str:
+    """Write ``total`` bytes in ``block_size`` writes, each starting with its offset (so a
+    reordered or repeated block changes the hash), then FIN; returns their SHA-256."""
+    digest = hashlib.sha256()
+    block = hashlib.sha256(seed).digest() * (block_size // 32)
+    sent = 0
+    while sent < total:
+        chunk = (struct.pack("!Q", sent) + block[8:])[: total - sent]
+        digest.update(chunk)
+        writer.write(chunk)
+        await writer.drain()
+        sent += len(chunk)
+    writer.write_eof()
+    return digest.hexdigest()
+
+
+async def receive_hashed(reader: asyncio.StreamReader) -> tuple[str, int]:
+    """Read to EOF: (SHA-256, byte count)."""
+    digest = hashlib.sha256()
+    total = 0
+    while chunk := await reader.read(1024 * 1024):
+        digest.update(chunk)
+        total += len(chunk)
+    return digest.hexdigest(), total
+
+
+async def bulk_exchange(up: int, down: int, extra: str = "", block_size: int = 65536) -> RouteStats:
+    """Through a fresh lbd: ``up`` bytes client→backend and ``down`` bytes back at the same
+    time, each direction half-closed when done; checks both arrive byte-exact and counted,
+    and returns the route's counters once the connection has ended."""
+    results: dict[str, object] = {}
+    done = asyncio.Event()
+
+    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent, received = await asyncio.gather(
+            send_hashed(writer, down, b"down", block_size), receive_hashed(reader)
+        )
+        results.update(backend_sent=sent, backend_received=received)
+        writer.close()
+        done.set()
+
+    bh = fresh_ip()
+    server = await asyncio.start_server(backend, bh, 0)
+    bp = server.sockets[0].getsockname()[1]
+    try:
+        async with running(config(document(service_yaml("svc", [(bh, bp)], extra=extra)))) as rt:
+            reader, writer = await asyncio.open_connection(*address_of(rt))
+            sent, received = await asyncio.wait_for(
+                asyncio.gather(send_hashed(writer, up, b"up", block_size), receive_hashed(reader)),
+                60,
+            )
+            await asyncio.wait_for(done.wait(), 10)
+            writer.close()
+            stats = route_of(rt).stats
+            await until(lambda: not rt.connections, 20)
+            assert stats.downstream_bytes_received == up and stats.upstream_bytes_received == down
+    finally:
+        server.close()
+    assert received == (results["backend_sent"], down)
+    assert results["backend_received"] == (sent, up)
+    return stats

@@ -14,16 +14,20 @@ import pytest
 from lbd.net import splice
 from tests.support import (
     address_of,
+    bulk_exchange,
     config,
     document,
     fresh_ip,
+    receive_hashed,
     route_of,
     running,
+    send_hashed,
     service_yaml,
     until,
 )
 
 MiB = 1024 * 1024
+BULK = 256 * 1024  # writes big enough to arrive as bulk reads
 pytestmark = pytest.mark.skipif(not splice.SPLICE_AVAILABLE, reason="os.splice needs Linux")
 
 
@@ -31,66 +35,9 @@ def _block(seed: bytes) -> bytes:
     return hashlib.sha256(seed).digest() * (256 * 1024 // 32)
 
 
-async def _send(writer: asyncio.StreamWriter, total: int, seed: bytes) -> str:
-    """Write ``total`` bytes in 256 KiB writes (big enough to arrive as bulk reads), then FIN."""
-    digest = hashlib.sha256()
-    block = _block(seed)
-    sent = 0
-    while sent < total:
-        chunk = struct.pack("!Q", sent) + block[8 : min(len(block), total - sent)]
-        digest.update(chunk)
-        writer.write(chunk)
-        await writer.drain()
-        sent += len(chunk)
-    writer.write_eof()
-    return digest.hexdigest()
-
-
-async def _receive(reader: asyncio.StreamReader) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    total = 0
-    while chunk := await reader.read(MiB):
-        digest.update(chunk)
-        total += len(chunk)
-    return digest.hexdigest(), total
-
-
 async def _exchange(up: int, down: int, extra: str = "") -> tuple[int, int]:
-    """``up`` bytes client→backend and ``down`` bytes back at once, half-closing each way.
-    Returns the route's (splice switches, splice bytes)."""
-    results: dict[str, object] = {}
-    done = asyncio.Event()
-
-    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sent, received = await asyncio.gather(_send(writer, down, b"down"), _receive(reader))
-        results.update(backend_sent=sent, backend_received=received)
-        writer.close()
-        done.set()
-
-    bh = fresh_ip()
-    server = await asyncio.start_server(backend, bh, 0)
-    bp = server.sockets[0].getsockname()[1]
-    try:
-        cfg = config(document(service_yaml("svc", [(bh, bp)], extra=extra)))
-        async with running(cfg) as runtime:
-            reader, writer = await asyncio.open_connection(*address_of(runtime))
-            sent, received = await asyncio.wait_for(
-                asyncio.gather(_send(writer, up, b"up"), _receive(reader)), 60
-            )
-            await asyncio.wait_for(done.wait(), 10)
-            writer.close()
-            stats = route_of(runtime).stats
-            await _until_closed(runtime)
-            assert stats.downstream_bytes_received == up and stats.upstream_bytes_received == down
-    finally:
-        server.close()
-    assert received == (results["backend_sent"], down)
-    assert results["backend_received"] == (sent, up)
+    stats = await bulk_exchange(up, down, extra, block_size=BULK)
     return stats.splice_switches, stats.splice_bytes
-
-
-async def _until_closed(runtime: object) -> None:
-    await until(lambda: not runtime.connections, 20)  # type: ignore[attr-defined]
 
 
 async def test_bulk_each_way_moves_by_splice_byte_exact() -> None:
@@ -122,7 +69,7 @@ async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatc
     results: dict[str, int] = {}
 
     async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        results["received"] = (await _receive(reader))[1]
+        results["received"] = (await receive_hashed(reader))[1]
         writer.close()
 
     bh = fresh_ip()
@@ -131,7 +78,7 @@ async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatc
         cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
         async with running(cfg) as runtime:
             reader, writer = await asyncio.open_connection(*address_of(runtime))
-            await asyncio.wait_for(_send(writer, 16 * MiB, b"x"), 30)
+            await asyncio.wait_for(send_hashed(writer, 16 * MiB, b"x", BULK), 30)
             assert await asyncio.wait_for(reader.read(), 10) == b""
             writer.close()
             stats = route_of(runtime).stats
@@ -225,8 +172,7 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
                 else:
                     with pytest.raises(ConnectionResetError):
                         await _read_to_the_end(loop, sock)
-            await _until_closed(runtime)
-            assert not runtime.connections
+            await until(lambda: not runtime.connections, 20)
     finally:
         server.close()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import socket
 import struct
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support import (
     address_of,
+    bulk_exchange,
     config,
     dead_port,
     document,
@@ -24,6 +24,7 @@ from tests.support import (
     read_name,
     route_of,
     running,
+    send_hashed,
     service_yaml,
 )
 
@@ -176,62 +177,9 @@ async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
     assert 0.09 < elapsed < 0.4
 
 
-async def _pump(writer: asyncio.StreamWriter, total: int, seed: bytes) -> str:
-    digest = hashlib.sha256()
-    block = hashlib.sha256(seed).digest() * (65536 // 32)
-    sent = 0
-    counter = 0
-    while sent < total:
-        chunk = block[: min(len(block), total - sent)]
-        chunk = struct.pack("!Q", counter) + chunk[8:] if len(chunk) > 8 else chunk
-        counter += 1
-        digest.update(chunk)
-        writer.write(chunk)
-        await writer.drain()
-        sent += len(chunk)
-    writer.write_eof()
-    return digest.hexdigest()
-
-
-async def _drain_hash(reader: asyncio.StreamReader) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    total = 0
-    while chunk := await reader.read(MiB):
-        digest.update(chunk)
-        total += len(chunk)
-    return digest.hexdigest(), total
-
-
 async def test_64_mib_each_way_at_once_with_half_close_is_byte_exact() -> None:
-    size = 64 * MiB
-    results: dict[str, object] = {}
-    done = asyncio.Event()
-
-    async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        sent, (received, count) = await asyncio.gather(
-            _pump(writer, size, b"up"), _drain_hash(reader)
-        )
-        results.update(backend_sent=sent, backend_received=received, backend_count=count)
-        writer.close()
-        done.set()
-
-    bh = fresh_ip()
-    server = await asyncio.start_server(backend, bh, 0)
-    bp = server.sockets[0].getsockname()[1]
-    try:
-        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
-            host, port = address_of(runtime)
-            reader, writer = await asyncio.open_connection(host, port)
-            sent, (received, count) = await asyncio.wait_for(
-                asyncio.gather(_pump(writer, size, b"down"), _drain_hash(reader)), 60
-            )
-            await asyncio.wait_for(done.wait(), 10)
-            writer.close()
-    finally:
-        server.close()
-    assert count == size and results["backend_count"] == size
-    assert received == results["backend_sent"]
-    assert sent == results["backend_received"]
+    stats = await bulk_exchange(64 * MiB, 64 * MiB)  # checks hashes, counts and the FINs
+    assert stats.downstream_cx_total == 1
 
 
 async def test_half_close_keeps_the_other_direction_open() -> None:
@@ -251,7 +199,7 @@ async def test_slow_reader_keeps_lbd_buffers_bounded() -> None:
     finished = asyncio.Event()
 
     async def fast_writer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _pump(writer, size, b"fast")
+        await send_hashed(writer, size, b"fast")
         writer.close()
         finished.set()
 
