@@ -23,6 +23,7 @@ from lbd.config.model import (
 from lbd.config.routes import RouteSpec
 from lbd.health.outlier import OutlierDetector
 from lbd.net.admission import Admission
+from lbd.observability.logging import LogLimiter
 from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
 from lbd.pool import Pool, UpstreamEndpoint
 from lbd.shared import EndpointSlots
@@ -127,6 +128,9 @@ class Route:
     stats: RouteStats = field(default_factory=RouteStats)
     admission: Admission | None = None  # None when the port has no limits
     fd_exhausted_logged_at: float = float("-inf")
+    # Connect-failure warnings: at most one a second per endpoint (and per route for "no
+    # endpoint accepted"); the metrics count every failure.
+    log_limiter: LogLimiter = field(default_factory=LogLimiter)
     # acceptProxyProtocolFrom, parsed once: the data path checks each client against it.
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     affinity: AffinityTable | None = None  # sessionAffinity: ClientIP

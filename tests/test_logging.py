@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import structlog
 
-from lbd.observability.logging import configure_logging
+from lbd.observability.logging import LogLimiter, configure_logging
+from tests.support import (
+    address_of,
+    config,
+    dead_port,
+    document,
+    echo_backend,
+    fresh_ip,
+    read_name,
+    route_of,
+    running,
+    service_yaml,
+)
 
 
 class RecordingStream(io.StringIO):
@@ -35,3 +48,34 @@ def test_each_log_line_is_written_in_one_piece() -> None:
         configure_logging("json", "error")  # as tests/conftest.py set it
     [line] = stream.writes
     assert line.endswith("\n") and json.loads(line)["event"] == "restart: the next lbd serves"
+
+
+async def test_connect_failures_log_once_a_second_per_endpoint_and_count_all() -> None:
+    dead_host = fresh_ip()
+    stream = RecordingStream()
+    configure_logging("json", "warning", stream)
+    try:
+        async with echo_backend("alive") as (bh, bp, _):
+            endpoints = [(dead_host, dead_port(dead_host)), (bh, bp)]
+            async with running(config(document(service_yaml("svc", endpoints)))) as runtime:
+                host, port = address_of(runtime)
+                began = time.monotonic()
+                names = [await read_name(host, port) for _ in range(20)]
+                elapsed = time.monotonic() - began
+                stats = route_of(runtime).stats
+    finally:
+        configure_logging("json", "error")
+    assert names == ["alive"] * 20 and stats.upstream_cx_connect_fail == 10
+    lines = [json.loads(line) for line in stream.writes]
+    failed = [line for line in lines if line["event"] == "upstream connect failed"]
+    # One line a second at most; each line says how many it stands for.
+    assert 1 <= len(failed) <= 1 + int(elapsed)
+    assert len(failed) + sum(line["similar_lines_skipped"] for line in failed) <= 10
+
+
+def test_log_limiter_reports_what_it_skipped() -> None:
+    limiter = LogLimiter(interval=1.0)
+    assert limiter.allow("a", 10.0) == 0
+    assert limiter.allow("a", 10.5) is None and limiter.allow("a", 10.9) is None
+    assert limiter.allow("b", 10.9) == 0  # another key has its own second
+    assert limiter.allow("a", 11.0) == 2

@@ -471,12 +471,15 @@ class Downstream(asyncio.Protocol):
             self._connect_task = None
             return
         stats.upstream_cx_none_succeeded += 1
-        log.warning(
-            "no endpoint accepted the connection",
-            connection=self.id,
-            route=self.route.label,
-            tries=len(tried),
-        )
+        skipped = route.log_limiter.allow(None, loop.time())
+        if skipped is not None:
+            log.warning(
+                "no endpoint accepted the connection",
+                connection=self.id,
+                route=route.label,
+                tries=len(tried),
+                similar_lines_skipped=skipped,
+            )
         if not self.closed:
             self.finish("connect_failed", abort=True)
 
@@ -521,13 +524,16 @@ class Downstream(asyncio.Protocol):
         self.route.pool.release(endpoint)
         if self.route.outlier is not None:
             self.route.outlier.connect_failed(endpoint)
-        log.warning(
-            "upstream connect failed",
-            connection=self.id,
-            route=self.route.label,
-            endpoint=str(endpoint),
-            error=why,
-        )
+        skipped = self.route.log_limiter.allow(endpoint, self._loop.time())
+        if skipped is not None:
+            log.warning(
+                "upstream connect failed",
+                connection=self.id,
+                route=self.route.label,
+                endpoint=str(endpoint),
+                error=why,
+                similar_lines_skipped=skipped,
+            )
 
     def attach(self, upstream: Upstream) -> None:
         """Called from the upstream's ``connection_made``: start moving bytes."""

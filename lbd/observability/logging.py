@@ -40,3 +40,29 @@ def configure_logging(
         logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+class LogLimiter:
+    """At most one line per key and interval (a dead endpoint under load would otherwise log
+    thousands of lines a second). ``allow`` says whether to log now and how many lines were
+    skipped since the last one; what is skipped is still counted in the metrics."""
+
+    __slots__ = ("_next", "_skipped", "interval")
+
+    MAX_KEYS = 10_000  # keys are endpoints and routes; forget them all if that many piled up
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._next: dict[object, float] = {}
+        self._skipped: dict[object, int] = {}
+
+    def allow(self, key: object, now: float) -> int | None:
+        """None: skip this line. Else log it, with this many lines skipped before it."""
+        if now < self._next.get(key, float("-inf")):
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return None
+        if len(self._next) >= self.MAX_KEYS:
+            self._next.clear()
+            self._skipped.clear()
+        self._next[key] = now + self.interval
+        return self._skipped.pop(key, 0)
