@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import pytest
 import structlog
 
 from lbd.observability.logging import LogLimiter, configure_logging
@@ -79,3 +85,51 @@ def test_log_limiter_reports_what_it_skipped() -> None:
     assert limiter.allow("a", 10.5) is None and limiter.allow("a", 10.9) is None
     assert limiter.allow("b", 10.9) == 0  # another key has its own second
     assert limiter.allow("a", 11.0) == 2
+
+
+def test_a_failing_log_stream_drops_the_line_instead_of_raising() -> None:
+    class Broken(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def isatty(self) -> bool:
+            return False
+
+    configure_logging("json", "info", Broken())
+    try:
+        structlog.get_logger("lbd.test").info("nobody reads this")  # must not raise
+    finally:
+        configure_logging("json", "error")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lbd_stops_on_sigterm_after_its_log_reader_went_away(tmp_path: Path, workers: int) -> None:
+    """A log collector that dies (the reader of lbd's stderr pipe) must not leave lbd unable
+    to stop: every log line now fails with EPIPE, the SIGTERM handler's first one included."""
+    path = tmp_path / "lbd.yaml"
+    text = document(service_yaml("svc", [(fresh_ip(), 80)]))
+    path.write_text(
+        text.replace("apiVersion: lbd/v1\n", f"apiVersion: lbd/v1\nworkers: {workers}\n")
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lbd", "run", str(path), "--log-format", "json"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stderr is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # bounded: lbd logs "lbd started" within seconds
+            line = process.stderr.readline()
+            if not line or b'"lbd started"' in line:
+                break
+        assert b'"lbd started"' in line, line
+        process.stderr.close()  # the reader goes away
+        process.send_signal(signal.SIGTERM)  # our own child, by PID
+        assert process.wait(timeout=20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

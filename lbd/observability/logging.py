@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from typing import Literal, TextIO
+from typing import Literal, TextIO, cast
 
 import structlog
 
@@ -37,9 +38,32 @@ def configure_logging(
         # One write per line (print() writes the newline separately, and unbuffered, e.g.
         # PYTHONUNBUFFERED=1 as container images set it, the supervisor's and workers' lines
         # on the shared stderr then interleave into broken JSON).
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=structlog.WriteLoggerFactory(file=cast(TextIO, _NeverFailing(out))),
         cache_logger_on_first_use=False,
     )
+
+
+class _NeverFailing:
+    """The log stream, as seen by structlog: a write that fails (the reader of a pipe went
+    away, a full disk) drops the line instead of raising. A log call must never stop what
+    called it; a SIGTERM handler whose first act is to log would otherwise never stop lbd."""
+
+    __slots__ = ("__weakref__", "_stream", "dropped")  # structlog keys its lock by a weakref
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self.dropped = 0  # lines lost; nowhere to report them but here
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stream.flush()
 
 
 class LogLimiter:
