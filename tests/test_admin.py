@@ -331,7 +331,9 @@ async def test_connection_id_links_error_and_access_logs() -> None:
             structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     failed = [e for e in logs if e["event"] == "upstream connect failed"]
     closed = {e["connection"]: e for e in logs if e["event"] == "connection closed"}
-    # Round-robin over a dead and a live endpoint: half the connections tried the dead one first.
-    assert len(failed) == 4 and len(closed) == 8
+    # Round-robin over a dead and a live endpoint: half the connections tried the dead one
+    # first; the warning is logged once a second per endpoint, the rest counted as skipped.
+    assert len(closed) == 8 and failed
+    assert len(failed) + sum(e["similar_lines_skipped"] for e in failed) <= 4
     for event in failed:
         assert closed[event["connection"]]["endpoint"] == f"{bh}:{bp}"
