@@ -108,7 +108,7 @@ class _Try:
         self.upstream = upstream
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
-        self.cancelled = False  # given up: throw CancelledError at the next step
+        self.cancelled = False  # given up while not waiting on a future: throw at next step
         self.coro: Coroutine[Any, Any, object] | None = None  # None once it has ended
         self.timer: asyncio.TimerHandle
         self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
@@ -488,9 +488,11 @@ class Downstream(asyncio.Protocol):
         coro = attempt.coro
         assert coro is not None
         try:
-            if attempt.cancelled:
-                coro.throw(asyncio.CancelledError())
-            waited = coro.send(None)
+            if attempt.cancelled:  # given up during a bare yield: nothing to cancel but it
+                attempt.cancelled = False
+                waited = coro.throw(asyncio.CancelledError())
+            else:  # a cancelled future raises CancelledError in it, as a Task's would
+                waited = coro.send(None)
         except StopIteration:
             attempt.coro = None
             self._connected(attempt)
@@ -534,13 +536,15 @@ class Downstream(asyncio.Protocol):
         self._try_next(attempt.tried)
 
     def _give_up(self, attempt: _Try) -> None:
-        """Stop a try in flight as a Task would be cancelled: cancel what it waits for, then
-        throw CancelledError into it at its next step (uvloop then closes the half-made
-        transport; asyncio first removes the socket's writer)."""
+        """Stop a try in flight as Task.cancel would: cancel the future it waits for, so that
+        its next step raises CancelledError inside it (uvloop then closes the half-made
+        transport; asyncio's sock_connect first removes the socket's writer). A future that
+        is already done keeps its outcome, which the next step takes (and ignores)."""
         attempt.timer.cancel()
-        attempt.cancelled = True
         waited = attempt.waited
-        if waited is not None:
+        if waited is None:
+            attempt.cancelled = True
+        else:
             waited.cancel()  # its callbacks, ``attempt`` last, run at the next loop turn
 
     def _none_succeeded(self, tries: int) -> None:
