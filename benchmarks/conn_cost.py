@@ -79,15 +79,23 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
+# Connections/s through lbd, from the warm-up. wrk's main thread sleeps for the whole -d even
+# once the Lua counter has stopped its thread, so -d is sized from this to end soon after.
+RATE = {"estimate": 0.0}
+
+
 def drive(url: str, count: int, cpus: str, work: Path, timeout: float) -> int:
     """Run wrk until ``count`` responses (or ``timeout`` s); return the requests it completed."""
     script = work / "conn_cost.lua"
     script.write_text(WRK_SCRIPT)
+    seconds = timeout
+    if RATE["estimate"]:
+        seconds = min(timeout, 2 + 2 * count / RATE["estimate"])
     out = subprocess.run(
-        ["taskset", "-c", cpus, "wrk", "-t1", "-c32", f"-d{int(timeout)}s", "-s", str(script), url],
+        ["taskset", "-c", cpus, "wrk", "-t1", "-c32", f"-d{seconds:.0f}s", "-s", str(script), url],
         capture_output=True,
         text=True,
-        timeout=timeout + 30,
+        timeout=seconds + 30,
         check=True,
         env={**os.environ, "CONN_COST_LIMIT": str(count)},
     ).stdout
@@ -96,6 +104,14 @@ def drive(url: str, count: int, cpus: str, work: Path, timeout: float) -> int:
     if result["errors"]:
         print(f"    wrk errors: {result['errors']}", file=sys.stderr)
     return int(result["requests"])
+
+
+def warm_up(url: str, cpus: str, work: Path) -> None:
+    """Two seconds of unbounded load: warms lbd up and estimates the rate (the lowest seen)."""
+    done = drive(url, 10**12, cpus, work, timeout=2)
+    rate = done / 2
+    RATE["estimate"] = min(RATE["estimate"] or rate, rate)
+    print(f"warm-up {url}: about {rate:,.0f} connections/s")
 
 
 def measure(pid: int, url: str, count: int, cpus: str, work: Path) -> tuple[float, float, int]:
@@ -232,7 +248,7 @@ def start_lbd(source: Path, work: Path, backend_port: int, args: argparse.Namesp
     proc = subprocess.Popen(argv, cwd=source)
     wait_listening(HOST, port)
     url = f"http://{HOST}:{port}/"
-    drive(url, 2000, args.load_cpus, work, timeout=30)  # warm-up
+    warm_up(url, args.load_cpus, work)
     return Lbd(source, proc, url)
 
 
