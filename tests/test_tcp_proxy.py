@@ -26,6 +26,7 @@ from tests.support import (
     running,
     send_hashed,
     service_yaml,
+    until,
 )
 
 MiB = 1024 * 1024
@@ -175,6 +176,34 @@ async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
     assert stats.upstream_cx_connect_timeout == 1
     # The first of two candidates gets a quarter of connectTimeout (escalating tries).
     assert 0.09 < elapsed < 0.4
+
+
+async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
+    blackhole = fresh_ip()
+    with listening_socket(blackhole, backlog=0) as full:
+        filler = socket.create_connection(full.getsockname(), timeout=2)  # later SYNs dropped
+        text = document(
+            service_yaml("svc", [(blackhole, full.getsockname()[1])]),
+            defaults="{connectTimeout: 30s}",
+        )
+        async with running(config(text)) as runtime:
+            host, port = address_of(runtime)
+            route = route_of(runtime)
+            [endpoint] = route.pool.members
+            tasks_before = len(asyncio.all_tasks())
+            reader, writer = await asyncio.open_connection(host, port)
+            await until(lambda: endpoint.active == 1, what="the connect to start")
+            # The connect in flight is driven by callbacks, not by a Task of its own.
+            assert len(asyncio.all_tasks()) == tasks_before
+            [connection] = runtime.connections
+            connection.start_draining(0.05)  # as a reload or shutdown does, mid-connect
+            assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, not connected
+            await until(lambda: endpoint.active == 0, what="the endpoint to be released")
+            writer.close()
+            stats = route.stats
+        filler.close()
+    assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
+    assert (stats.upstream_cx_total, stats.downstream_cx_active) == (1, 0)
 
 
 async def test_64_mib_each_way_at_once_with_half_close_is_byte_exact() -> None:

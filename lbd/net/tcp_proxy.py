@@ -18,7 +18,8 @@ import itertools
 import os
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import structlog
 
@@ -77,11 +78,49 @@ def send_reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
+class _Try:
+    """One connect try in flight: ``loop.create_connection``'s coroutine, stepped by hand.
+
+    A Task per connection would cost its creation, its entry in asyncio's set of all tasks,
+    a context copy and a loop turn before the connect even starts; the connect needs none of
+    it. The coroutine is started at once and resumed from the done callback of the future it
+    waits for (this object is that callback), until it returns or raises."""
+
+    __slots__ = (
+        "began",
+        "cancelled",
+        "coro",
+        "downstream",
+        "timer",
+        "tried",
+        "upstream",
+        "waited",
+    )
+
+    def __init__(
+        self,
+        downstream: Downstream,
+        upstream: Upstream,
+        tried: list[UpstreamEndpoint],
+        began: float,
+    ) -> None:
+        self.downstream = downstream
+        self.upstream = upstream
+        self.tried = tried  # endpoints of this connection's tries so far, this one's included
+        self.began = began
+        self.cancelled = False  # given up while not waiting on a future: throw at next step
+        self.coro: Coroutine[Any, Any, object] | None = None  # None once it has ended
+        self.timer: asyncio.TimerHandle
+        self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
+
+    def __call__(self, _waited: object) -> None:
+        self.downstream._step(self)
+
+
 class Downstream(asyncio.Protocol):
     """The client side of a proxied connection; owns the connection's lifetime."""
 
     __slots__ = (
-        "_connect_task",
         "_drain_timer",
         "_half_closed_timer",
         "_header",
@@ -90,6 +129,7 @@ class Downstream(asyncio.Protocol):
         "_max_duration_timer",
         "_pending",
         "_serial",
+        "_trying",
         "addresses",
         "admission",
         "client",
@@ -121,7 +161,7 @@ class Downstream(asyncio.Protocol):
         # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
         # the time: one object less per idle connection.
         self._pending: list[bytes] | None = None
-        self._connect_task: asyncio.Task[None] | None = None
+        self._trying: _Try | None = None  # the connect try in flight
         self.idle_tick = -1  # filed in the idle wheel under this tick (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
         self._half_closed_timer: asyncio.TimerHandle | None = None
@@ -249,7 +289,6 @@ class Downstream(asyncio.Protocol):
 
     def _admit(self) -> None:
         route = self.route
-        loop = self._loop
         admission = route.admission
         if admission is not None:
             verdict = admission.request(self)
@@ -260,7 +299,7 @@ class Downstream(asyncio.Protocol):
                 self.admission = "queued"
                 return
             self.admission = "admitted"
-        self._connect_task = loop.create_task(self._connect())
+        self._try_next([])
 
     @property
     def external(self) -> bool:
@@ -270,7 +309,7 @@ class Downstream(asyncio.Protocol):
     def admitted(self) -> None:
         """Called by the route's Admission when a queued connection gets its slot."""
         self.admission = "admitted"
-        self._connect_task = self._loop.create_task(self._connect())
+        self._try_next([])
 
     def data_received(self, data: bytes) -> None:
         if self._header is not None:
@@ -405,79 +444,119 @@ class Downstream(asyncio.Protocol):
 
     # -- upstream connect ----------------------------------------------------------------------
 
-    async def _connect(self) -> None:
+    def _try_next(self, tried: list[UpstreamEndpoint]) -> None:
+        """Start the next try: an endpoint not in ``tried``, under its own deadline; or give
+        up once none is left (or MAX_CONNECT_TRIES were made)."""
         route = self.route
-        stats = route.stats
         loop = self._loop
-        tried: list[UpstreamEndpoint] = []
-        limit = route.limits.max_connections_per_endpoint
-        external = self.listener.external
-        for attempt in range(MAX_CONNECT_TRIES):
-            eligible = route.pool.eligible(external)
+        attempt = len(tried)
+        endpoint: UpstreamEndpoint | None = None
+        eligible: list[UpstreamEndpoint] = []
+        if attempt < MAX_CONNECT_TRIES:
+            eligible = route.pool.eligible(self.listener.external)
             endpoint = route.pick(eligible, self.client, loop.time(), tried)
+            limit = route.limits.max_connections_per_endpoint
             if limit is not None and endpoint is not None and endpoint.active >= limit:
                 endpoint = self._pick_under_limit(eligible, tried, limit)
-            if endpoint is None:
-                break
-            tried.append(endpoint)
-            if attempt:
-                stats.upstream_cx_retries += 1
-            route.pool.acquire(endpoint)  # counted while connecting, for least-connection
-            stats.upstream_cx_total += 1
-            endpoint.stats.cx_total += 1
-            began = loop.time()
-            upstream = Upstream(self, endpoint)
-            left = len(eligible) - len(tried) + 1
-            deadline = began + try_timeout(route.connect_timeout, attempt, left)
-            timer = loop.call_at(deadline, self._connect_timed_out, upstream)
-            try:
-                # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP
-                # literal in place here, while sock_connect sends every connect through libuv's
-                # thread pool for getaddrinfo (measured: ~130 us of CPU and two context switches
-                # per connection).
-                await loop.create_connection(
-                    functools.partial(_same, upstream), endpoint.address, endpoint.port
-                )
-            except asyncio.CancelledError:
-                timer.cancel()
-                # Not our deadline, or the client went away too (then a second cancel request
-                # is pending that uncancel() below would swallow): stop here.
-                if not upstream.timed_out or self.closed:
-                    if not upstream.attached:
-                        route.pool.release(endpoint)
-                    raise
-                assert self._connect_task is not None
-                self._connect_task.uncancel()
-                stats.upstream_cx_connect_timeout += 1
-                endpoint.stats.connect_timeout += 1
-                self._connect_failed(endpoint, "timeout")
-                continue
-            except OSError as error:
-                timer.cancel()
-                if error.errno in OUT_OF_DESCRIPTORS:
-                    route.pool.release(endpoint)
-                    self._out_of_descriptors(error)
-                    return
-                stats.upstream_cx_connect_fail += 1
-                endpoint.stats.connect_fail += 1
-                self._connect_failed(endpoint, error.strerror or type(error).__name__)
-                continue
-            timer.cancel()
-            self.connected = loop.time()
-            endpoint.stats.connect_seconds.observe(self.connected - began)
-            if route.outlier is not None:
-                route.outlier.connect_succeeded(endpoint)
-            # Done: drop the finished task (and its frame, ~700 bytes) for the connection's life.
-            self._connect_task = None
+        if endpoint is None:
+            self._trying = None
+            self._none_succeeded(attempt)
             return
-        stats.upstream_cx_none_succeeded += 1
-        skipped = route.log_limiter.allow(None, loop.time())
+        tried.append(endpoint)
+        stats = route.stats
+        if attempt:
+            stats.upstream_cx_retries += 1
+        route.pool.acquire(endpoint)  # counted while connecting, for least-connection
+        stats.upstream_cx_total += 1
+        endpoint.stats.cx_total += 1
+        upstream = Upstream(self, endpoint)
+        began = loop.time()
+        deadline = began + try_timeout(route.connect_timeout, attempt, len(eligible) - attempt)
+        attempt_ = _Try(self, upstream, tried, began)
+        attempt_.timer = loop.call_at(deadline, self._connect_timed_out, attempt_)
+        self._trying = attempt_
+        # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP literal in
+        # place here, while sock_connect sends every connect through libuv's thread pool for
+        # getaddrinfo (measured: ~130 us of CPU and two context switches per connection).
+        attempt_.coro = loop.create_connection(
+            functools.partial(_same, upstream), endpoint.address, endpoint.port
+        )
+        self._step(attempt_)
+
+    def _step(self, attempt: _Try) -> None:
+        """Run the try's coroutine to its next wait; act on its end (what a Task step does)."""
+        coro = attempt.coro
+        assert coro is not None
+        try:
+            if attempt.cancelled:  # given up during a bare yield: nothing to cancel but it
+                attempt.cancelled = False
+                waited = coro.throw(asyncio.CancelledError())
+            else:  # a cancelled future raises CancelledError in it, as a Task's would
+                waited = coro.send(None)
+        except StopIteration:
+            attempt.coro = None
+            self._connected(attempt)
+            return
+        except OSError as error:
+            attempt.coro = None
+            if self._trying is attempt:
+                self._try_failed(attempt, error)
+            return
+        except asyncio.CancelledError:  # this try was given up (timed out, client left)
+            attempt.coro = None
+            return
+        attempt.waited = waited
+        if waited is None:  # a bare yield: resume at the next loop turn
+            self._loop.call_soon(attempt, None)
+        else:
+            waited.add_done_callback(attempt)
+
+    def _connected(self, attempt: _Try) -> None:
+        attempt.timer.cancel()
+        if self._trying is not attempt or not attempt.upstream.attached:
+            return  # given up after connection_made (attach refused it or it was closed)
+        self._trying = None  # done: nothing of the connect is kept for the connection's life
+        self.connected = now = self._loop.time()
+        endpoint = attempt.upstream.endpoint
+        endpoint.stats.connect_seconds.observe(now - attempt.began)
+        if self.route.outlier is not None:
+            self.route.outlier.connect_succeeded(endpoint)
+
+    def _try_failed(self, attempt: _Try, error: OSError) -> None:
+        attempt.timer.cancel()
+        endpoint = attempt.upstream.endpoint
+        if error.errno in OUT_OF_DESCRIPTORS:
+            self._trying = None
+            self.route.pool.release(endpoint)
+            self._out_of_descriptors(error)
+            return
+        self.route.stats.upstream_cx_connect_fail += 1
+        endpoint.stats.connect_fail += 1
+        self._connect_failed(endpoint, error.strerror or type(error).__name__)
+        self._try_next(attempt.tried)
+
+    def _give_up(self, attempt: _Try) -> None:
+        """Stop a try in flight as Task.cancel would: cancel the future it waits for, so that
+        its next step raises CancelledError inside it (uvloop then closes the half-made
+        transport; asyncio's sock_connect first removes the socket's writer). A future that
+        is already done keeps its outcome, which the next step takes (and ignores)."""
+        attempt.timer.cancel()
+        waited = attempt.waited
+        if waited is None:
+            attempt.cancelled = True
+        else:
+            waited.cancel()  # its callbacks, ``attempt`` last, run at the next loop turn
+
+    def _none_succeeded(self, tries: int) -> None:
+        route = self.route
+        route.stats.upstream_cx_none_succeeded += 1
+        skipped = route.log_limiter.allow(None, self._loop.time())
         if skipped is not None:
             log.warning(
                 "no endpoint accepted the connection",
                 connection=self.id,
                 route=route.label,
-                tries=len(tried),
+                tries=tries,
                 similar_lines_skipped=skipped,
             )
         if not self.closed:
@@ -512,13 +591,18 @@ class Downstream(asyncio.Protocol):
                 return endpoint
             skip.append(endpoint)
 
-    def _connect_timed_out(self, upstream: Upstream) -> None:
+    def _connect_timed_out(self, attempt: _Try) -> None:
         """The try's deadline passed. An attempt that already attached has won the race; one
         that attaches after this is refused (``attach``), so a late connect never half-wins."""
-        if upstream.attached or self.closed or self._connect_task is None:
+        upstream = attempt.upstream
+        if upstream.attached or self.closed or self._trying is not attempt:
             return
         upstream.timed_out = True
-        self._connect_task.cancel()
+        self._give_up(attempt)
+        self.route.stats.upstream_cx_connect_timeout += 1
+        upstream.endpoint.stats.connect_timeout += 1
+        self._connect_failed(upstream.endpoint, "timeout")
+        self._try_next(attempt.tried)
 
     def _connect_failed(self, endpoint: UpstreamEndpoint, why: str) -> None:
         self.route.pool.release(endpoint)
@@ -603,8 +687,12 @@ class Downstream(asyncio.Protocol):
             for pump in self.pumps:
                 if pump is not None:
                     pump.close()
-        if self._connect_task is not None and not self._connect_task.done():
-            self._connect_task.cancel()
+        attempt = self._trying
+        if attempt is not None:
+            self._trying = None
+            if not attempt.upstream.attached and attempt.coro is not None:
+                self._give_up(attempt)
+                route.pool.release(attempt.upstream.endpoint)
         self.connections.idle.remove(self)
         for timer in (
             self._drain_timer,
