@@ -135,7 +135,6 @@ class Downstream(asyncio.Protocol):
         "client",
         "client_eof",
         "closed",
-        "connected",
         "connections",
         "endpoint",
         "idle_tick",
@@ -180,15 +179,17 @@ class Downstream(asyncio.Protocol):
         self.received = 0  # bytes from the client
         self.sent = 0  # bytes from the upstream, written to the client
         self.started = 0.0
-        self.connected = 0.0  # when the upstream connect succeeded (0: not yet)
         self.last_activity = 0.0
-        self._serial = next(_next_id)
+        self._serial = 0  # numbered when first logged (see ``id``): no int object per connection
         # [upward, downward] splice pumps once a direction went bulk (lbd.net.splice).
         self.pumps: list[SplicePump | None] | None = None
 
     @property
     def id(self) -> str:
-        """The connection id in logs: made only when something is logged about it."""
+        """The connection id in logs: numbered the first time something is logged about the
+        connection, then the same on every later line."""
+        if not self._serial:
+            self._serial = next(_next_id)
         return f"{_PID_PREFIX}-{self._serial:x}"
 
     def _keep(self, data: bytes) -> None:
@@ -516,7 +517,7 @@ class Downstream(asyncio.Protocol):
         if self._trying is not attempt or not attempt.upstream.attached:
             return  # given up after connection_made (attach refused it or it was closed)
         self._trying = None  # done: nothing of the connect is kept for the connection's life
-        self.connected = now = self._loop.time()
+        now = self._loop.time()
         endpoint = attempt.upstream.endpoint
         endpoint.stats.connect_seconds.observe(now - attempt.began)
         if self.route.outlier is not None:
