@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
-from lbd.net.idle import TICK, IdleWheel
+from lbd.net.idle import TICK, Idler, IdleWheel
 
 
 class Conn:
     def __init__(self, wheel: IdleWheel, name: str, fired: dict[str, float]) -> None:
-        self.idle_tick = -1
+        self.idle_bucket: set[Idler] | None = None
         self.wheel = wheel
         self.name = name
         self.fired = fired
@@ -52,7 +52,7 @@ async def test_removed_connections_never_fire() -> None:
     wheel.file(gone, loop.time() + 0.05)
     wheel.file(kept, loop.time() + 0.05)
     wheel.remove(gone)
-    assert gone.idle_tick == -1 and len(wheel) == 1
+    assert gone.idle_bucket is None and len(wheel) == 1
     await asyncio.wait_for(kept.event.wait(), 2)
     assert "gone" not in fired
 

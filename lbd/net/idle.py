@@ -19,7 +19,9 @@ TICK = 0.25  # seconds: the precision of idle timeouts
 
 
 class Idler(Protocol):
-    idle_tick: int  # the bucket the connection is filed under; -1 for none
+    # The bucket the connection is filed under (None: none). The bucket itself, not its tick:
+    # a tick is an int past 256, a 28-byte object per connection; the set is shared.
+    idle_bucket: set[Idler] | None
 
     def check_idle(self) -> None:
         """The deadline it was filed under has passed: close, or file again."""
@@ -48,17 +50,15 @@ class IdleWheel:
             bucket = self._buckets[tick] = set()
             heapq.heappush(self._ticks, tick)
         bucket.add(connection)
-        connection.idle_tick = tick
+        connection.idle_bucket = bucket
         if self._timer is None or tick < self._armed:
             self._arm(tick)
 
     def remove(self, connection: Idler) -> None:
-        tick = connection.idle_tick
-        if tick >= 0:
-            bucket = self._buckets.get(tick)
-            if bucket is not None:
-                bucket.discard(connection)
-            connection.idle_tick = -1
+        bucket = connection.idle_bucket
+        if bucket is not None:
+            bucket.discard(connection)  # a fired bucket is already out of ``_buckets``
+            connection.idle_bucket = None
 
     def _arm(self, tick: int) -> None:
         if self._timer is not None:
@@ -76,7 +76,7 @@ class IdleWheel:
         while ticks and ticks[0] <= due:
             tick = heapq.heappop(ticks)
             for connection in self._buckets.pop(tick, ()):
-                connection.idle_tick = -1
+                connection.idle_bucket = None
                 connection.check_idle()  # may file it again, in a later bucket
         if ticks:
             self._arm(ticks[0])

@@ -30,6 +30,7 @@ from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
 
 if TYPE_CHECKING:
     from lbd.net.connections import ConnectionSet
+    from lbd.net.idle import Idler
     from lbd.pool import UpstreamEndpoint
 
 
@@ -137,7 +138,7 @@ class Downstream(asyncio.Protocol):
         "closed",
         "connections",
         "endpoint",
-        "idle_tick",
+        "idle_bucket",
         "last_activity",
         "listener",
         "pumps",
@@ -161,7 +162,7 @@ class Downstream(asyncio.Protocol):
         # the time: one object less per idle connection.
         self._pending: list[bytes] | None = None
         self._trying: _Try | None = None  # the connect try in flight
-        self.idle_tick = -1  # filed in the idle wheel under this tick (lbd.net.idle)
+        self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
         self._half_closed_timer: asyncio.TimerHandle | None = None
         self._max_duration_timer: asyncio.TimerHandle | None = None
