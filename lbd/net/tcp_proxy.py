@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import functools
 import ipaddress
 import itertools
 import os
 import socket
 import struct
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
 from lbd.net import proxy_protocol
+from lbd.net.connect import ConnectTry, UpstreamConnector
 from lbd.net.proxy_protocol import Address
 from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
-from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
+from lbd.route import Route
 
 if TYPE_CHECKING:
     from lbd.net.connections import ConnectionSet
@@ -51,9 +49,6 @@ class ListenerView(Protocol):
 log = structlog.get_logger("lbd.tcp")
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-# A connect that fails with one of these failed for lack of lbd's own resources, not the
-# endpoint's: it is shed, not retried elsewhere or held against the endpoint.
-OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # A trusted client must send its PROXY header this soon (HAProxy's default is the client
 # timeout; a header is one packet, so a few seconds is plenty).
 PROXY_HEADER_TIMEOUT = 3.0
@@ -62,11 +57,6 @@ PROXY_HEADER_TIMEOUT = 3.0
 # each), short enough to grep. Every log line about a connection carries its id.
 _PID_PREFIX = f"{os.getpid():x}"
 _next_id = itertools.count(1)
-
-
-def _same(upstream: Upstream) -> Upstream:
-    """A protocol factory that returns the Upstream made before the connect started."""
-    return upstream
 
 
 def send_reset(transport: asyncio.BaseTransport) -> None:
@@ -79,46 +69,7 @@ def send_reset(transport: asyncio.BaseTransport) -> None:
     transport.abort()  # type: ignore[attr-defined]
 
 
-class _Try:
-    """One connect try in flight: ``loop.create_connection``'s coroutine, stepped by hand.
-
-    A Task per connection would cost its creation, its entry in asyncio's set of all tasks,
-    a context copy and a loop turn before the connect even starts; the connect needs none of
-    it. The coroutine is started at once and resumed from the done callback of the future it
-    waits for (this object is that callback), until it returns or raises."""
-
-    __slots__ = (
-        "began",
-        "cancelled",
-        "coro",
-        "downstream",
-        "timer",
-        "tried",
-        "upstream",
-        "waited",
-    )
-
-    def __init__(
-        self,
-        downstream: Downstream,
-        upstream: Upstream,
-        tried: list[UpstreamEndpoint],
-        began: float,
-    ) -> None:
-        self.downstream = downstream
-        self.upstream = upstream
-        self.tried = tried  # endpoints of this connection's tries so far, this one's included
-        self.began = began
-        self.cancelled = False  # given up while not waiting on a future: throw at next step
-        self.coro: Coroutine[Any, Any, object] | None = None  # None once it has ended
-        self.timer: asyncio.TimerHandle
-        self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
-
-    def __call__(self, _waited: object) -> None:
-        self.downstream._step(self)
-
-
-class Downstream(asyncio.Protocol):
+class Downstream(UpstreamConnector, asyncio.Protocol):
     """The client side of a proxied connection; owns the connection's lifetime."""
 
     __slots__ = (
@@ -130,7 +81,6 @@ class Downstream(asyncio.Protocol):
         "_max_duration_timer",
         "_pending",
         "_serial",
-        "_trying",
         "addresses",
         "admission",
         "client",
@@ -161,7 +111,7 @@ class Downstream(asyncio.Protocol):
         # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
         # the time: one object less per idle connection.
         self._pending: list[bytes] | None = None
-        self._trying: _Try | None = None  # the connect try in flight
+        self._trying: ConnectTry | None = None  # the connect try in flight
         self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
         self._half_closed_timer: asyncio.TimerHandle | None = None
@@ -444,182 +394,10 @@ class Downstream(asyncio.Protocol):
         client_failed = upward == at_source
         self.finish("client_reset" if client_failed else "upstream_reset", abort=True)
 
-    # -- upstream connect ----------------------------------------------------------------------
+    # -- upstream connect (lbd.net.connect) -------------------------------------------------
 
-    def _try_next(self, tried: list[UpstreamEndpoint]) -> None:
-        """Start the next try: an endpoint not in ``tried``, under its own deadline; or give
-        up once none is left (or MAX_CONNECT_TRIES were made)."""
-        route = self.route
-        loop = self._loop
-        attempt = len(tried)
-        endpoint: UpstreamEndpoint | None = None
-        eligible: list[UpstreamEndpoint] = []
-        if attempt < MAX_CONNECT_TRIES:
-            eligible = route.pool.eligible(self.listener.external)
-            endpoint = route.pick(eligible, self.client, loop.time(), tried)
-            limit = route.limits.max_connections_per_endpoint
-            if limit is not None and endpoint is not None and endpoint.active >= limit:
-                endpoint = self._pick_under_limit(eligible, tried, limit)
-        if endpoint is None:
-            self._trying = None
-            self._none_succeeded(attempt)
-            return
-        tried.append(endpoint)
-        stats = route.stats
-        if attempt:
-            stats.upstream_cx_retries += 1
-        route.pool.acquire(endpoint)  # counted while connecting, for least-connection
-        stats.upstream_cx_total += 1
-        endpoint.stats.cx_total += 1
-        upstream = Upstream(self, endpoint)
-        began = loop.time()
-        deadline = began + try_timeout(route.connect_timeout, attempt, len(eligible) - attempt)
-        attempt_ = _Try(self, upstream, tried, began)
-        attempt_.timer = loop.call_at(deadline, self._connect_timed_out, attempt_)
-        self._trying = attempt_
-        # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP literal in
-        # place here, while sock_connect sends every connect through libuv's thread pool for
-        # getaddrinfo (measured: ~130 us of CPU and two context switches per connection).
-        attempt_.coro = loop.create_connection(
-            functools.partial(_same, upstream), endpoint.address, endpoint.port
-        )
-        self._step(attempt_)
-
-    def _step(self, attempt: _Try) -> None:
-        """Run the try's coroutine to its next wait; act on its end (what a Task step does)."""
-        coro = attempt.coro
-        assert coro is not None
-        try:
-            if attempt.cancelled:  # given up during a bare yield: nothing to cancel but it
-                attempt.cancelled = False
-                waited = coro.throw(asyncio.CancelledError())
-            else:  # a cancelled future raises CancelledError in it, as a Task's would
-                waited = coro.send(None)
-        except StopIteration:
-            attempt.coro = None
-            self._connected(attempt)
-            return
-        except OSError as error:
-            attempt.coro = None
-            if self._trying is attempt:
-                self._try_failed(attempt, error)
-            return
-        except asyncio.CancelledError:  # this try was given up (timed out, client left)
-            attempt.coro = None
-            return
-        attempt.waited = waited
-        if waited is None:  # a bare yield: resume at the next loop turn
-            self._loop.call_soon(attempt, None)
-        else:
-            waited.add_done_callback(attempt)
-
-    def _connected(self, attempt: _Try) -> None:
-        attempt.timer.cancel()
-        if self._trying is not attempt or not attempt.upstream.attached:
-            return  # given up after connection_made (attach refused it or it was closed)
-        self._trying = None  # done: nothing of the connect is kept for the connection's life
-        now = self._loop.time()
-        endpoint = attempt.upstream.endpoint
-        endpoint.stats.connect_seconds.observe(now - attempt.began)
-        if self.route.outlier is not None:
-            self.route.outlier.connect_succeeded(endpoint)
-
-    def _try_failed(self, attempt: _Try, error: OSError) -> None:
-        attempt.timer.cancel()
-        endpoint = attempt.upstream.endpoint
-        if error.errno in OUT_OF_DESCRIPTORS:
-            self._trying = None
-            self.route.pool.release(endpoint)
-            self._out_of_descriptors(error)
-            return
-        self.route.stats.upstream_cx_connect_fail += 1
-        endpoint.stats.connect_fail += 1
-        self._connect_failed(endpoint, error.strerror or type(error).__name__)
-        self._try_next(attempt.tried)
-
-    def _give_up(self, attempt: _Try) -> None:
-        """Stop a try in flight as Task.cancel would: cancel the future it waits for, so that
-        its next step raises CancelledError inside it (uvloop then closes the half-made
-        transport; asyncio's sock_connect first removes the socket's writer). A future that
-        is already done keeps its outcome, which the next step takes (and ignores)."""
-        attempt.timer.cancel()
-        waited = attempt.waited
-        if waited is None:
-            attempt.cancelled = True
-        else:
-            waited.cancel()  # its callbacks, ``attempt`` last, run at the next loop turn
-
-    def _none_succeeded(self, tries: int) -> None:
-        route = self.route
-        route.stats.upstream_cx_none_succeeded += 1
-        skipped = route.log_limiter.allow(None, self._loop.time())
-        if skipped is not None:
-            log.warning(
-                "no endpoint accepted the connection",
-                connection=self.id,
-                route=route.label,
-                tries=tries,
-                similar_lines_skipped=skipped,
-            )
-        if not self.closed:
-            self.finish("connect_failed", abort=True)
-
-    def _out_of_descriptors(self, error: OSError) -> None:
-        """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a
-        reset at once, which also frees its descriptor; other endpoints would fail the same."""
-        route = self.route
-        route.stats.downstream_cx_fd_exhausted += 1
-        now = self._loop.time()
-        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
-            route.fd_exhausted_logged_at = now
-            log.error(
-                "out of file descriptors",
-                route=route.label,
-                error=error.strerror or str(error),
-                shed_total=route.stats.downstream_cx_fd_exhausted,
-            )
-        self.finish("fd_exhausted", abort=True)
-
-    def _pick_under_limit(
-        self, eligible: list[UpstreamEndpoint], tried: list[UpstreamEndpoint], limit: int
-    ) -> UpstreamEndpoint | None:
-        """An endpoint at its maxConnectionsPerEndpoint: the connection goes to another."""
-        skip = list(tried)
-        while True:
-            endpoint = self.route.balancer.pick(eligible, self.client, skip)
-            if endpoint is None or endpoint.active < limit:
-                if endpoint is None and not tried:
-                    self.route.stats.upstream_cx_overflow += 1
-                return endpoint
-            skip.append(endpoint)
-
-    def _connect_timed_out(self, attempt: _Try) -> None:
-        """The try's deadline passed. An attempt that already attached has won the race; one
-        that attaches after this is refused (``attach``), so a late connect never half-wins."""
-        upstream = attempt.upstream
-        if upstream.attached or self.closed or self._trying is not attempt:
-            return
-        upstream.timed_out = True
-        self._give_up(attempt)
-        self.route.stats.upstream_cx_connect_timeout += 1
-        upstream.endpoint.stats.connect_timeout += 1
-        self._connect_failed(upstream.endpoint, "timeout")
-        self._try_next(attempt.tried)
-
-    def _connect_failed(self, endpoint: UpstreamEndpoint, why: str) -> None:
-        self.route.pool.release(endpoint)
-        if self.route.outlier is not None:
-            self.route.outlier.connect_failed(endpoint)
-        skipped = self.route.log_limiter.allow(endpoint, self._loop.time())
-        if skipped is not None:
-            log.warning(
-                "upstream connect failed",
-                connection=self.id,
-                route=self.route.label,
-                endpoint=str(endpoint),
-                error=why,
-                similar_lines_skipped=skipped,
-            )
+    def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream:
+        return Upstream(self, endpoint)
 
     def attach(self, upstream: Upstream) -> None:
         """Called from the upstream's ``connection_made``: start moving bytes."""
