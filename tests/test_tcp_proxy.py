@@ -206,6 +206,33 @@ async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
     assert (stats.upstream_cx_total, stats.downstream_cx_active) == (1, 0)
 
 
+async def test_a_client_reset_mid_connect_frees_the_connect_at_once() -> None:
+    """lbd goes on reading the client while it connects upstream, so a client that resets is
+    noticed at once, not after connectTimeout (its try is given up, its endpoint freed). A FIN
+    is a half-close, not giving up: that client still gets its answer (see the test below)."""
+    blackhole = fresh_ip()
+    with listening_socket(blackhole, backlog=0) as full:
+        filler = socket.create_connection(full.getsockname(), timeout=2)  # later SYNs dropped
+        text = document(
+            service_yaml("svc", [(blackhole, full.getsockname()[1])]),
+            defaults="{connectTimeout: 30s}",
+        )
+        async with running(config(text)) as runtime:
+            route = route_of(runtime)
+            [endpoint] = route.pool.members
+            client = socket.create_connection(address_of(runtime))
+            client.sendall(b"early bytes")
+            await until(lambda: endpoint.active == 1, what="the connect to start")
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
+            waited = await until(lambda: not runtime.connections, 5, what="the connection to end")
+            await until(lambda: endpoint.active == 0, what="the endpoint to be released")
+            stats = route.stats
+        filler.close()
+    assert waited < 2  # not the 30 s connectTimeout
+    assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
+
+
 async def test_64_mib_each_way_at_once_with_half_close_is_byte_exact() -> None:
     stats = await bulk_exchange(64 * MiB, 64 * MiB)  # checks hashes, counts and the FINs
     assert stats.downstream_cx_total == 1

@@ -52,6 +52,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 # A trusted client must send its PROXY header this soon (HAProxy's default is the client
 # timeout; a header is one packet, so a few seconds is plenty).
 PROXY_HEADER_TIMEOUT = 3.0
+# Client bytes held while the upstream connect is in flight; past this, reading pauses.
+PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
 # Connection ids: unique per process, and across the workers of one lbd (the pid is part of
 # each), short enough to grep. Every log line about a connection carries its id.
@@ -144,10 +146,16 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         return f"{_PID_PREFIX}-{self._serial:x}"
 
     def _keep(self, data: bytes) -> None:
-        if self._pending is None:
-            self._pending = [data]
+        """Hold bytes that arrive before the upstream exists. Reading goes on meanwhile, so a
+        client that resets or closes while lbd is still connecting is noticed at once (and its
+        connect given up); past PENDING_LIMIT bytes reading pauses until the upstream exists."""
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = [data]
         else:
-            self._pending.append(data)
+            pending.append(data)
+        if sum(map(len, pending)) > PENDING_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
 
     # -- asyncio.Protocol, client side -------------------------------------------------------
 
@@ -186,10 +194,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             self._header = b""
             self._header_timer = loop.call_later(PROXY_HEADER_TIMEOUT, self._header_missing)
             return
-        # Hold the client's bytes until an upstream exists; a chunk already on its way may
-        # still arrive (uvloop), and is kept in _pending.
-        transport.pause_reading()
-        self._admit()
+        self._admit()  # bytes that arrive before the upstream exists wait in _pending
 
     def _trusted(self, client: str) -> bool:
         try:
@@ -227,8 +232,6 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         if rest:
             self.received += len(rest)
             self._keep(rest)
-        assert self.transport is not None
-        self.transport.pause_reading()
         self._admit()
 
     def _header_missing(self) -> None:
