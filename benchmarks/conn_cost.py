@@ -25,13 +25,14 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lbdbench.procs import free_port, start_ok_backend, wait_listening
 
 HOST = "127.78.0.1"
 BACKEND = "127.78.0.2"
@@ -54,23 +55,6 @@ done = function(summary, latency, requests)
       summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout))
 end
 """
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {host}:{port}")
 
 
 def cpu_ticks(pid: int) -> tuple[int, int]:
@@ -280,19 +264,9 @@ def main() -> int:
     args = parser.parse_args()
     sources = args.source or [REPO]
     work = Path(tempfile.mkdtemp(prefix="lbd-conn-cost-"))
-    backend_port = free_port(BACKEND)
-    (work / "nginx.conf").write_text(
-        f"worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/err.log;\n"
-        f"events {{ worker_connections 4096; }}\n"
-        f"http {{ access_log off; server {{ listen {BACKEND}:{backend_port} backlog=4096;\n"
-        f"  location / {{ return 200 'ok'; }} }} }}\n"
-    )
-    nginx = subprocess.Popen(
-        ["taskset", "-c", args.load_cpus, "nginx", "-c", str(work / "nginx.conf"), "-p", str(work)]
-    )
+    nginx, backend_port = start_ok_backend(work, BACKEND, args.load_cpus)
     targets: list[Lbd] = []
     try:
-        wait_listening(BACKEND, backend_port)
         for source in sources:
             targets.append(start_lbd(source, work, backend_port, args))
         for repeat in range(args.repeats):

@@ -14,13 +14,14 @@ import argparse
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lbdbench.procs import free_port, start_ok_backend, wait_listening
 
 HOST = "127.77.0.1"
 BACKEND = "127.77.0.2"
@@ -45,23 +46,6 @@ async def main():
 with asyncio.Runner(loop_factory=LOOP_FACTORIES["uvloop"]) as r:
     sys.exit(r.run(main()))
 """
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_listening(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {host}:{port}")
 
 
 def tree_cpu(pid: int) -> float:
@@ -119,19 +103,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lbd-bench-"))
-    backend_port = free_port(BACKEND)
-    (work / "nginx.conf").write_text(
-        f"worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/err.log;\n"
-        f"events {{ worker_connections 4096; }}\n"
-        f"http {{ access_log off; server {{ listen {BACKEND}:{backend_port} backlog=4096;\n"
-        f"  location / {{ return 200 'ok'; }} }} }}\n"
-    )
-    nginx = subprocess.Popen(
-        ["taskset", "-c", args.wrk_cpus, "nginx", "-c", str(work / "nginx.conf"), "-p", str(work)]
-    )
+    nginx, backend_port = start_ok_backend(work, BACKEND, args.wrk_cpus)
     variants: dict[str, list[tuple[float, float]]] = {}
     try:
-        wait_listening(BACKEND, backend_port)
         lbd_port = free_port(HOST)
         config = work / "lbd.yaml"
         config.write_text(

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 
 import pytest
 
+from lbd.pool import UpstreamEndpoint
+from lbd.route import Route
+from lbd.runtime import Runtime
 from tests.support import (
     address_of,
     bulk_exchange,
@@ -178,30 +183,39 @@ async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
     assert 0.09 < elapsed < 0.4
 
 
-async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
+@contextlib.asynccontextmanager
+async def _black_holed() -> AsyncIterator[tuple[Runtime, Route, UpstreamEndpoint]]:
+    """lbd in front of one endpoint whose connects hang (its accept queue is full, so SYNs are
+    dropped), with a 30 s connectTimeout: a connect stays in flight as long as a test needs."""
     blackhole = fresh_ip()
     with listening_socket(blackhole, backlog=0) as full:
         filler = socket.create_connection(full.getsockname(), timeout=2)  # later SYNs dropped
-        text = document(
-            service_yaml("svc", [(blackhole, full.getsockname()[1])]),
-            defaults="{connectTimeout: 30s}",
-        )
-        async with running(config(text)) as runtime:
-            host, port = address_of(runtime)
-            route = route_of(runtime)
-            [endpoint] = route.pool.members
-            tasks_before = len(asyncio.all_tasks())
-            reader, writer = await asyncio.open_connection(host, port)
-            await until(lambda: endpoint.active == 1, what="the connect to start")
-            # The connect in flight is driven by callbacks, not by a Task of its own.
-            assert len(asyncio.all_tasks()) == tasks_before
-            [connection] = runtime.connections
-            connection.start_draining(0.05)  # as a reload or shutdown does, mid-connect
-            assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, not connected
-            await until(lambda: endpoint.active == 0, what="the endpoint to be released")
-            writer.close()
-            stats = route.stats
-        filler.close()
+        try:
+            text = document(
+                service_yaml("svc", [(blackhole, full.getsockname()[1])]),
+                defaults="{connectTimeout: 30s}",
+            )
+            async with running(config(text)) as runtime:
+                route = route_of(runtime)
+                [endpoint] = route.pool.members
+                yield runtime, route, endpoint
+        finally:
+            filler.close()
+
+
+async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
+    async with _black_holed() as (runtime, route, endpoint):
+        tasks_before = len(asyncio.all_tasks())
+        reader, writer = await asyncio.open_connection(*address_of(runtime))
+        await until(lambda: endpoint.active == 1, what="the connect to start")
+        # The connect in flight is driven by callbacks, not by a Task of its own.
+        assert len(asyncio.all_tasks()) == tasks_before
+        [connection] = runtime.connections
+        connection.start_draining(0.05)  # as a reload or shutdown does, mid-connect
+        assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, not connected
+        await until(lambda: endpoint.active == 0, what="the endpoint to be released")
+        writer.close()
+        stats = route.stats
     assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
     assert (stats.upstream_cx_total, stats.downstream_cx_active) == (1, 0)
 
@@ -209,26 +223,16 @@ async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
 async def test_a_client_reset_mid_connect_frees_the_connect_at_once() -> None:
     """lbd goes on reading the client while it connects upstream, so a client that resets is
     noticed at once, not after connectTimeout (its try is given up, its endpoint freed). A FIN
-    is a half-close, not giving up: that client still gets its answer (see the test below)."""
-    blackhole = fresh_ip()
-    with listening_socket(blackhole, backlog=0) as full:
-        filler = socket.create_connection(full.getsockname(), timeout=2)  # later SYNs dropped
-        text = document(
-            service_yaml("svc", [(blackhole, full.getsockname()[1])]),
-            defaults="{connectTimeout: 30s}",
-        )
-        async with running(config(text)) as runtime:
-            route = route_of(runtime)
-            [endpoint] = route.pool.members
-            client = socket.create_connection(address_of(runtime))
-            client.sendall(b"early bytes")
-            await until(lambda: endpoint.active == 1, what="the connect to start")
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            client.close()
-            waited = await until(lambda: not runtime.connections, 5, what="the connection to end")
-            await until(lambda: endpoint.active == 0, what="the endpoint to be released")
-            stats = route.stats
-        filler.close()
+    is a half-close, not giving up: that client still gets its answer."""
+    async with _black_holed() as (runtime, route, endpoint):
+        client = socket.create_connection(address_of(runtime))
+        client.sendall(b"early bytes")
+        await until(lambda: endpoint.active == 1, what="the connect to start")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()
+        waited = await until(lambda: not runtime.connections, 5, what="the connection to end")
+        await until(lambda: endpoint.active == 0, what="the endpoint to be released")
+        stats = route.stats
     assert waited < 2  # not the 30 s connectTimeout
     assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
 

@@ -117,6 +117,48 @@ def ensure_free(host: str, port: int, kind: int = socket.SOCK_STREAM) -> None:
             raise NotReadyError(f"{host}:{port} is already in use by another process") from exc
 
 
+def free_port(host: str) -> int:
+    """A port the kernel says is free on ``host`` now (for a backend that needs one upfront)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(host: str, port: int, timeout: float = 20.0) -> None:
+    """Poll-connect until something accepts on host:port (a process we did not spawn via
+    ``spawn``); exit the script if nothing does within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {host}:{port}")
+
+
+def start_ok_backend(work: Path, host: str, cpus: str) -> tuple[subprocess.Popen[bytes], int]:
+    """nginx answering every request with 200 "ok" on a free port of ``host``, pinned to
+    ``cpus``; returns the process (stop it by PID) and the port, once it listens."""
+    port = free_port(host)
+    (work / "nginx.conf").write_text(
+        f"worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/err.log;\n"
+        f"events {{ worker_connections 4096; }}\n"
+        f"http {{ access_log off; server {{ listen {host}:{port} backlog=4096;\n"
+        f"  location / {{ return 200 'ok'; }} }} }}\n"
+    )
+    nginx = subprocess.Popen(
+        ["taskset", "-c", cpus, "nginx", "-c", str(work / "nginx.conf"), "-p", str(work)]
+    )
+    try:
+        wait_listening(host, port)
+    except BaseException:
+        nginx.terminate()
+        nginx.wait()
+        raise
+    return nginx, port
+
+
 def wait_log_line(proc: Proc, text: str, timeout: float = 30.0) -> None:
     """Wait until ``text`` appears in the process's log; fail early if it died."""
     deadline = time.monotonic() + timeout

@@ -110,7 +110,6 @@ class Target(ABC):
             elif code not in self.clean_exits:
                 running.problems.append(f"{self.label} exited with code {code} after SIGTERM")
 
-
     def wait_ready(self, proc: Proc, route: Route) -> None:
         if route.transport == "tcp":
             wait_tcp_ready(proc, self.listen.host, self.listen.port)
