@@ -260,7 +260,7 @@ def test_node_port_allocation_is_the_same_whatever_the_order_and_node() -> None:
         ("externalTrafficPolicy: Local", "only for NodePort and LoadBalancer"),
         ("internalTrafficPolicy: Nearby", "internalTrafficPolicy: must be one of Cluster, Local"),
         ("trafficDistribution: PreferSame", "trafficDistribution: must be one of PreferClose"),
-        ("loadBalancerSourceRanges: ['10.0.0.0/8']", "only for type LoadBalancer"),
+        ("loadBalancerSourceRanges: ['127.0.0.0/8']", "only for type LoadBalancer"),
         ("healthCheckNodePort: 30001", "only for LoadBalancer services with externalTraffic"),
         ("externalName: db.example.com", "externalName: only for type ExternalName"),
         ("type: ExternalName", "externalName: required for type ExternalName"),

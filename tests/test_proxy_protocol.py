@@ -38,24 +38,24 @@ from tests.support import (
 
 def test_v1_bytes() -> None:
     assert (
-        build_v1(("10.0.0.1", 5000), ("10.0.0.2", 80))
-        == b"PROXY TCP4 10.0.0.1 10.0.0.2 5000 80\r\n"
+        build_v1(("127.9.0.1", 5000), ("127.9.0.2", 80))
+        == b"PROXY TCP4 127.9.0.1 127.9.0.2 5000 80\r\n"
     )
     assert build_v1(("::1", 1), ("fe80::2", 2)) == b"PROXY TCP6 ::1 fe80::2 1 2\r\n"
-    assert build_v1(("10.0.0.1", 1), ("::1", 2)) == b"PROXY UNKNOWN\r\n"
+    assert build_v1(("127.9.0.1", 1), ("::1", 2)) == b"PROXY UNKNOWN\r\n"
 
 
 def test_v2_bytes() -> None:
-    header = build_v2(("10.0.0.1", 5000), ("10.0.0.2", 80))
+    header = build_v2(("127.9.0.1", 5000), ("127.9.0.2", 80))
     assert header == (
         V2_SIGNATURE
         + b"\x21\x11\x00\x0c"
-        + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+        + bytes([127, 9, 0, 1, 127, 9, 0, 2])
         + struct.pack("!HH", 5000, 80)
     )
     udp6 = build_v2(("::1", 53), ("::2", 5353), "UDP")
     assert udp6[12:16] == b"\x21\x22\x00\x24" and len(udp6) == 16 + 36
-    assert build_v2(("10.0.0.1", 1), ("::1", 2)) == V2_SIGNATURE + b"\x20\x00\x00\x00"
+    assert build_v2(("127.9.0.1", 1), ("::1", 2)) == V2_SIGNATURE + b"\x20\x00\x00\x00"
 
 
 def test_parse_valid_headers_and_what_follows() -> None:
@@ -116,7 +116,7 @@ def test_fuzz_arbitrary_bytes_parse_or_raise_proxy_header_error(data: bytes) -> 
 
 @given(st.binary(min_size=1, max_size=40))
 def test_fuzz_mutated_v2_headers(noise: bytes) -> None:
-    header = bytearray(build_v2(("10.0.0.1", 1), ("10.0.0.2", 2)))
+    header = bytearray(build_v2(("127.9.0.1", 1), ("127.9.0.2", 2)))
     for i, byte in enumerate(noise):
         header[(i * 7 + byte) % len(header)] = byte
     try:
@@ -216,7 +216,7 @@ async def test_a_spoofed_header_from_an_untrusted_source_is_only_data() -> None:
         cfg = config(document(service_yaml("svc", [(bh, bp)], extra=extra)))
         async with running(cfg) as runtime:
             host, port = address_of(runtime)
-            spoofed = b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\n"
+            spoofed = b"PROXY TCP4 127.9.0.1 127.9.0.2 1 2\r\n"
             _, writer, client_port = await send_from(attacker, host, port, spoofed + b"x")
             await until(lambda: seen.endswith(b"x"), 5)
             assert next(iter(runtime.connections)).client == attacker

@@ -194,7 +194,7 @@ def cidr(value: object) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
-        raise FieldError(f"expected a CIDR such as 10.0.0.0/8, got {text!r}") from None
+        raise FieldError(f"expected a CIDR such as 127.0.0.0/8, got {text!r}") from None
 
 
 def _item(section: f.Section, path: str, raw: object, parse: f.Parser[Any]) -> Any:
