@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 import structlog
 
+from lbd.net.follow import PoolFollower
 from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
 from lbd.pool import Pool
 from lbd.route import Route
@@ -35,13 +36,12 @@ ACCEPT_BATCH = 16
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
-class TcpListener:
+class TcpListener(PoolFollower):
     __slots__ = (
         "_factory",
         "_inherited",
         "_loop",
         "_reopen",
-        "_unwatch",
         "address",
         "closed",
         "external",
@@ -77,7 +77,7 @@ class TcpListener:
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None
         self._reopen: asyncio.Task[None] | asyncio.TimerHandle | None = None
-        self._unwatch: Callable[[], None] | None = None
+        self._unwatch = None  # lbd.net.follow
         self.closed = False
 
     @property
@@ -98,24 +98,20 @@ class TcpListener:
         assert self.server is not None and self.sock is not None
         await self.server.start_serving()
         self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
-        self._unwatch = self.route.pool.watch(self._pool_changed)
+        self._follow()
         self._pool_changed(self.route.pool)
 
     def repoint(self, route: Route, external: bool) -> None:
-        if self._unwatch is not None:
-            self._unwatch()
-        self.route = route
         self.external = external
-        self._unwatch = route.pool.watch(self._pool_changed)
+        self.route = route
+        self._follow()
         self._pool_changed(route.pool)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._unwatch is not None:
-            self._unwatch()
-            self._unwatch = None
+        self._unfollow()
         self._shut()
 
     # -- the socket follows the pool ---------------------------------------------------------

@@ -26,11 +26,11 @@ import asyncio
 import errno
 import socket
 import struct
-from collections.abc import Callable
 
 import structlog
 
 from lbd.net import proxy_protocol
+from lbd.net.follow import PoolFollower
 from lbd.net.listeners import IP_PKTINFO, bind_udp_listener
 from lbd.pool import Pool, UpstreamEndpoint
 from lbd.route import Route
@@ -54,7 +54,7 @@ Client = tuple[str, int] | tuple[str, int, int, int]
 Ancillary = list[tuple[int, int, bytes]]
 
 
-class UdpListener:
+class UdpListener(PoolFollower):
     """One UDP socket of a service port (one listener kind and address) and its sessions."""
 
     __slots__ = (
@@ -62,7 +62,6 @@ class UdpListener:
         "_anc_type",
         "_loop",
         "_rebind",
-        "_unwatch",
         "_view",
         "address",
         "closed",
@@ -101,7 +100,7 @@ class UdpListener:
         # before the next is read, so nothing in it outlives one callback.
         self._view = memoryview(bytearray(RECV_SIZE))
         self._rebind: asyncio.TimerHandle | None = None
-        self._unwatch: Callable[[], None] | None = None
+        self._unwatch = None  # lbd.net.follow
         self.closed = False
 
     @property
@@ -122,21 +121,20 @@ class UdpListener:
         if self.sock is None:
             self.bind()
         self._add_reader()
-        self._unwatch = self.route.pool.watch(self._pool_changed)
+        self._follow()
         if not self.route.pool.eligible(self.external):
             self._shut()
 
     def repoint(self, route: Route, external: bool = False, filtered: bool = False) -> None:
         """A reload gave this socket to another service port: its sessions (to the old port's
         endpoints) end, and the listener follows the new pool."""
-        if self._unwatch is not None:
-            self._unwatch()
+        self._unfollow()
         for session in list(self.sessions.values()):
             session.finish("endpoint_gone")
-        self.route = route
         self.external = external
         self.filtered = filtered
-        self._unwatch = route.pool.watch(self._pool_changed)
+        self.route = route
+        self._follow()
         self._pool_changed(route.pool)
 
     def close(self) -> None:
@@ -144,9 +142,7 @@ class UdpListener:
         if self.closed:
             return
         self.closed = True
-        if self._unwatch is not None:
-            self._unwatch()
-            self._unwatch = None
+        self._unfollow()
         for session in list(self.sessions.values()):
             session.finish("shutdown")
         self._shut()
