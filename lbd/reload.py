@@ -121,11 +121,16 @@ class Reloader:
 
     def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
         self.runtime.process.reload_failed()
-        # One error event, with the same path: message lines as `lbd check`; nothing changed.
-        log.error(
-            "config reload failed, keeping the running config",
-            reason=reason,
-            problems=problems,
-            detail="\n".join(problems),
-        )
-        return ReloadResult("failed", time.perf_counter() - started, problems=tuple(problems))
+        return reload_failed(reason, started, problems)
+
+
+def reload_failed(reason: str, started: float, problems: list[str]) -> ReloadResult:
+    """Log a reload that changed nothing (one error event, with the same ``path: message``
+    lines as ``lbd check``) and say so; the caller counts it."""
+    log.error(
+        "config reload failed, keeping the running config",
+        reason=reason,
+        problems=problems,
+        detail="\n".join(problems),
+    )
+    return ReloadResult("failed", time.perf_counter() - started, problems=tuple(problems))

@@ -42,7 +42,7 @@ from lbd.config.yamlfile import read_config_file
 from lbd.ipc import Channel, Message
 from lbd.net.listeners import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
-from lbd.reload import ReloadRequests, ReloadResult, content_hash
+from lbd.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
 from lbd.runtime import ListenerError
 from lbd.shared import DEFAULT_SLOTS, SharedCounts, SlotAllocator
 from lbd.worker import STOP_SIGNALS
@@ -451,13 +451,7 @@ class Supervisor:
 
     def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
         self.reloads_failed += 1
-        log.error(
-            "config reload failed, keeping the running config",
-            reason=reason,
-            problems=problems,
-            detail="\n".join(problems),
-        )
-        return ReloadResult("failed", time.perf_counter() - started, problems=tuple(problems))
+        return reload_failed(reason, started, problems)
 
     # -- what the admin API reads ----------------------------------------------------------------
 

@@ -119,3 +119,12 @@ async def lbd_process(
             await process.wait()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(lbd._reader, 5)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process (ours, or one our lbd started) still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

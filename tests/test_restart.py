@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import lbd_process, run_cli
+from tests.procs import alive, lbd_process, run_cli
 from tests.support import (
     dead_port,
     document,
@@ -23,14 +23,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _successor_of(pid_file: Path, predecessor: int) -> int:

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from lbd.admin.client import AdminTarget, call
-from tests.procs import LbdProcess, lbd_process, run_cli
+from tests.procs import LbdProcess, alive, lbd_process, run_cli
 from tests.support import (
     dead_port,
     document,
@@ -52,14 +52,6 @@ async def metric(target: AdminTarget, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_workers_serve_sum_metrics_and_stop_cleanly(tmp_path: Path) -> None:
