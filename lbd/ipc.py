@@ -18,10 +18,13 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from lbd.loops import rearm_reader
+
 HEADER = struct.Struct("!IH")
 MAX_FDS = 512  # per frame; a reload adding more listeners sends several frames
 MAX_FRAME = 64 * 1024 * 1024  # a metrics snapshot of a very large config, with room to spare
 RECV_SIZE = 256 * 1024
+READS_PER_WAKEUP = 16
 
 Message = dict[str, Any]
 Handler = Callable[[Message, list[socket.socket]], None]
@@ -110,14 +113,24 @@ class Channel:
             self._loop.remove_writer(self.sock.fileno())
 
     def _readable(self) -> None:
+        # Read until the socket is dry, so a wakeup that uvloop will not repeat (a peer that
+        # closed with bytes unread: ECONNRESET, see rearm_reader) still delivers every frame
+        # and then the close; bounded, so one busy channel cannot hold the loop.
+        for _ in range(READS_PER_WAKEUP):
+            if self.closed or not self._read_once():
+                return
+        rearm_reader(self._loop, self.sock.fileno(), self._readable)
+
+    def _read_once(self) -> bool:
+        """One recvmsg; False once the socket is dry or the channel closed."""
         try:
             data, ancdata, _flags, _addr = self.sock.recvmsg(
                 RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * 4)
             )
         except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
+            return False
+        except OSError:  # ECONNRESET: the other end closed with bytes unread
+            data, ancdata = b"", []
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
@@ -125,9 +138,10 @@ class Channel:
                 self._fds.extend(fds)
         if not data:
             self.close()
-            return
+            return False
         self._buffer += data
         self._deliver()
+        return True
 
     def _deliver(self) -> None:
         while len(self._buffer) >= HEADER.size:

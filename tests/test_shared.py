@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
 import random
 import socket
 import time
 import zlib
 
+import pytest
+
+from lbd import ipc
 from lbd.config.routes import route_specs
 from lbd.ipc import Channel, Message
 from lbd.pool import Pool
@@ -106,6 +110,32 @@ async def test_channel_carries_messages_and_sockets() -> None:
     finally:
         listener.close()
         receiver.close()
+
+
+async def test_channel_delivers_every_frame_then_the_close_after_a_reset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that exits with bytes unread resets the supervisor's end (ECONNRESET, POLLERR
+    under uvloop: one wakeup only). Every frame it sent before must still arrive, then the
+    close, even when they take many reads."""
+    monkeypatch.setattr(ipc, "RECV_SIZE", 512)  # many reads per wakeup, more than one wakeup
+    monkeypatch.setattr(ipc, "READS_PER_WAKEUP", 4)
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    ours.send(b"never read")  # left unread at their close: our end gets ECONNRESET
+    frames = [{"type": "metrics", "n": n, "pad": b"x" * 900} for n in range(8)]
+    for frame in frames:
+        body = pickle.dumps(frame)
+        theirs.sendall(ipc.HEADER.pack(len(body), 0) + body)
+    theirs.close()
+    got: list[Message] = []
+    closed = asyncio.Event()
+    channel = Channel(ours, lambda message, _socks: got.append(message), closed.set)
+    try:
+        await asyncio.wait_for(closed.wait(), 5)
+    finally:
+        channel.close()
+    assert got == frames
 
 
 def _worker_route(region: SharedCounts, worker: int, text: str) -> Route:

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import hashlib
 import os
+import select
 import socket
 import struct
 
@@ -180,6 +181,69 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
 async def _read_to_the_end(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     while await asyncio.wait_for(loop.sock_recv(sock, MiB), 10):
         pass
+
+
+class _PumpOutcome:
+    """A pump's owner that records how the pump ended."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.moved = 0
+        self.failure: asyncio.Future[tuple[bool, int | None]] = loop.create_future()
+
+    def pumped(self, upward: bool, count: int) -> None:
+        self.moved += count
+
+    def pump_ended(self, upward: bool) -> None:
+        self.failure.set_exception(AssertionError("the reset source read as a clean EOF"))
+
+    def pump_failed(self, upward: bool, at_source: bool, error: OSError) -> None:
+        self.failure.set_result((at_source, error.errno))
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server((fresh_ip(), 0)) as server:
+        near = socket.create_connection(server.getsockname())
+        far, _ = server.accept()
+    near.setblocking(False)
+    return near, far
+
+
+def _poll_events(sock: socket.socket) -> int:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return sum(events for _, events in poller.poll(0))
+
+
+async def test_a_reset_source_with_bytes_queued_is_drained_then_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """uvloop reports a socket error (POLLERR) to a reader once and then drops that reader, so
+    the pump must not wait for another wakeup after a full round: the queued bytes reach the
+    destination and the reset is reported, on both loops."""
+    monkeypatch.setattr(splice, "ROUNDS_PER_EVENT", 1)  # one round per wakeup, as at 1 MiB
+    loop = asyncio.get_running_loop()
+    source, sender = _tcp_pair()
+    destination, reader = _tcp_pair()
+    payload = _block(b"queued")[:32768]
+    with source, sender, destination, reader:
+        sender.sendall(payload)
+        await until(lambda: _poll_events(source) & select.POLLIN != 0, what="bytes queued")
+        sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sender.close()  # RST: the source now holds 32 KiB and an error
+        await until(lambda: _poll_events(source) & select.POLLERR != 0, what="the reset")
+        owner = _PumpOutcome(loop)
+        pump = splice.SplicePump(loop, source.fileno(), destination.fileno(), owner, False)
+        try:
+            at_source, code = await asyncio.wait_for(owner.failure, 5)
+        finally:
+            pump.close()
+        assert (at_source, code) == (True, errno.ECONNRESET)
+        assert owner.moved == len(payload)
+        reader.settimeout(5)
+        got = b""
+        while len(got) < len(payload):
+            got += reader.recv(len(payload))
+        assert got == payload
 
 
 def test_pipe_pool_reuses_empty_pipes_and_closes_dirty_ones() -> None:

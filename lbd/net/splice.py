@@ -24,6 +24,8 @@ import fcntl
 import os
 from typing import Protocol
 
+from lbd.loops import rearm_reader
+
 SPLICE_AVAILABLE = hasattr(os, "splice")
 # A read this large means the kernel had this much queued for us: bulk.
 BULK_READ = 65536
@@ -132,8 +134,10 @@ class SplicePump:
         # Called only with an empty pipe (_flush emptied it, or stopped this reader), so a read
         # may fill the whole pipe; a length of 0 would read as EOF.
         moved = 0
+        rounds_left = ROUNDS_PER_EVENT
         try:
-            for _ in range(ROUNDS_PER_EVENT):
+            while rounds_left:
+                rounds_left -= 1
                 count = os.splice(self._src, self._pipe[1], PIPES.size, flags=_FLAGS)
                 if count == 0:
                     self._src_eof = True
@@ -142,6 +146,9 @@ class SplicePump:
                 self._queued += count
                 if not self._flush():
                     break
+            else:
+                # The source may hold more: see rearm_reader for why it must be asked again.
+                rearm_reader(self._loop, self._src, self._on_readable)
         except BlockingIOError:
             pass  # the source is empty for now
         except OSError as error:
