@@ -84,6 +84,15 @@ class EndpointSlots:
         """The endpoint's slot, or -1 (the slots ran out: it is counted in this worker only)."""
         return self.table.get((route, address, port), -1)
 
+    def admission_slot(self, route: RouteKey) -> int:
+        """The slot counting the route's admitted connections (maxConnections), or -1."""
+        return self.table.get(admission_key(route), -1)
+
+
+def admission_key(route: RouteKey) -> SlotKey:
+    """A service port's own slot: no endpoint has an empty address."""
+    return (route, "", 0)
+
 
 class SlotAllocator:
     """The supervisor's table: stable slots for the endpoints of every config it applied."""
@@ -91,7 +100,7 @@ class SlotAllocator:
     def __init__(self, slots: int) -> None:
         self.table: dict[SlotKey, int] = {}
         self._free = list(range(slots - 1, -1, -1))
-        self.exhausted = 0  # endpoints left without a slot (counted per worker only)
+        self.exhausted = 0  # endpoints (or ports) left without a slot: counted per worker only
 
     def assign(self, config: Config, totals: SharedCounts | None = None) -> dict[SlotKey, int]:
         """Slots for every endpoint of ``config``. Endpoints of earlier configs keep theirs
@@ -112,5 +121,6 @@ class SlotAllocator:
 
 def _endpoint_keys(config: Config) -> Iterable[SlotKey]:
     for key, spec in route_specs(config).items():
+        yield admission_key(key)
         for address, port, *_rest in spec.targets:
             yield (key, address, port)

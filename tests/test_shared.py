@@ -16,7 +16,7 @@ from lbd.config.routes import route_specs
 from lbd.ipc import Channel, Message
 from lbd.pool import Pool
 from lbd.route import Route
-from lbd.shared import EndpointSlots, SharedCounts, SlotAllocator
+from lbd.shared import EndpointSlots, SharedCounts, SlotAllocator, admission_key
 from lbd.shared_affinity import ENTRIES, PROBES, SharedAffinityTable, client_key
 from tests.support import config, service_yaml, until
 from tests.support import document as doc
@@ -65,11 +65,12 @@ def test_pool_acquire_release_write_the_shared_slot_only() -> None:
 
 
 def test_slots_are_stable_and_freed_only_when_nobody_counts_on_them() -> None:
-    allocator = SlotAllocator(slots=2)
-    region = SharedCounts.create(workers=1, slots=2)
+    allocator = SlotAllocator(slots=3)
+    region = SharedCounts.create(workers=1, slots=3)
     try:
         table = allocator.assign(config(two_endpoints()))
-        assert sorted(table.values()) == [0, 1]
+        assert sorted(table.values()) == [0, 1, 2]  # the service port's own, and an endpoint's
+        assert admission_key(("default/svc", "80")) in table
         gone = next(key for key in table if key[1] == "127.0.3.2")
         region.values[table[gone]] = 1  # still one connection somewhere: it drains
         assert allocator.assign(config(two_endpoints(False)), region) == table
@@ -80,7 +81,7 @@ def test_slots_are_stable_and_freed_only_when_nobody_counts_on_them() -> None:
                 "svc", [(f"127.0.3.{i}", 80) for i in range(1, 5)], cluster_ip="127.96.3.1", port=80
             )
         )
-        assert len(allocator.assign(config(crowded))) == 2 and allocator.exhausted == 2
+        assert len(allocator.assign(config(crowded))) == 3 and allocator.exhausted == 2
     finally:
         region.close()
 
@@ -145,6 +146,48 @@ def _worker_route(region: SharedCounts, worker: int, text: str) -> Route:
     table = SlotAllocator(slots=8).assign(cfg)
     view = SharedCounts(region.fd, 2, 8, worker=worker)
     return Route.from_spec(spec, random.Random(worker), EndpointSlots(view, table))
+
+
+class _Waiter:
+    """A connection waiting for admission, as the TCP proxy's Downstream does."""
+
+    external = False
+
+    def __init__(self) -> None:
+        self.let_in = asyncio.Event()
+
+    def admitted(self) -> None:
+        self.let_in.set()
+
+    def finish(self, reason: str, *, abort: bool = False) -> None:
+        raise AssertionError(f"refused: {reason}")
+
+
+async def test_max_connections_and_its_queue_hold_across_workers() -> None:
+    """maxConnections counts every worker's connections (one shared slot per service port),
+    and a connection queued in one worker goes on when a connection ends in another."""
+    limits = "    maxConnections: 2\n    maxQueue: 4\n    queueTimeout: 10s\n"
+    text = doc(
+        service_yaml("svc", [("127.0.3.1", 80)], cluster_ip="127.96.3.1", port=80, extra=limits)
+    )
+    region = SharedCounts.create(workers=2, slots=8)
+    first, second = (_worker_route(region, worker, text).admission for worker in (0, 1))
+    try:
+        assert first is not None and second is not None
+        assert first.request(_Waiter()) is True
+        assert second.request(_Waiter()) is True
+        assert first.admitted == second.admitted == 2
+        queued = _Waiter()
+        assert second.request(queued) is None  # 2 in all: the third waits in its own worker
+        first.release()  # a connection of the other worker ends
+        await asyncio.wait_for(queued.let_in.wait(), 5)
+        assert first.active == 0 and second.active == 2 and first.admitted == 2
+    finally:
+        for admission in (first, second):
+            if admission is not None and admission.shared is not None:
+                admission.shared.values.release()
+                admission.shared.affinity.release()
+        region.close()
 
 
 def test_client_ip_affinity_holds_across_workers() -> None:

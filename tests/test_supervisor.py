@@ -152,6 +152,47 @@ async def test_least_connection_counts_are_global_across_workers(tmp_path: Path)
             assert await lbd.wait_exit() == 0
 
 
+async def test_max_connections_is_global_across_workers(tmp_path: Path) -> None:
+    """maxConnections: 3 with 2 workers serves 3 connections in all, not 3 per worker."""
+    async with echo_backend("b1") as (bh, bp, stats):
+        limits = "    maxConnections: 3\n"  # maxQueue 0: over the limit is reset at once
+        text = with_workers(document(service_yaml("svc", [(bh, bp)], extra=limits)))
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            target, _ = await started(lbd)
+            host, port = lbd.listener()
+            held: list[asyncio.StreamWriter] = []
+            refused = 0
+            try:
+                for _ in range(10):  # spread over both workers by SO_REUSEPORT
+                    writer = None
+                    try:  # a reset may come before the client's connect completes
+                        reader, writer = await asyncio.open_connection(host, port)
+                        line = await asyncio.wait_for(reader.readline(), 5)
+                    except ConnectionError:
+                        line = b""
+                    if line and writer is not None:
+                        held.append(writer)
+                        continue
+                    refused += 1
+                    if writer is not None:
+                        writer.close()
+                assert (len(held), refused, stats.open) == (3, 7, 3)
+                held.pop().close()  # one ends: its slot is free for the next, in any worker
+                for _ in range(100):  # the supervisor sums the workers' metrics (bounded wait)
+                    if await metric(target, "lbd_downstream_cx_active") == 2:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("the ended connection was never released")
+                assert await read_name(host, port) == "b1"
+            finally:
+                for writer in held:
+                    writer.close()
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
 async def test_admin_override_reaches_every_worker(tmp_path: Path) -> None:
     async with echo_backends(2) as [(h1, p1, _), (h2, p2, _)]:
         socket_path = tmp_path / "admin.sock"

@@ -5,6 +5,11 @@ endpoint is under ``maxConnectionsPerEndpoint``; otherwise it waits (reading pau
 bounded FIFO queue for up to ``queueTimeout`` and is admitted when a connection ends, or is
 refused (reset) and counted. A full queue refuses at once. The queue is an insertion-ordered
 dict, so a queued client that gives up leaves it in O(1).
+
+With several workers the limits are global: the admitted count lives in a shared slot of the
+supervisor's counters region (``lbd.shared``), as the endpoints' active counts do, and each
+worker keeps its own queue. A slot freed in another worker sends no event here, so while this
+worker's queue is not empty it looks again every ``CROSS_WORKER_RECHECK`` seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from lbd.config.model import Limits
 if TYPE_CHECKING:
     from lbd.pool import Pool
     from lbd.route import RouteStats
+    from lbd.shared import SharedCounts
+
+CROSS_WORKER_RECHECK = 0.02
 
 
 class Waiter(Protocol):
@@ -33,33 +41,53 @@ class Waiter(Protocol):
 
 
 class Admission:
-    __slots__ = ("_queue", "active", "limits", "pool", "stats")
+    __slots__ = ("_queue", "_recheck", "active", "limits", "pool", "shared", "slot", "stats")
 
     def __init__(self, limits: Limits, pool: Pool, stats: RouteStats) -> None:
         self.limits = limits
         self.pool = pool
         self.stats = stats
-        self.active = 0  # connections holding a slot (connecting or connected)
+        self.active = 0  # this worker's connections holding a slot (connecting or connected)
         self._queue: dict[Waiter, asyncio.TimerHandle] = {}
+        self._recheck: asyncio.TimerHandle | None = None
+        # Several workers: the admitted count of every worker, in one shared cell per worker.
+        self.shared: SharedCounts | None = None
+        self.slot = -1
+        slots = pool.slots
+        if slots is not None:
+            self.slot = slots.admission_slot(pool.route_key)
+            if self.slot >= 0:
+                self.shared = slots.counts
 
     @property
     def queued(self) -> int:
         return len(self._queue)
 
+    @property
+    def admitted(self) -> int:
+        """Connections holding a slot, in every worker."""
+        shared = self.shared
+        return self.active if shared is None else shared.total(self.slot)
+
     def has_room(self, external: bool) -> bool:
         limits = self.limits
-        if limits.max_connections is not None and self.active >= limits.max_connections:
+        if limits.max_connections is not None and self.admitted >= limits.max_connections:
             return False
         per_endpoint = limits.max_connections_per_endpoint
         if per_endpoint is not None:
             return any(m.active < per_endpoint for m in self.pool.eligible(external))
         return True
 
+    def _take(self) -> None:
+        self.active += 1
+        if self.shared is not None:
+            self.shared.add(self.slot, 1)
+
     def request(self, waiter: Waiter) -> bool | None:
         """True: admitted now. None: queued (``waiter.admitted()`` or ``finish`` follows).
         False: refused, the queue is full (counted)."""
         if not self._queue and self.has_room(waiter.external):
-            self.active += 1
+            self._take()
             return True
         if len(self._queue) >= self.limits.max_queue:
             self.stats.downstream_cx_overflow += 1
@@ -67,6 +95,8 @@ class Admission:
         loop = asyncio.get_running_loop()
         self._queue[waiter] = loop.call_later(self.limits.queue_timeout, self._expire, waiter)
         self.stats.downstream_cx_queued += 1
+        if self.pool.slots is not None and self._recheck is None:
+            self._recheck = loop.call_later(CROSS_WORKER_RECHECK, self._look_again)
         return None
 
     def leave(self, waiter: Waiter) -> None:
@@ -78,6 +108,8 @@ class Admission:
     def release(self) -> None:
         """An admitted connection ended: its slot goes to the head of the queue."""
         self.active -= 1
+        if self.shared is not None:
+            self.shared.add(self.slot, -1)
         self.wake()
 
     def wake(self) -> None:
@@ -86,8 +118,16 @@ class Admission:
         while queue and self.has_room(next(iter(queue)).external):
             waiter = next(iter(queue))
             queue.pop(waiter).cancel()
-            self.active += 1
+            self._take()
             waiter.admitted()
+
+    def _look_again(self) -> None:
+        """Another worker may have freed a slot (or an endpoint's) since the last look."""
+        self._recheck = None
+        self.wake()
+        if self._queue:
+            loop = asyncio.get_running_loop()
+            self._recheck = loop.call_later(CROSS_WORKER_RECHECK, self._look_again)
 
     def _expire(self, waiter: Waiter) -> None:
         if self._queue.pop(waiter, None) is not None:
