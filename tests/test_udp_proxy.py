@@ -127,6 +127,61 @@ async def test_wildcard_node_address_replies_from_each_destination_address() -> 
             assert udp is not None and len(udp.sessions) == 2
 
 
+async def test_ipv6_wildcard_node_address_replies_from_the_destination_address() -> None:
+    """A NodePort on '::': IPV6_PKTINFO says where each datagram was sent, and the reply leaves
+    from there (a connected client accepts nothing else)."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+        probe.bind(("::", 0))
+        node_port = int(probe.getsockname()[1])
+    async with udp_echo_backend("six", address="::1") as (bh, bp, _):
+        text = document(
+            "  - name: svc\n"
+            "    type: NodePort\n"
+            "    clusterIP: '::1'\n"
+            f"    ports: [{{port: 0, protocol: UDP, targetPort: {bp}, nodePort: {node_port}}}]\n"
+            f"    endpoints: ['{bh}']\n",
+            node="{addresses: ['::'], nodePortRange: 1024-65535}",
+        )
+        async with running(config(text)) as runtime:
+            assert address_of(runtime, kind="nodePort") == ("::", node_port)
+            async with udp_client(("::1", node_port), local_ip="::1") as client:
+                assert await name_of(client) == "six"
+            udp = runtime.listener_for("default/svc", kind="nodePort").udp
+            assert udp is not None and len(udp.sessions) == 1
+
+
+async def test_empty_datagrams_pass_both_ways() -> None:
+    """A zero-length datagram is still a datagram (some protocols send them as keepalives).
+    asyncio's datagram transports drop them on send, so both ends here are plain sockets."""
+    loop = asyncio.get_running_loop()
+    backend = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    backend.bind((fresh_ip(), 0))
+    backend.setblocking(False)
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def echo() -> None:
+        data, peer = backend.recvfrom(65535)
+        received.put_nowait(data)
+        backend.sendto(data, peer)
+
+    loop.add_reader(backend.fileno(), echo)
+    try:
+        async with running(config(udp_service([backend.getsockname()]))) as runtime:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+                client.bind((fresh_ip(), 0))
+                client.connect(address_of(runtime))
+                client.setblocking(False)
+                client.send(b"")
+                assert await asyncio.wait_for(received.get(), 5) == b""
+                assert await asyncio.wait_for(loop.sock_recv(client, 65535), 5) == b""
+                client.send(b"after")  # the session goes on
+                assert await asyncio.wait_for(received.get(), 5) == b"after"
+                assert await asyncio.wait_for(loop.sock_recv(client, 65535), 5) == b"after"
+    finally:
+        loop.remove_reader(backend.fileno())
+        backend.close()
+
+
 async def test_largest_datagrams_pass_intact_both_ways() -> None:
     payloads = [os.urandom(65507), os.urandom(1), os.urandom(9000), os.urandom(65507)]
     async with udp_echo_backend() as (bh, bp, _):
