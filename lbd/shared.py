@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from lbd.config.model import Config
 from lbd.config.routes import RouteKey, route_specs
@@ -71,14 +71,20 @@ class SharedCounts:
         os.close(self.fd)
 
 
-class EndpointSlots:
-    """A worker's view: the supervisor's slot table and this worker's row of counters."""
+# An outlier ejection to tell the other workers about: (route, address, port, seconds).
+EjectionAnnouncer = Callable[[RouteKey, str, int, float], None]
 
-    __slots__ = ("counts", "table")
+
+class EndpointSlots:
+    """A worker's view: the supervisor's slot table and this worker's row of counters, and
+    where this worker's outlier ejections go so that every worker ejects the endpoint."""
+
+    __slots__ = ("announce_ejection", "counts", "table")
 
     def __init__(self, counts: SharedCounts, table: dict[SlotKey, int]) -> None:
         self.counts = counts
         self.table = table
+        self.announce_ejection: EjectionAnnouncer | None = None
 
     def slot_of(self, route: RouteKey, address: str, port: int) -> int:
         """The endpoint's slot, or -1 (the slots ran out: it is counted in this worker only)."""

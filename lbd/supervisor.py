@@ -231,6 +231,10 @@ class Supervisor:
             for other in self.members:  # starting ones too: it follows their start message
                 if other is not member:
                     self._send(other, message)
+        elif kind == "eject":  # outlier ejections are global, as health is
+            for other in self.members:
+                if other is not member:
+                    self._send(other, message)
         elif kind == "failed":
             if member.ready is not None and not member.ready.done():
                 member.ready.set_exception(StartError(message["error"]))

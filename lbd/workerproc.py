@@ -23,6 +23,7 @@ import structlog
 from lbd.admin import views
 from lbd.config import ConfigError, load_text
 from lbd.config.loader import LoadOptions
+from lbd.config.routes import RouteKey
 from lbd.health.registry import CheckKey, HealthRegistry
 from lbd.ipc import Channel, ChannelClosed, Message
 from lbd.loops import LOOP_FACTORIES
@@ -45,6 +46,7 @@ class WorkerProcess:
         self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self.sockets = InheritedSockets()
         self.slots = EndpointSlots(counts, {})
+        self.slots.announce_ejection = self._report_ejection
         self.runtime: Runtime | None = None
         self.reloader: Reloader | None = None
         self.tasks: set[asyncio.Task[None]] = set()
@@ -78,6 +80,8 @@ class WorkerProcess:
             self.health_known[message["key"]] = message["healthy"]
             if self.runtime is not None:
                 self.runtime.health.follow(message["key"], message["healthy"])
+        elif kind == "eject" and self.runtime is not None:
+            self._follow_ejection(message)
         elif kind == "snapshot" and self.runtime is not None:
             self._reply(message, snapshot=self.runtime.metrics_snapshot())
         elif kind == "admin" and self.runtime is not None:
@@ -89,6 +93,21 @@ class WorkerProcess:
     def _report_health(self, key: CheckKey, healthy: bool) -> None:
         if not self.channel.closed:
             self.channel.send({"type": "health", "key": key, "healthy": healthy})
+
+    def _report_ejection(self, route: RouteKey, address: str, port: int, seconds: float) -> None:
+        if not self.channel.closed:
+            message = {"route": route, "address": address, "port": port, "seconds": seconds}
+            self.channel.send({"type": "eject", **message})
+
+    def _follow_ejection(self, message: Message) -> None:
+        """Another worker ejected an endpoint: eject it here too, if this worker has it."""
+        assert self.runtime is not None
+        route = self.runtime.routes.get(message["route"])
+        if route is None or route.outlier is None:
+            return
+        endpoint = route.pool.member((message["address"], message["port"]))
+        if endpoint is not None:
+            route.outlier.follow(endpoint, message["seconds"])
 
     def _spawn(self, coro: Any) -> None:
         # Control-plane work (a reload): one task per message, not on the data path.

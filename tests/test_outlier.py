@@ -7,6 +7,7 @@ import asyncio
 from lbd.config.model import OutlierDetection
 from lbd.health.outlier import OutlierDetector
 from lbd.pool import Pool
+from lbd.shared import EndpointSlots, SharedCounts
 from tests.support import (
     address_of,
     config,
@@ -87,6 +88,46 @@ async def test_ejection_expires_and_grows_with_each_ejection() -> None:
     second = loop.time() - start
     # uvloop's timers have millisecond resolution: allow them 10 ms early.
     assert 0.29 <= first < 0.3 + 0.5 and 0.49 <= second < 0.5 + 0.5
+
+
+async def test_an_ejection_announced_by_another_worker_is_followed_once_counted() -> None:
+    """Workers: the worker that saw the failures ejects and announces; another worker follows
+    for the same time, within its own maxEjectionPercent, without counting it again."""
+    key = ("default/svc", "80")
+    announced: list[tuple[object, str, int, float]] = []
+    region = SharedCounts.create(workers=2, slots=8)
+    views = [SharedCounts(region.fd, 2, 8, worker=w) for w in (0, 1)]
+    try:
+        pools = []
+        for view in views:
+            slots = EndpointSlots(view, {})
+            slots.announce_ejection = lambda *ejection: announced.append(ejection)
+            pool = Pool(name="t", slots=slots, route_key=key)
+            pool.update([(f"127.0.0.{i + 1}", 80, 1) for i in range(4)])
+            pools.append(pool)
+        spec = OutlierDetection(
+            consecutive_failures=2, base_ejection_time=0.2, max_ejection_percent=25
+        )
+        deciding, following = (OutlierDetector(pool, spec) for pool in pools)
+        for _ in range(2):
+            deciding.connect_failed(pools[0].members[0])
+        assert announced == [(key, "127.0.0.1", 80, 0.2)]
+        there = pools[1].member(("127.0.0.1", 80))
+        assert there is not None
+        following.follow(there, 0.2)
+        assert there.ejected and there not in pools[1].eligible()
+        assert (following.ejections_total, there.stats.ejections) == (0, 0)  # counted once
+        other = pools[1].member(("127.0.0.2", 80))
+        assert other is not None
+        following.follow(other, 0.2)  # 25 % of 4: one out at a time, here too
+        assert not other.ejected
+        await until(lambda: not there.ejected, 5)  # back after the announced time
+        assert len(announced) == 1  # following never announces
+    finally:
+        for view in views:
+            view.values.release()
+            view.affinity.release()
+        region.close()
 
 
 async def test_connect_failures_through_lbd_eject_the_dead_endpoint() -> None:

@@ -193,6 +193,34 @@ async def test_max_connections_is_global_across_workers(tmp_path: Path) -> None:
             assert await lbd.wait_exit() == 0
 
 
+async def test_an_outlier_ejection_reaches_every_worker(tmp_path: Path) -> None:
+    """One connect failure ejects the dead endpoint in the worker that saw it, and the other
+    worker follows (Envoy ejects per cluster, not per worker thread): no later connection,
+    whichever worker takes it, tries the dead endpoint again."""
+    dead_host = fresh_ip()
+    async with echo_backend("live") as (bh, bp, _):
+        outlier = "    outlierDetection: {consecutiveFailures: 1, baseEjectionTime: 60s}\n"
+        eps = [(dead_host, dead_port(dead_host)), (bh, bp)]
+        text = with_workers(document(service_yaml("svc", eps, extra=outlier)))
+        path = write(tmp_path, text)
+        async with lbd_process(path) as lbd:
+            target, _ = await started(lbd)
+            host, port = lbd.listener()
+            for _ in range(20):  # round-robin: a worker's first or second pick is the dead one
+                assert await read_name(host, port) == "live"  # retried onto the live one
+                if await metric(target, "lbd_endpoint_ejections_total") >= 1:
+                    break
+            else:
+                pytest.fail("the dead endpoint was never ejected")
+            # The supervisor relayed the ejection before it asked the workers for metrics.
+            failures = await metric(target, "lbd_upstream_cx_connect_fail_total")
+            for _ in range(20):  # over both workers (SO_REUSEPORT spreads client ports)
+                assert await read_name(host, port) == "live"
+            assert await metric(target, "lbd_upstream_cx_connect_fail_total") == failures
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
 async def test_admin_override_reaches_every_worker(tmp_path: Path) -> None:
     async with echo_backends(2) as [(h1, p1, _), (h2, p2, _)]:
         socket_path = tmp_path / "admin.sock"

@@ -5,6 +5,12 @@ the number of times it was ejected, capped at ``maxEjectionTime``; the count sta
 an endpoint has stayed in for ``maxEjectionTime``. At most ``maxEjectionPercent`` of a pool's
 endpoints are out at once (at least one, as Envoy, when the percentage is above 0). The
 detector holds the failure counts; the pool stays the owner of eligibility (``set_ejected``).
+
+With several workers an ejection is global, as Envoy's is across its worker threads: the worker
+that saw the failures announces it (``EndpointSlots.announce_ejection``, relayed by the
+supervisor) and every other worker ejects the endpoint for the same time (``follow``). Each
+worker counts failures only of its own connections, and the metrics count an ejection once,
+in the worker that decided it.
 """
 
 from __future__ import annotations
@@ -55,21 +61,14 @@ class OutlierDetector:
         return min(spec.base_ejection_time * ejections, spec.max_ejection_time)
 
     def _eject(self, endpoint: UpstreamEndpoint) -> None:
-        present = [m for m in self.pool.members if not m.draining and m.config_weight > 0]
-        percent = self.spec.max_ejection_percent
-        allowed = max(1, len(present) * percent // 100) if percent else 0
-        if sum(1 for m in present if m.ejected) >= allowed:
+        if not self._room_to_eject():
             self.ejections_overflow_total += 1
             return
-        now = time.monotonic()
-        previous = self._ejections.get(endpoint, 0)
-        if now - self._returned.get(endpoint, now) >= self.spec.max_ejection_time:
-            previous = 0  # it behaved for a long while: start over
-        ejections = self._ejections[endpoint] = previous + 1
+        ejections = self._count_ejection(endpoint)
         seconds = self.ejection_time(ejections)
         self.ejections_total += 1
         endpoint.stats.ejections += 1
-        self.pool.set_ejected(endpoint, True)
+        self._take_out(endpoint, seconds)
         log.warning(
             "endpoint ejected",
             route=self.pool.name,
@@ -78,6 +77,34 @@ class OutlierDetector:
             seconds=seconds,
             ejections=ejections,
         )
+        slots = self.pool.slots
+        if slots is not None and slots.announce_ejection is not None:
+            slots.announce_ejection(self.pool.route_key, endpoint.address, endpoint.port, seconds)
+
+    def follow(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
+        """Another worker ejected ``endpoint`` for ``seconds``: out here too (it counted it)."""
+        if endpoint.ejected or endpoint.draining or not self._room_to_eject():
+            return
+        self._count_ejection(endpoint)
+        self._take_out(endpoint, seconds)
+
+    def _room_to_eject(self) -> bool:
+        present = [m for m in self.pool.members if not m.draining and m.config_weight > 0]
+        percent = self.spec.max_ejection_percent
+        allowed = max(1, len(present) * percent // 100) if percent else 0
+        return sum(1 for m in present if m.ejected) < allowed
+
+    def _count_ejection(self, endpoint: UpstreamEndpoint) -> int:
+        """This ejection's number for ``endpoint`` (the ejection time's multiplier)."""
+        now = time.monotonic()
+        previous = self._ejections.get(endpoint, 0)
+        if now - self._returned.get(endpoint, now) >= self.spec.max_ejection_time:
+            previous = 0  # it behaved for a long while: start over
+        ejections = self._ejections[endpoint] = previous + 1
+        return ejections
+
+    def _take_out(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
+        self.pool.set_ejected(endpoint, True)
         asyncio.get_running_loop().call_later(seconds, self._return, endpoint)
 
     def _return(self, endpoint: UpstreamEndpoint) -> None:
