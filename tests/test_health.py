@@ -29,7 +29,7 @@ from tests.support import (
 
 FAST = "{interval: 200ms, timeout: 200ms, healthyThreshold: 2, unhealthyThreshold: 3}"
 INTERVAL, TIMEOUT, RISE, FALL = 0.2, 0.2, 2, 3
-MARGIN = 0.5  # a loaded CI machine
+MARGIN = 1.5  # a loaded CI machine: seen above 0.5 s with a second suite and a CPU burner beside it
 
 
 def test_only_threshold_crossings_change_state() -> None:
