@@ -20,12 +20,14 @@ from lbd.runtime import Runtime
 from tests.support import (
     admin_running,
     config,
+    dead_port,
     document,
     echo_backend,
     echo_backends,
     fresh_ip,
     read_name,
     service_yaml,
+    until,
 )
 
 TOKEN = "s3cret-token"
@@ -85,6 +87,24 @@ async def test_services_shows_listeners_endpoints_and_state() -> None:
         assert endpoint["state"] == "eligible" and endpoint["eligible"] is True
         assert endpoint["weight"] == endpoint["configWeight"] == 1
         assert endpoint["override"] is None
+        assert endpoint["health"] == "unchecked" and endpoint["ejected"] is False
+
+
+async def test_services_shows_what_the_health_checks_say() -> None:
+    dead_host = fresh_ip()
+    async with echo_backend("live") as (live_host, live_port, _):
+        dead = (dead_host, dead_port(dead_host))
+        check = "    healthCheck: {interval: 100ms, timeout: 100ms, unhealthyThreshold: 1}\n"
+        text = document(service_yaml("svc", [(live_host, live_port), dead], extra=check))
+        async with admin_running(config(text)) as (runtime, target):
+            pool = runtime.listener_for("default/svc").route.pool
+            await until(lambda: sum(m.healthy for m in pool.members) == 1, what="a verdict")
+            code, body = await call(target, "/services")
+    assert code == 200
+    endpoints = {e["endpoint"]: e for e in body["services"][0]["endpoints"]}
+    assert endpoints[f"{live_host}:{live_port}"]["health"] == "healthy"
+    gone = endpoints[f"{dead[0]}:{dead[1]}"]
+    assert (gone["health"], gone["state"], gone["eligible"]) == ("unhealthy", "unhealthy", False)
 
 
 async def test_explain_gives_each_reason(tmp_path: Path) -> None:

@@ -58,12 +58,13 @@ def _route_view(route: Route, listeners: list[Json]) -> Json:
             "refused": stats.downstream_cx_refused_no_endpoint,
         },
         "endpoints": [
-            _endpoint_view(endpoint) for endpoint in (*route.pool.members, *route.pool.draining)
+            _endpoint_view(route, endpoint)
+            for endpoint in (*route.pool.members, *route.pool.draining)
         ],
     }
 
 
-def _endpoint_view(endpoint: UpstreamEndpoint) -> Json:
+def _endpoint_view(route: Route, endpoint: UpstreamEndpoint) -> Json:
     reason = ineligible_reason(endpoint)
     override: Json = {}
     if endpoint.admin_drained:
@@ -81,8 +82,16 @@ def _endpoint_view(endpoint: UpstreamEndpoint) -> Json:
         "override": override or None,
         "active": endpoint.active,
         "total": endpoint.stats.cx_total,
-        "health": "unchecked",  # health checking is a later feature
+        "health": _health(route, endpoint),
+        "ejected": endpoint.ejected,  # by outlierDetection
     }
+
+
+def _health(route: Route, endpoint: UpstreamEndpoint) -> str:
+    """What the active checks last said; "unchecked" when the port has no healthCheck."""
+    if route.health_check is None:
+        return "unchecked"
+    return "healthy" if endpoint.healthy else "unhealthy"
 
 
 LISTENER_KINDS = ("clusterIP", "externalIP", "nodePort", "loadBalancerIP")
@@ -233,7 +242,7 @@ def _changed(route: Route, targets: list[UpstreamEndpoint]) -> Json:
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
-        "endpoints": [_endpoint_view(target) for target in targets],
+        "endpoints": [_endpoint_view(route, target) for target in targets],
     }
 
 
