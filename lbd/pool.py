@@ -23,8 +23,9 @@ from lbd.observability.stats import EndpointStats
 from lbd.shared import EndpointSlots, SharedCounts
 
 # Why an endpoint takes no new connections, as codes (stable, for /explain and tooling) with
-# what they mean. Later features add theirs here (not_ready, unhealthy, ejected, other_node,
-# other_zone, affinity) and check them in ``ineligible_reason`` or ``lbd.explain``.
+# what they mean. Pool-wide ones are checked in ``ineligible_reason``; the per listener kind or
+# per client ones (not_ready, other_node, other_zone, affinity...) in ``lbd.topology`` and
+# ``lbd.explain``.
 REASONS: dict[str, str] = {
     "draining": "removed from the config; kept only while its connections finish",
     "admin_drained": "drained through the admin API",

@@ -5,7 +5,7 @@ nothing there touches prometheus-client. At scrape time ``runtime_snapshot`` rea
 into a ``Snapshot`` (plain, picklable data), and ``SnapshotCollector`` renders a snapshot as
 metric families for prometheus-client's registry and text format.
 
-Several worker processes (a later feature) are summed by the supervisor, not by prometheus-client's
+Several worker processes (``workers: N``) are summed by the supervisor, not by prometheus-client's
 multiprocess mode: each worker hands its ``Snapshot`` over (it pickles in a few KB) and the
 supervisor serves ``WorkerSnapshots.total()``. Multiprocess mode would need the data path to write
 through client objects into per-process mmap files (a cost per increment, a directory to clean up

@@ -47,7 +47,7 @@ class EndpointStats:
     connect_timeout: int = 0
     bytes_sent: int = 0  # lbd → endpoint, of closed connections (open ones add theirs at scrape)
     bytes_received: int = 0  # endpoint → lbd, likewise
-    ejections: int = 0  # written by passive health checking (a later feature)
+    ejections: int = 0  # by outlier detection, in the worker that decided the ejection
     connect_seconds: Buckets = field(default_factory=lambda: Buckets(CONNECT_SECONDS_BUCKETS))
 
 
