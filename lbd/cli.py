@@ -139,11 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--json", action="store_true", help="print the /explain JSON")
     with_admin_target(explain)
+
+    endpoint = commands.add_parser(
+        "endpoint",
+        help="drain, enable or re-weight an endpoint of a running lbd (admin API, POST)",
+        description="HAProxy's 'set server ... state drain | weight' for lbd: a runtime override "
+        "that a reload changing the endpoint clears. Needs the admin token (--token-file, or "
+        "admin.tokenFile of --config), or the admin unix socket (--socket).",
+    )
+    endpoint.add_argument("action", choices=("drain", "enable", "weight"))
+    endpoint.add_argument("service", help="NAMESPACE/NAME (or NAME in default)")
+    endpoint.add_argument("endpoint", help="ADDRESS, or ADDRESS:PORT for one of its ports")
+    endpoint.add_argument(
+        "weight", nargs="?", help="weight only: 0-1000000, or 'config' to drop the override"
+    )
+    endpoint.add_argument("--port", help="one port of the service (default: every port)")
+    endpoint.add_argument("--token-file", metavar="FILE", help="the admin bearer token")
+    endpoint.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    with_admin_target(endpoint)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "endpoint" and (args.weight is None) == (args.action == "weight"):
+        parser.error("a weight is given with 'weight', and only with it")
     options = LoadOptions(getattr(args, "node_name", None), getattr(args, "proxy_name", None))
     if args.command == "convert":
         return convert(args.config, options)
@@ -155,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return send_signal(args.pid_file, signal.SIGHUP, "reload")
     if args.command == "restart":
         return send_signal(args.pid_file, signal.SIGUSR2, "restart")
-    if args.command in ("status", "explain"):
+    if args.command in ("status", "explain", "endpoint"):
         from lbd.admin.commands import admin_command
 
         target = _admin_target(args)
@@ -191,7 +212,11 @@ def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
         return AdminTarget(socket=args.socket)
     if args.config:
         config = _load(args.config)
-        return AdminTarget.of(config.admin) if config is not None else None
+        if config is None:
+            return None
+        if getattr(args, "token_file", "") is None:  # lbd endpoint: the config's token file
+            args.token_file = config.admin.token_file
+        return AdminTarget.of(config.admin)
     return AdminTarget(address=args.admin or "127.0.0.1:9180")
 
 

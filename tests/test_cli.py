@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.procs import lbd_process, run_cli
-from tests.support import document, echo_backend, fresh_ip, read_name, service_yaml
+from tests.support import (
+    dead_port,
+    document,
+    echo_backend,
+    echo_backends,
+    fresh_ip,
+    read_name,
+    service_yaml,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -302,6 +310,54 @@ async def test_status_and_explain_against_a_running_lbd(tmp_path: Path) -> None:
             code, out, err = await run_cli("explain", "nope", "--admin", admin)
             assert (code, out) == (4, "")
             assert err.strip() == "lbd explain: /explain: 404 no service default/nope"
+            lbd.signal(signal.SIGTERM)
+            assert await lbd.wait_exit() == 0
+
+
+async def test_endpoint_drain_weight_and_enable_against_a_running_lbd(tmp_path: Path) -> None:
+    """`lbd endpoint`: the admin API's POST calls from the command line, with the token from
+    the config (HAProxy's `set server ... state drain` and `weight`)."""
+    token_file = tmp_path / "token"
+    token_file.write_text("cli-token\n")
+    token_file.chmod(0o600)
+    async with echo_backends(2) as backends:
+        (h0, p0, _), (h1, p1, _) = backends
+        admin_host = fresh_ip()  # a fresh address: its port is free once dead_port closes it
+        admin = f"{{address: {admin_host}:{dead_port(admin_host)}, tokenFile: {token_file}}}"
+        path = write(tmp_path, document(service_yaml("svc", [(h0, p0), (h1, p1)]), admin=admin))
+        async with lbd_process(path) as lbd:
+            await lbd.wait_event("lbd started")
+            host, port = lbd.listener()
+            code, out, err = await run_cli("endpoint", "drain", "svc", h0, "--config", str(path))
+            assert code == 0, err
+            assert out.splitlines() == [f"default/svc port 0: {h0}:{p0} admin_drained, weight 1"]
+            assert {await read_name(host, port) for _ in range(4)} == {"backend-1"}
+
+            code, out, err = await run_cli(
+                "endpoint", "weight", "svc", f"{h1}:{p1}", "7", "--config", str(path)
+            )
+            assert (code, out.split()[-2:]) == (0, ["7", "(override)"]), err
+            code, _, err = await run_cli("endpoint", "enable", "svc", h0, "--config", str(path))
+            assert code == 0, err
+            assert "backend-0" in {await read_name(host, port) for _ in range(16)}
+
+            # Refusals: a wrong token, an unknown endpoint, a weight out of range, usage.
+            bad = tmp_path / "bad-token"
+            bad.write_text("wrong\n")
+            bad.chmod(0o600)
+            argv = ("--config", str(path), "--token-file", str(bad))
+            code, _, err = await run_cli("endpoint", "drain", "svc", h0, *argv)
+            assert code == 1 and "401 missing or wrong bearer token" in err
+            code, _, err = await run_cli(
+                "endpoint", "drain", "svc", "127.0.0.1", "--config", str(path)
+            )
+            assert code == 1 and "404" in err
+            code, _, err = await run_cli(
+                "endpoint", "weight", "svc", h0, "-1", "--config", str(path)
+            )
+            assert code == 1 and "weight must be between 0 and 1000000" in err
+            code, _, err = await run_cli("endpoint", "weight", "svc", h0, "--config", str(path))
+            assert code == 2 and "a weight is given with 'weight', and only with it" in err
             lbd.signal(signal.SIGTERM)
             assert await lbd.wait_exit() == 0
 

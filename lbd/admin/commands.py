@@ -1,4 +1,4 @@
-"""``lbd status`` and ``lbd explain``: admin API calls printed for people."""
+"""``lbd status``, ``lbd explain`` and ``lbd endpoint``: admin API calls printed for people."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import time
 from typing import Any
 
 from lbd.admin.client import AdminTarget, AdminUnreachable, call
+from lbd.admin.server import AdminError, read_token
 from lbd.admin.status import endpoint_totals, rates, status_table
 
 EXIT_OK = 0
+EXIT_REFUSED = 1  # the admin API answered, and said no (unknown service, bad weight, token)
 EXIT_ADMIN = 4
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def admin_command(args: argparse.Namespace, target: AdminTarget) -> int:
-    command = status(args, target) if args.command == "status" else explain(args, target)
+    commands = {"status": status, "explain": explain, "endpoint": endpoint}
+    command = commands[args.command](args, target)
     try:
         return asyncio.run(command)
     except AdminUnreachable as error:
@@ -81,4 +84,36 @@ async def explain(args: argparse.Namespace, target: AdminTarget) -> int:
         print("  (no endpoints)")
     eligible = len(view["eligible"])
     print(f"{eligible} of {len(view['endpoints'])} endpoints eligible")
+    return EXIT_OK
+
+
+async def endpoint(args: argparse.Namespace, target: AdminTarget) -> int:
+    """POST /endpoints/{drain,enable,weight}; prints each service port it changed."""
+    token = None
+    if args.token_file:
+        try:
+            token = read_token(args.token_file).decode()
+        except AdminError as error:
+            print(f"lbd endpoint: {error}", file=sys.stderr)
+            return EXIT_REFUSED
+    params = {"service": args.service, "endpoint": args.endpoint}
+    if args.port:
+        params["port"] = args.port
+    if args.weight is not None:
+        params["weight"] = args.weight
+    code, body = await call(target, f"/endpoints/{args.action}", params, "POST", token)
+    if code != 200:
+        print(f"lbd endpoint: {code} {body.get('error', body)}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    for changed in body["changed"]:
+        for view in changed["endpoints"]:
+            override = view["override"] or {}
+            weight = f"{view['weight']}{' (override)' if 'weight' in override else ''}"
+            print(
+                f"{changed['service']} port {changed['port']}: {view['endpoint']} "
+                f"{view['state']}, weight {weight}"
+            )
     return EXIT_OK
