@@ -266,6 +266,8 @@ class Runtime:
         self.config = new
         self.config_hash = config_hash(new)
         self._mark_draining()
+        for connection in self.connections:  # limits a reload just turned on count them too
+            connection.count_under_new_limits()
         self.sync_health()
 
     def _mark_draining(self) -> None:

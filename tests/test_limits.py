@@ -73,6 +73,34 @@ async def test_max_connections_queue_then_admit_refuse_and_time_out() -> None:
                 await close(conn)
 
 
+async def test_limits_a_reload_turns_on_count_the_connections_already_open() -> None:
+    """maxConnections added by a reload: the connections open at that moment hold slots, so the
+    next one is over the limit, and each that ends frees its slot."""
+    cluster_ip = fresh_ip()
+    async with echo_backend("b") as (bh, bp, _):
+        plain = service_yaml("svc", [(bh, bp)], cluster_ip=cluster_ip)
+        limited = service_yaml(
+            "svc", [(bh, bp)], cluster_ip=cluster_ip, extra="    maxConnections: 2\n"
+        )
+        async with running(config(document(plain))) as runtime:
+            host, port = address_of(runtime)
+            held = [await connect(host, port) for _ in range(2)]
+            for conn in held:
+                assert await asyncio.wait_for(conn[0].readline(), 5) == b"b\n"
+            await runtime.apply(config(document(limited)))
+            route = route_of(runtime)
+            assert route.admission is not None and route.admission.active == 2
+            refused = await connect(host, port)
+            assert await ended(refused) == b""  # 2 open, no queue: reset at once
+            assert route.stats.downstream_cx_overflow == 1
+            await close(held.pop())
+            await until(lambda: route.admission is not None and route.admission.active == 1, 5)
+            fresh = await connect(host, port)
+            assert await asyncio.wait_for(fresh[0].readline(), 5) == b"b\n"
+            for conn in (*held, refused, fresh):
+                await close(conn)
+
+
 async def test_over_the_endpoint_limit_goes_to_another_endpoint() -> None:
     async with echo_backends(2) as backends:
         (h0, p0, _), (h1, p1, _) = backends

@@ -78,6 +78,11 @@ class Admission:
             return any(m.active < per_endpoint for m in self.pool.eligible(external))
         return True
 
+    def adopt(self) -> None:
+        """A connection opened before this port had limits (a reload turned them on) holds a
+        slot from now on, so it counts against maxConnections and frees the slot as it ends."""
+        self._take()
+
     def _take(self) -> None:
         self.active += 1
         if self.shared is not None:

@@ -256,6 +256,17 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             self.admission = "admitted"
         self._try_next([])
 
+    def count_under_new_limits(self) -> None:
+        """A reload gave this port limits while this connection was open: it takes a slot, as
+        if it had been admitted under them. One still reading its PROXY header is admitted
+        (or queued) when the header ends, as any new connection."""
+        admission = self.route.admission
+        if admission is None or self.admission is not None or self._header is not None:
+            return
+        if not self.closed:
+            admission.adopt()
+            self.admission = "admitted"
+
     @property
     def external(self) -> bool:
         """Accepted on an external listener (NodePort, LoadBalancer IP, external IP)."""
