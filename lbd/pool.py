@@ -178,6 +178,7 @@ class Pool:
     datagram that arrives after ``update()`` returns already sees the new endpoints."""
 
     __slots__ = (
+        "_ejected",
         "_eligible",
         "_external",
         "_usable",
@@ -185,6 +186,7 @@ class Pool:
         "draining",
         "members",
         "name",
+        "on_check_passed",
         "panic",
         "panics",
         "policy",
@@ -218,6 +220,9 @@ class Pool:
         self._external: list[UpstreamEndpoint] = []  # for listeners other than clusterIP
         self._usable: list[UpstreamEndpoint] = []
         self._watchers: list[PoolWatcher] = []
+        self._ejected: dict[tuple[str, int], UpstreamEndpoint] = {}  # by outlier detection
+        # Outlier detection's hook: an active check passed for an ejected member.
+        self.on_check_passed: Callable[[UpstreamEndpoint], None] | None = None
         self._refresh()
 
     def watch(self, watcher: PoolWatcher) -> Callable[[], None]:
@@ -338,11 +343,22 @@ class Pool:
             member.start_ramp(self.slow_start)
         self._refresh()
 
+    def check_passed(self, key: tuple[str, int]) -> None:
+        """The health registry: an active check of the endpoint (address, port) passed while
+        it is healthy. An ejected member goes back at once (outlier detection decides)."""
+        member = self._ejected.get(key)
+        if member is not None and self.on_check_passed is not None:
+            self.on_check_passed(member)
+
     def set_ejected(self, member: UpstreamEndpoint, ejected: bool) -> None:
         """Outlier detection's verdict on one member."""
         if member.ejected == ejected:
             return
         member.ejected = ejected
+        if ejected:
+            self._ejected[member.key] = member
+        else:
+            self._ejected.pop(member.key, None)
         if not ejected and member.healthy:
             member.start_ramp(self.slow_start)
         self._refresh()

@@ -161,6 +161,7 @@ class Route:
             if previous is not None:  # counters are monotonic across a changed spec
                 self.outlier.ejections_total = previous.ejections_total
                 self.outlier.ejections_overflow_total = previous.ejections_overflow_total
+        self.pool.on_check_passed = self.outlier.check_passed if self.outlier else None
 
     @property
     def label(self) -> str:

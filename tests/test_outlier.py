@@ -9,7 +9,10 @@ from lbd.health.outlier import OutlierDetector
 from lbd.pool import Pool
 from lbd.shared import EndpointSlots, SharedCounts
 from tests.support import (
+    BackendStats,
+    NamedEcho,
     address_of,
+    close_transports,
     config,
     dead_port,
     document,
@@ -19,6 +22,7 @@ from tests.support import (
     route_of,
     running,
     service_yaml,
+    tcp_server,
     until,
 )
 
@@ -92,7 +96,8 @@ async def test_ejection_expires_and_grows_with_each_ejection() -> None:
 
 async def test_an_ejection_announced_by_another_worker_is_followed_once_counted() -> None:
     """Workers: the worker that saw the failures ejects and announces; another worker follows
-    for the same time, within its own maxEjectionPercent, without counting it again."""
+    for the same time, within its own maxEjectionPercent, without counting it again; an early
+    return (a passing active check) is announced and followed the same way."""
     key = ("default/svc", "80")
     announced: list[tuple[object, str, int, float]] = []
     region = SharedCounts.create(workers=2, slots=8)
@@ -121,8 +126,13 @@ async def test_an_ejection_announced_by_another_worker_is_followed_once_counted(
         assert other is not None
         following.follow(other, 0.2)  # 25 % of 4: one out at a time, here too
         assert not other.ejected
-        await until(lambda: not there.ejected, 5)  # back after the announced time
         assert len(announced) == 1  # following never announces
+        # The probing worker's check passes: back at once there, announced with 0 seconds.
+        deciding.check_passed(pools[0].members[0])
+        assert not pools[0].members[0].ejected
+        assert announced[1] == (key, "127.0.0.1", 80, 0.0)
+        following.follow(there, 0.0)
+        assert not there.ejected and there in pools[1].eligible()
     finally:
         for view in views:
             view.values.release()
@@ -157,3 +167,53 @@ async def test_connect_failures_through_lbd_eject_the_dead_endpoint() -> None:
             took = await until(lambda: not dead.ejected, 5)
             assert took <= 0.5 + 0.5
             assert route.outlier is not None and route.outlier.ejections_total == 1
+
+
+async def test_a_passing_active_check_ends_an_ejection_early() -> None:
+    """Envoy's successful_active_health_check_uneject_host: the endpoint comes back up, its
+    next passing check returns it at once instead of after the 60 s ejection."""
+    host = fresh_ip()
+    port = dead_port(host)  # nothing listens yet: connects to it are refused
+    async with echo_backend("steady") as (steady_host, steady_port, _):
+        extra = (
+            "    outlierDetection: {consecutiveFailures: 1, baseEjectionTime: 60s, "
+            "maxEjectionPercent: 50}\n"
+            "    healthCheck: {interval: 100ms, timeout: 100ms, unhealthyThreshold: 100}\n"
+        )
+        eps = [(steady_host, steady_port), (host, port)]
+        async with running(config(document(service_yaml("svc", eps, extra=extra)))) as runtime:
+            route = route_of(runtime)
+            back = route.pool.member((host, port))
+            assert back is not None
+            lb_host, lb_port = address_of(runtime)
+            for _ in range(4):  # round-robin reaches it: refused, ejected, retried elsewhere
+                assert await read_name(lb_host, lb_port) == "steady"
+            assert back.ejected and back.healthy  # 100 failed checks before unhealthy
+            stats = BackendStats()
+            async with tcp_server(lambda: NamedEcho("back", stats), host, port):
+                try:
+                    took = await until(lambda: not back.ejected, 5)
+                    assert took < 2.0  # a check or two, not the 60 s ejection
+                    names = {await read_name(lb_host, lb_port) for _ in range(4)}
+                    assert names == {"steady", "back"}
+                finally:
+                    await close_transports(stats.transports)
+            assert route.outlier is not None and route.outlier.ejections_total == 1
+
+
+async def test_an_early_return_cancels_the_ejections_own_end() -> None:
+    """Ejected, returned early by a passing check, ejected again: the first ejection's timer
+    must not end the second one."""
+    pool = pool_of(2)
+    a, _ = pool.members
+    spec = OutlierDetection(consecutive_failures=1, base_ejection_time=0.2, max_ejection_percent=50)
+    detector = OutlierDetector(pool, spec)
+    pool.on_check_passed = detector.check_passed
+    detector.connect_failed(a)
+    assert a.ejected
+    pool.check_passed(a.key)
+    assert not a.ejected
+    detector.connect_failed(a)  # out again, now for 2 x 0.2 s
+    await asyncio.sleep(0.3)  # past the first ejection's end
+    assert a.ejected
+    await until(lambda: not a.ejected, 5)

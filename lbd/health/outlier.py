@@ -6,11 +6,16 @@ an endpoint has stayed in for ``maxEjectionTime``. At most ``maxEjectionPercent`
 endpoints are out at once (at least one, as Envoy, when the percentage is above 0). The
 detector holds the failure counts; the pool stays the owner of eligibility (``set_ejected``).
 
+An active health check that passes while the endpoint is healthy ends its ejection at once,
+as Envoy's ``successful_active_health_check_uneject_host`` (default on) does: the check has just
+seen the endpoint work, so waiting out the ejection only keeps a good endpoint idle.
+
 With several workers an ejection is global, as Envoy's is across its worker threads: the worker
 that saw the failures announces it (``EndpointSlots.announce_ejection``, relayed by the
 supervisor) and every other worker ejects the endpoint for the same time (``follow``). Each
 worker counts failures only of its own connections, and the metrics count an ejection once,
-in the worker that decided it.
+in the worker that decided it. An early return (the probing worker's check passed) is
+announced the same way, with 0 seconds.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class OutlierDetector:
         "_ejections",
         "_failures",
         "_returned",
+        "_timers",
         "ejections_overflow_total",
         "ejections_total",
         "pool",
@@ -43,6 +49,7 @@ class OutlierDetector:
         self._failures: dict[UpstreamEndpoint, int] = {}  # in a row
         self._ejections: dict[UpstreamEndpoint, int] = {}  # for the ejection time multiplier
         self._returned: dict[UpstreamEndpoint, float] = {}  # monotonic time of last return
+        self._timers: dict[UpstreamEndpoint, asyncio.TimerHandle] = {}  # the ejections' ends
         self.ejections_total = 0
         self.ejections_overflow_total = 0  # ejections skipped: maxEjectionPercent reached
 
@@ -77,16 +84,34 @@ class OutlierDetector:
             seconds=seconds,
             ejections=ejections,
         )
+        self._announce(endpoint, seconds)
+
+    def follow(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
+        """Another worker ejected ``endpoint`` for ``seconds`` (it counted it): out here too.
+        0 seconds: its ejection ended early (an active check passed), so back here too."""
+        if seconds <= 0:
+            self._end_early(endpoint)
+        elif not (endpoint.ejected or endpoint.draining) and self._room_to_eject():
+            self._count_ejection(endpoint)
+            self._take_out(endpoint, seconds)
+
+    def check_passed(self, endpoint: UpstreamEndpoint) -> None:
+        """An active health check passed while ``endpoint`` is ejected: it is back now."""
+        if self._end_early(endpoint):
+            self._announce(endpoint, 0.0)
+
+    def _end_early(self, endpoint: UpstreamEndpoint) -> bool:
+        timer = self._timers.get(endpoint)
+        if timer is None:
+            return False
+        timer.cancel()
+        self._return(endpoint)
+        return True
+
+    def _announce(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
         slots = self.pool.slots
         if slots is not None and slots.announce_ejection is not None:
             slots.announce_ejection(self.pool.route_key, endpoint.address, endpoint.port, seconds)
-
-    def follow(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
-        """Another worker ejected ``endpoint`` for ``seconds``: out here too (it counted it)."""
-        if endpoint.ejected or endpoint.draining or not self._room_to_eject():
-            return
-        self._count_ejection(endpoint)
-        self._take_out(endpoint, seconds)
 
     def _room_to_eject(self) -> bool:
         present = [m for m in self.pool.members if not m.draining and m.config_weight > 0]
@@ -105,9 +130,11 @@ class OutlierDetector:
 
     def _take_out(self, endpoint: UpstreamEndpoint, seconds: float) -> None:
         self.pool.set_ejected(endpoint, True)
-        asyncio.get_running_loop().call_later(seconds, self._return, endpoint)
+        loop = asyncio.get_running_loop()
+        self._timers[endpoint] = loop.call_later(seconds, self._return, endpoint)
 
     def _return(self, endpoint: UpstreamEndpoint) -> None:
+        self._timers.pop(endpoint, None)
         self._failures.pop(endpoint, None)
         if endpoint.draining:  # gone from the config meanwhile: forget it
             self._ejections.pop(endpoint, None)

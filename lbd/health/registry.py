@@ -106,6 +106,9 @@ class Checker:
             self.failures = 0
             if not self.healthy and self.successes >= self.check.healthy_threshold:
                 self._transition(True, None)
+            if self.healthy:  # an ejected endpoint that passes is back (Envoy's default)
+                for pool in self.subscribers:
+                    pool.check_passed((self.address, self.port))
         else:
             stats.check_failures_total += 1
             self.failures += 1
