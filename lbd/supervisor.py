@@ -11,8 +11,9 @@ holds its session.
 The supervisor also owns what must agree across workers: the config (it reads the file, checks
 it, and sends every worker the same bytes), the slot table of the shared active counts
 (``lbd.shared``), the summed metrics (``WorkerSnapshots``) and the admin API
-(``lbd.supervisor_admin``). One watcher (here) reloads everyone. Health is probed by worker 0
-only; the supervisor relays its transitions to the others.
+(``lbd.supervisor_admin``). One watcher (here) reloads everyone (``lbd.supervisor_reload``).
+Health is probed by worker 0 only; the supervisor relays its transitions to the others, and
+each worker's outlier ejections to the rest.
 
 ClientIP affinity is global through the same shared region: each worker publishes its picks in
 its own row and reads everyone's (``lbd.shared_affinity``), since a client's connections land
@@ -33,18 +34,16 @@ from typing import Literal
 
 import structlog
 
-from lbd.config import ConfigError, load_text
-from lbd.config.diff import diff_configs
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec, listeners_of
 from lbd.config.watcher import watch_config
-from lbd.config.yamlfile import read_config_file
 from lbd.ipc import Channel, Message
 from lbd.net.listeners import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
-from lbd.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
+from lbd.reload import ReloadRequests
 from lbd.runtime import ListenerError
 from lbd.shared import DEFAULT_SLOTS, SharedCounts, SlotAllocator
+from lbd.supervisor_reload import ReloadFanOut
 from lbd.worker import STOP_SIGNALS
 
 log = structlog.get_logger("lbd.supervisor")
@@ -53,7 +52,6 @@ SocketMode = Literal["shared", "reuseport"]
 RESTART_BACKOFF_S = (0.1, 10.0)  # first delay, cap; doubles per start that did not last
 STABLE_AFTER_S = 10.0  # a worker up this long resets its slot's backoff
 START_TIMEOUT_S = 30.0
-REPLY_TIMEOUT_S = 30.0  # a reload in every worker
 SNAPSHOT_TIMEOUT_S = 2.0  # a worker slower than this is shown with its last snapshot
 
 
@@ -84,7 +82,7 @@ class WorkerSlot:
         )
 
 
-class Supervisor:
+class Supervisor(ReloadFanOut):
     def __init__(
         self,
         config: Config,
@@ -364,98 +362,6 @@ class Supervisor:
                 sock.close()
         self.sockets.clear()
         self.counts.close()
-
-    # -- reload ----------------------------------------------------------------------------------
-
-    def request_reload(self, reason: str) -> None:
-        self._reload_requests.request(reason)
-
-    async def reload_loop(self) -> None:
-        await self._reload_requests.serve(self.reload)
-
-    async def reload(self, reason: str) -> ReloadResult:
-        async with self._reload_lock:
-            return await self._reload(reason)
-
-    async def _reload(self, reason: str) -> ReloadResult:
-        started = time.perf_counter()
-        try:
-            data = read_config_file(self.path)
-            if content_hash(data) == content_hash(self.data):
-                return ReloadResult("unchanged", time.perf_counter() - started)
-            config = load_text(data, self.path, self.options)
-            diff = diff_configs(self.config, config)
-            added = self._bind(list(diff.listeners_added))
-        except ConfigError as error:
-            return self._failed(reason, started, [str(p) for p in error.problems])
-        except ListenerError as error:
-            return self._failed(reason, started, [f"{self.path}: {error}"])
-        self.slots_table = self.slots.assign(config, self.counts)
-        replies = await asyncio.gather(
-            *(
-                self.ask(
-                    member,
-                    {
-                        "type": "reload",
-                        "reason": reason,
-                        "data": data,
-                        "keys": self._sockets_for(member.index, added)[0],
-                        "slots": self.slots_table,
-                    },
-                    REPLY_TIMEOUT_S,
-                    self._sockets_for(member.index, added)[1],
-                )
-                for member in self.members
-                if member.serving
-            ),
-            return_exceptions=True,
-        )
-        problems = sorted(
-            {
-                problem
-                for reply in replies
-                if isinstance(reply, dict)
-                for problem in reply.get("problems", ())
-            }
-            | {f"a worker did not answer: {r}" for r in replies if isinstance(r, BaseException)}
-        )
-        applied = any(isinstance(r, dict) and r.get("outcome") == "applied" for r in replies)
-        if not applied and problems:
-            for socks in added.values():
-                for sock in socks:
-                    sock.close()
-            return self._failed(reason, started, problems)
-        self._commit(config, data, diff.listeners_removed, added)
-        self.reloads_ok += 1
-        duration = time.perf_counter() - started
-        log.info(
-            "config reloaded",
-            reason=reason,
-            workers=len(replies),
-            duration_ms=round(duration * 1000, 1),
-            **diff.summary(),
-        )
-        if problems:  # some workers applied it and some did not: say so, loudly
-            log.error("config reload failed in some workers", problems=problems)
-        return ReloadResult("applied", duration, diff, tuple(problems))
-
-    def _commit(
-        self,
-        config: Config,
-        data: bytes,
-        removed: tuple[ListenerSpec, ...],
-        added: dict[tuple[object, ...], list[socket.socket]],
-    ) -> None:
-        for spec in removed:
-            for sock in self.sockets.pop(spec.identity, []):
-                sock.close()  # the workers closed theirs: the listener is gone
-        self.sockets.update(added)
-        self.config = config
-        self.data = data
-
-    def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
-        self.reloads_failed += 1
-        return reload_failed(reason, started, problems)
 
     # -- what the admin API reads ----------------------------------------------------------------
 
