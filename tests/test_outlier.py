@@ -217,3 +217,19 @@ async def test_an_early_return_cancels_the_ejections_own_end() -> None:
     await asyncio.sleep(0.3)  # past the first ejection's end
     assert a.ejected
     await until(lambda: not a.ejected, 5)
+
+
+async def test_an_endpoint_removed_while_ejected_comes_back_unejected() -> None:
+    """Ejected, removed by a reload while it still has a connection, its ejection ends, then a
+    reload adds it back: it is eligible again, not ejected for good."""
+    pool = pool_of(2)
+    a, b = pool.members
+    spec = OutlierDetection(consecutive_failures=1, base_ejection_time=0.1, max_ejection_percent=50)
+    detector = OutlierDetector(pool, spec)
+    detector.connect_failed(a)
+    pool.acquire(a)  # a connection still open on it: it drains rather than disappears
+    pool.update([(b.address, b.port, 1)])
+    assert a.draining and a.ejected
+    await until(lambda: not a.ejected, 5)  # the ejection ends during the drain
+    pool.update([(a.address, a.port, 1), (b.address, b.port, 1)])
+    assert pool.member(a.key) is a and a in pool.eligible()

@@ -136,10 +136,12 @@ class OutlierDetector:
     def _return(self, endpoint: UpstreamEndpoint) -> None:
         self._timers.pop(endpoint, None)
         self._failures.pop(endpoint, None)
+        # Also when it is draining: a reload may add it back while it still has connections,
+        # and it must not come back ejected with no ejection left to end.
+        self.pool.set_ejected(endpoint, False)
         if endpoint.draining:  # gone from the config meanwhile: forget it
             self._ejections.pop(endpoint, None)
             self._returned.pop(endpoint, None)
             return
         self._returned[endpoint] = time.monotonic()
-        self.pool.set_ejected(endpoint, False)
         log.info("endpoint returned", route=self.pool.name, endpoint=str(endpoint))
