@@ -100,6 +100,18 @@ class RouteStats:
     splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
     splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
 
+    def refusals(self) -> dict[str, int]:
+        """Connections reset instead of served, by reason (the metric's ``reason`` label)."""
+        return {
+            "no_endpoint": self.downstream_cx_refused_no_endpoint,
+            "overflow": self.downstream_cx_overflow,
+            "queue_timeout": self.downstream_cx_queue_timeout,
+            "endpoint_limits": self.upstream_cx_overflow,
+            "fd_exhausted": self.downstream_cx_fd_exhausted,
+            "proxy_header_invalid": self.downstream_cx_proxy_header_invalid,
+            "source_range": self.downstream_cx_refused_source_range,
+        }
+
 
 @dataclass(slots=True, eq=False)
 class Route:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -88,6 +89,26 @@ async def test_services_shows_listeners_endpoints_and_state() -> None:
         assert endpoint["weight"] == endpoint["configWeight"] == 1
         assert endpoint["override"] is None
         assert endpoint["health"] == "unchecked" and endpoint["ejected"] is False
+
+
+async def test_services_counts_refusals_by_reason() -> None:
+    async with echo_backend("b") as (bh, bp, _):
+        text = document(service_yaml("svc", [(bh, bp)], extra="    maxConnections: 1\n"))
+        async with admin_running(config(text)) as (runtime, target):
+            host, port = runtime.listener_for("default/svc").bound
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                assert await asyncio.wait_for(reader.readline(), 5) == b"b\n"
+                refused_reader, refused = await asyncio.open_connection(host, port)
+                with contextlib.suppress(ConnectionError):  # over maxConnections: reset
+                    assert await asyncio.wait_for(refused_reader.read(), 5) == b""
+                refused.close()
+                code, body = await call(target, "/services")
+            finally:
+                writer.close()
+    assert code == 200
+    connections = body["services"][0]["connections"]
+    assert (connections["refused"], connections["refusedBy"]) == (1, {"overflow": 1})
 
 
 async def test_services_shows_what_the_health_checks_say() -> None:

@@ -47,6 +47,7 @@ def services_view(runtime: Runtime) -> Json:
 
 def _route_view(route: Route, listeners: list[Json]) -> Json:
     stats = route.stats
+    refusals = {reason: n for reason, n in stats.refusals().items() if n}
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
@@ -55,7 +56,8 @@ def _route_view(route: Route, listeners: list[Json]) -> Json:
         "connections": {
             "active": stats.downstream_cx_active,
             "total": stats.downstream_cx_total,
-            "refused": stats.downstream_cx_refused_no_endpoint,
+            "refused": sum(refusals.values()),
+            "refusedBy": refusals,
         },
         "endpoints": [
             _endpoint_view(route, endpoint)

@@ -401,15 +401,7 @@ def _route_values(snap: Snapshot, route: Route) -> None:
     add = snap.add
     add("lbd_downstream_cx_total", labels, stats.downstream_cx_total)
     add("lbd_downstream_cx_active", labels, stats.downstream_cx_active)
-    for reason, value in (
-        ("no_endpoint", stats.downstream_cx_refused_no_endpoint),
-        ("overflow", stats.downstream_cx_overflow),
-        ("queue_timeout", stats.downstream_cx_queue_timeout),
-        ("endpoint_limits", stats.upstream_cx_overflow),
-        ("fd_exhausted", stats.downstream_cx_fd_exhausted),
-        ("proxy_header_invalid", stats.downstream_cx_proxy_header_invalid),
-        ("source_range", stats.downstream_cx_refused_source_range),
-    ):
+    for reason, value in stats.refusals().items():
         add("lbd_downstream_cx_refused_total", (*labels, reason), value)
     add("lbd_downstream_cx_queued_total", labels, stats.downstream_cx_queued)
     add("lbd_downstream_cx_half_closed_timeout_total", labels, stats.half_closed_timeouts)
