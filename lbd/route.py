@@ -100,6 +100,15 @@ class RouteStats:
     splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
     splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
 
+    def udp_drops(self) -> dict[str, int]:
+        """New UDP clients whose datagram was dropped instead of starting a session, by reason."""
+        return {
+            "overflow": self.udp_sess_overflow,
+            "no_endpoint": self.udp_sess_no_endpoint,
+            "create_fail": self.udp_sess_create_fail,
+            "source_range": self.udp_sess_source_range,
+        }
+
     def refusals(self) -> dict[str, int]:
         """Connections reset instead of served, by reason (the metric's ``reason`` label)."""
         return {

@@ -28,6 +28,8 @@ from tests.support import (
     fresh_ip,
     read_name,
     service_yaml,
+    udp_client,
+    udp_echo_backend,
     until,
 )
 
@@ -109,6 +111,24 @@ async def test_services_counts_refusals_by_reason() -> None:
     assert code == 200
     connections = body["services"][0]["connections"]
     assert (connections["refused"], connections["refusedBy"]) == (1, {"overflow": 1})
+
+
+async def test_services_shows_a_udp_ports_sessions() -> None:
+    async with udp_echo_backend("u") as (bh, bp, _):
+        text = document(
+            service_yaml("svc", [(bh, bp)], protocol="UDP", extra="    maxUdpSessions: 1\n")
+        )
+        async with admin_running(config(text)) as (runtime, target):
+            address = runtime.listener_for("default/svc").bound
+            async with udp_client(address) as first, udp_client(address) as second:
+                assert await first.ask(b"x") == b"u x"
+                second.send(b"y")  # beyond maxUdpSessions: dropped, counted
+                route = runtime.listener_for("default/svc").route
+                await until(lambda: route.stats.udp_sess_overflow == 1)
+                code, body = await call(target, "/services")
+    assert code == 200
+    sessions = body["services"][0]["sessions"]
+    assert sessions == {"active": 1, "total": 1, "max": 1, "droppedBy": {"overflow": 1}}
 
 
 async def test_services_shows_what_the_health_checks_say() -> None:

@@ -59,10 +59,22 @@ def _route_view(route: Route, listeners: list[Json]) -> Json:
             "refused": sum(refusals.values()),
             "refusedBy": refusals,
         },
+        **({"sessions": _sessions_view(route)} if route.protocol == "UDP" else {}),
         "endpoints": [
             _endpoint_view(route, endpoint)
             for endpoint in (*route.pool.members, *route.pool.draining)
         ],
+    }
+
+
+def _sessions_view(route: Route) -> Json:
+    """A UDP port's client sessions (its ``connections`` stay 0: UDP has none)."""
+    stats = route.stats
+    return {
+        "active": stats.udp_sess_active,
+        "total": stats.udp_sess_total,
+        "max": route.max_udp_sessions,
+        "droppedBy": {reason: n for reason, n in stats.udp_drops().items() if n},
     }
 
 

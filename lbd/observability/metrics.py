@@ -456,12 +456,7 @@ def _udp_values(snap: Snapshot, labels: Labels, stats: RouteStats) -> None:
     add = snap.add
     add("lbd_udp_sess_total", labels, stats.udp_sess_total)
     add("lbd_udp_sess_active", labels, stats.udp_sess_active)
-    for reason, value in (
-        ("overflow", stats.udp_sess_overflow),
-        ("no_endpoint", stats.udp_sess_no_endpoint),
-        ("create_fail", stats.udp_sess_create_fail),
-        ("source_range", stats.udp_sess_source_range),
-    ):
+    for reason, value in stats.udp_drops().items():
         add("lbd_udp_sess_dropped_total", (*labels, reason), value)
     add("lbd_udp_sess_ended_total", (*labels, "idle_timeout"), stats.udp_sess_idle_timeout)
     add("lbd_udp_sess_ended_total", (*labels, "endpoint_gone"), stats.udp_sess_endpoint_gone)
