@@ -86,15 +86,21 @@ async def run_cli(*args: str, timeout: float = 30.0) -> tuple[int, str, str]:
 
 @contextlib.asynccontextmanager
 async def lbd_process(
-    config_path: Path, *extra: str, max_files: int | None = None
+    config_path: Path,
+    *extra: str,
+    max_files: int | None = None,
+    wrapper: list[str] | None = None,
 ) -> AsyncIterator[LbdProcess]:
-    """``max_files`` sets both RLIMIT_NOFILE limits of the child (lbd raises soft to hard)."""
+    """``max_files`` sets both RLIMIT_NOFILE limits of the child (lbd raises soft to hard).
+    ``wrapper`` runs lbd through a command that execs it (``ip netns exec NS``), so the PID
+    is still lbd's."""
 
     def limit_files() -> None:
         if max_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (max_files, max_files))
 
     process = await asyncio.create_subprocess_exec(
+        *(wrapper or ()),
         sys.executable,
         "-m",
         "lbd",
