@@ -9,7 +9,7 @@ import itertools
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from lbd.admin.client import AdminTarget
@@ -357,6 +357,20 @@ async def until(
     return loop.time() - start
 
 
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def stream_backend(handler: StreamHandler) -> AsyncIterator[tuple[str, int]]:
+    """A streams backend (``asyncio.start_server``) on a fresh 127.x address, port 0."""
+    server = await asyncio.start_server(handler, fresh_ip(), 0)
+    try:
+        host, port = server.sockets[0].getsockname()[:2]
+        yield host, port
+    finally:
+        server.close()
+
+
 @contextlib.asynccontextmanager
 async def tcp_server(
     factory: Callable[[], asyncio.Protocol], host: str | None = None, port: int = 0
@@ -417,10 +431,7 @@ async def bulk_exchange(up: int, down: int, extra: str = "", block_size: int = 6
         writer.close()
         done.set()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(backend, bh, 0)
-    bp = server.sockets[0].getsockname()[1]
-    try:
+    async with stream_backend(backend) as (bh, bp):
         async with running(config(document(service_yaml("svc", [(bh, bp)], extra=extra)))) as rt:
             reader, writer = await asyncio.open_connection(*address_of(rt))
             sent, received = await asyncio.wait_for(
@@ -432,8 +443,6 @@ async def bulk_exchange(up: int, down: int, extra: str = "", block_size: int = 6
             stats = route_of(rt).stats
             await until(lambda: not rt.connections, 20)
             assert stats.downstream_bytes_received == up and stats.upstream_bytes_received == down
-    finally:
-        server.close()
     assert received == (results["backend_sent"], down)
     assert results["backend_received"] == (sent, up)
     return stats

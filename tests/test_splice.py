@@ -24,6 +24,7 @@ from tests.support import (
     running,
     send_hashed,
     service_yaml,
+    stream_backend,
     until,
 )
 
@@ -73,10 +74,8 @@ async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatc
         results["received"] = (await receive_hashed(reader))[1]
         writer.close()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(backend, bh, 0)
-    try:
-        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+    async with stream_backend(backend) as (bh, bp):
+        cfg = config(document(service_yaml("svc", [(bh, bp)])))
         async with running(cfg) as runtime:
             reader, writer = await asyncio.open_connection(*address_of(runtime))
             await asyncio.wait_for(send_hashed(writer, 16 * MiB, b"x", BULK), 30)
@@ -84,8 +83,6 @@ async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatc
             writer.close()
             stats = route_of(runtime).stats
             assert stats.splice_switches == 0 and stats.splice_fallbacks >= 1
-    finally:
-        server.close()
     assert results["received"] == 16 * MiB
 
 
@@ -110,10 +107,8 @@ async def test_spliced_direction_keeps_backpressure_bounded() -> None:
         finally:
             writer.transport.abort()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(firehose, bh, 0)
-    try:
-        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+    async with stream_backend(firehose) as (bh, bp):
+        cfg = config(document(service_yaml("svc", [(bh, bp)])))
         async with running(cfg) as runtime:
             with socket.socket() as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
@@ -126,8 +121,6 @@ async def test_spliced_direction_keeps_backpressure_bounded() -> None:
                     got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
                 await asyncio.wait_for(stuck.wait(), 30)
                 assert route_of(runtime).stats.splice_switches == 1
-    finally:
-        server.close()
     # Socket buffers on both hops (a few MiB at most with autotuning) plus one 256 KiB pipe.
     assert pushed - got < 32 * MiB, pushed - got
 
@@ -154,10 +147,8 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
         finally:
             writer.transport.abort()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(backend, bh, 0)
-    try:
-        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+    async with stream_backend(backend) as (bh, bp):
+        cfg = config(document(service_yaml("svc", [(bh, bp)])))
         async with running(cfg) as runtime:
             with socket.create_connection(address_of(runtime)) as sock:
                 sock.setblocking(False)
@@ -174,8 +165,6 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
                     with pytest.raises(ConnectionResetError):
                         await _read_to_the_end(loop, sock)
             await until(lambda: not runtime.connections, 20)
-    finally:
-        server.close()
 
 
 async def _read_to_the_end(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:

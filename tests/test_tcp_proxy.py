@@ -31,6 +31,7 @@ from tests.support import (
     running,
     send_hashed,
     service_yaml,
+    stream_backend,
     until,
 )
 
@@ -263,10 +264,7 @@ async def test_slow_reader_keeps_lbd_buffers_bounded() -> None:
         writer.close()
         finished.set()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(fast_writer, bh, 0)
-    bp = server.sockets[0].getsockname()[1]
-    try:
+    async with stream_backend(fast_writer) as (bh, bp):
         async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
             host, port = address_of(runtime)
             sock = socket.socket()
@@ -284,8 +282,6 @@ async def test_slow_reader_keeps_lbd_buffers_bounded() -> None:
                     max_buffered = max(max_buffered, buffered)
                 await asyncio.sleep(0.0005)  # a slow reader: about 64 KiB per loop turn
             writer.close()
-    finally:
-        server.close()
     assert received == size
     # lbd never holds more than about two socket buffers, not the 24 MiB the backend pushed.
     assert max_buffered < 1 * MiB, max_buffered
@@ -331,10 +327,8 @@ async def test_upstream_reset_reaches_the_client_as_a_reset() -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         writer.transport.abort()
 
-    bh = fresh_ip()
-    server = await asyncio.start_server(resetter, bh, 0)
-    try:
-        cfg = config(document(service_yaml("svc", [(bh, server.sockets[0].getsockname()[1])])))
+    async with stream_backend(resetter) as (bh, bp):
+        cfg = config(document(service_yaml("svc", [(bh, bp)])))
         async with running(cfg) as runtime:
             host, port = address_of(runtime)
             reader, writer = await asyncio.open_connection(host, port)
@@ -342,8 +336,6 @@ async def test_upstream_reset_reaches_the_client_as_a_reset() -> None:
             with pytest.raises(ConnectionResetError):
                 await asyncio.wait_for(reader.read(), 5)
             writer.close()
-    finally:
-        server.close()
 
 
 async def test_client_reset_reaches_the_backend_as_a_reset() -> None:
