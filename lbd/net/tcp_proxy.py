@@ -262,7 +262,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         (or queued) when the header ends, as any new connection."""
         admission = self.route.admission
         if admission is None or self.admission is not None or self._header is not None:
-            return
+            return  # no limits, already counted, or still to be admitted after its header
         if not self.closed:
             admission.adopt()
             self.admission = "admitted"
