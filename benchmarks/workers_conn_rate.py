@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = """
 import asyncio, sys
 from lbd.config import load_text
-from lbd.loops import LOOP_FACTORIES
+from lbd.net.loops import LOOP_FACTORIES
 from lbd.observability.logging import configure_logging
-from lbd.supervisor import Supervisor
-from lbd.supervisor_admin import serve_supervised
+from lbd.process.supervisor import Supervisor
+from lbd.process.supervisor_admin import serve_supervised
 path, mode, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 data = open(path, "rb").read()
 configure_logging("json", "warning")

@@ -15,7 +15,7 @@ from lbd import __version__
 from lbd.config import Config, ConfigError, listeners_of, load_text
 from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
-from lbd.loops import LOOP_FACTORIES, LoopName
+from lbd.net.loops import LOOP_FACTORIES, LoopName
 from lbd.observability.logging import LOG_LEVELS, LogFormat, configure_logging
 
 if TYPE_CHECKING:
@@ -300,9 +300,9 @@ def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
 def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.admin.server import AdminError
     from lbd.config.loader import workers_count
-    from lbd.handoff import HandoffError
-    from lbd.runtime import ListenerError
-    from lbd.supervisor import StartError
+    from lbd.process.handoff import HandoffError
+    from lbd.process.supervisor import StartError
+    from lbd.runtime.runtime import ListenerError
 
     path, loop, pid_file = args.config, args.loop, args.pid_file
     loaded = _load_with_bytes(path, options)
@@ -345,7 +345,7 @@ async def _serve(
     workers: int,
     options: LoadOptions | None,
 ) -> int:
-    from lbd.handoff import Restart, take_over
+    from lbd.process.handoff import Restart, take_over
 
     source, watch = (args.config, data), not args.no_watch
     restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
@@ -353,11 +353,11 @@ async def _serve(
     restart = Restart(restart_path, takeover)
     try:
         if workers == 1:
-            from lbd.worker import serve
+            from lbd.process.worker import serve
 
             return await serve(config, source=source, watch=watch, restart=restart, options=options)
-        from lbd.supervisor import Supervisor
-        from lbd.supervisor_admin import serve_supervised
+        from lbd.process.supervisor import Supervisor
+        from lbd.process.supervisor_admin import serve_supervised
 
         worker_args = [f"--loop={args.loop}", f"--log-format={args.log_format}"]
         worker_args.append(f"--log-level={args.log_level}")
@@ -376,7 +376,7 @@ async def _serve(
 
 def demo(loop: LoopName, connections: int, once: bool) -> int:
     from lbd.demo import run_demo
-    from lbd.runtime import ListenerError
+    from lbd.runtime.runtime import ListenerError
 
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:

@@ -16,8 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from lbd.config import load_text
-from lbd.runtime import Runtime
-from lbd.worker import ShutdownState, serve
+from lbd.process.worker import ShutdownState, serve
+from lbd.runtime.runtime import Runtime
 
 _HTTP_REQUEST = re.compile(rb"^[A-Z]+ \S+ HTTP/1\.[01]\r?\n$")
 _ANSWER = re.compile(rb"hello from (backend-\d)")

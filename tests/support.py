@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config import Config, load_text
-from lbd.route import Route, RouteStats
-from lbd.runtime import Runtime
+from lbd.endpoints.route import Route
+from lbd.observability.stats import RouteStats
+from lbd.runtime.runtime import Runtime
 
 _addresses = itertools.count(1)
 # One /16 per test process, so two suites running at once on a machine do not collide.

@@ -17,7 +17,7 @@ import pytest
 from lbd.admin.client import AdminTarget, call
 from lbd.admin.server import AdminError, AdminServer
 from lbd.config import load_text
-from lbd.runtime import Runtime
+from lbd.runtime.runtime import Runtime
 from tests.support import (
     admin_running,
     config,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lbd.worker import raise_file_limit
+from lbd.process.worker import raise_file_limit
 from tests.procs import lbd_process
 from tests.support import document, echo_backend, fresh_ip, service_yaml
 

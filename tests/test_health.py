@@ -7,8 +7,8 @@ import contextlib
 import random
 
 from lbd.config.model import HealthCheck
+from lbd.endpoints.pool import Pool
 from lbd.health.registry import Checker, HealthRegistry, HealthStats
-from lbd.pool import Pool
 from tests.support import (
     BackendStats,
     NamedEcho,

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from lbd.runtime import Runtime
+from lbd.runtime.runtime import Runtime
 from tests.support import (
     config,
     document,
@@ -134,8 +134,8 @@ async def test_session_affinity_can_be_switched_on_and_off_by_reload() -> None:
 
 
 def test_session_affinity_timeout_expires_entries() -> None:
-    from lbd.affinity import AffinityTable
-    from lbd.pool import UpstreamEndpoint
+    from lbd.endpoints.affinity import AffinityTable
+    from lbd.endpoints.endpoint import UpstreamEndpoint
 
     table = AffinityTable(timeout=10)
     a = UpstreamEndpoint("127.0.0.1", 1)

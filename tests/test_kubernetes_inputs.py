@@ -330,8 +330,8 @@ def test_explain_reports_not_ready_terminating_other_node_other_zone_affinity_so
     None
 ):
     from lbd.config.routes import route_specs
-    from lbd.explain import explain
-    from lbd.route import Route
+    from lbd.endpoints.explain import explain
+    from lbd.endpoints.route import Route
 
     text = document(
         "  - name: s\n    type: LoadBalancer\n    clusterIP: 127.0.0.7\n"

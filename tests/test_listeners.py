@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from lbd.net.listeners import bind_tcp_listener
+from lbd.net.sockets import bind_tcp_listener
 from tests.support import fresh_ip
 
 # TEST-NET-1 (RFC 5737): never configured on a host. Only bound here, never sent to.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from lbd.config.model import OutlierDetection
-from lbd.health.outlier import OutlierDetector
-from lbd.pool import Pool
-from lbd.shared import EndpointSlots, SharedCounts
+from lbd.endpoints.outlier import OutlierDetector
+from lbd.endpoints.pool import Pool
+from lbd.shm.counts import EndpointSlots, SharedCounts
 from tests.support import (
     BackendStats,
     NamedEcho,

@@ -8,7 +8,8 @@ import random
 import time
 
 from lbd.balancing import make_balancer
-from lbd.pool import Pool, UpstreamEndpoint, ineligible_reason
+from lbd.endpoints.endpoint import UpstreamEndpoint, ineligible_reason
+from lbd.endpoints.pool import Pool
 
 
 def pool_of(*targets: tuple[str, int, int]) -> Pool:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from lbd.reload import Reloader
-from lbd.runtime import ListenerError, Runtime
-from lbd.worker import ShutdownState, serve
+from lbd.process.worker import ShutdownState, serve
+from lbd.runtime.reload import Reloader
+from lbd.runtime.runtime import ListenerError, Runtime
 from tests.support import (
     address_of,
     config,

@@ -1,4 +1,4 @@
-"""Shared active counts (``lbd.shared``) and the supervisor's channel (``lbd.ipc``)."""
+"""Shared active counts (``lbd.shm.counts``) and the supervisor's channel (``lbd.process.channel``)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import zlib
 
 import pytest
 
-from lbd import ipc
 from lbd.config.routes import route_specs
-from lbd.ipc import Channel, Message
-from lbd.pool import Pool
-from lbd.route import Route
-from lbd.shared import EndpointSlots, SharedCounts, SlotAllocator, admission_key
-from lbd.shared_affinity import ENTRIES, PROBES, SharedAffinityTable, client_key
+from lbd.endpoints.affinity import SharedAffinityTable
+from lbd.endpoints.pool import Pool
+from lbd.endpoints.route import Route
+from lbd.process import channel as ipc
+from lbd.process.channel import Channel, Message
+from lbd.shm.affinity_rows import ENTRIES, PROBES, client_key
+from lbd.shm.counts import EndpointSlots, SharedCounts, SlotAllocator, admission_key
 from tests.support import config, service_yaml, until
 from tests.support import document as doc
 

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from lbd.pool import UpstreamEndpoint
-from lbd.route import Route
-from lbd.runtime import Runtime
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.route import Route
+from lbd.runtime.runtime import Runtime
 from tests.support import (
     address_of,
     bulk_exchange,

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from lbd.runtime import Runtime
+from lbd.runtime.runtime import Runtime
 from tests.support import (
     UdpClient,
     address_of,

@@ -1,5 +1,6 @@
 """What the admin API reads and changes: one process's runtime, or (with several workers) the
-supervisor's view of them all (``lbd.supervisor``). The HTTP layer sees only this interface."""
+supervisor's view of them all (``lbd.process.supervisor``). The HTTP layer sees only this
+interface."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Protocol
 from lbd.admin import views
 from lbd.config.model import Config
 from lbd.observability.metrics import Snapshot
-from lbd.runtime import Runtime
+from lbd.runtime.runtime import Runtime
 
 
 class AdminBackend(Protocol):

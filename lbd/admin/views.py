@@ -10,10 +10,10 @@ import asyncio
 import ipaddress
 from typing import Any
 
-from lbd.explain import explain
-from lbd.pool import UpstreamEndpoint, ineligible_reason
-from lbd.route import Route
-from lbd.runtime import Runtime
+from lbd.endpoints.endpoint import UpstreamEndpoint, ineligible_reason
+from lbd.endpoints.explain import explain
+from lbd.endpoints.route import Route
+from lbd.runtime.runtime import Runtime
 
 Json = dict[str, Any]
 

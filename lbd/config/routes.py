@@ -45,7 +45,7 @@ Target = tuple[str, int, int, EndpointState]  # (address, port, weight, state)
 
 @dataclass(frozen=True, slots=True)
 class TrafficPolicy:
-    """Which endpoints each kind of listener may use (lbd.topology applies it)."""
+    """Which endpoints each kind of listener may use (lbd.endpoints.topology applies it)."""
 
     internal_local: bool = False  # internalTrafficPolicy: Local (clusterIP listeners)
     external_local: bool = False  # externalTrafficPolicy: Local (every other listener)

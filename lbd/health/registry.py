@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import structlog
 
 from lbd.config.model import HealthCheck
+from lbd.endpoints.pool import Pool
 from lbd.health.probes import LocalError, probe
-from lbd.pool import Pool
 
 log = structlog.get_logger("lbd.health")
 

@@ -3,7 +3,7 @@
 ``UpstreamConnector`` is the connect half of ``lbd.net.tcp_proxy.Downstream``, kept here so
 that each file reads in one sitting; its state lives in Downstream's slots. A connection makes
 up to ``MAX_CONNECT_TRIES`` tries, each to an endpoint the strategy picks among those not tried
-yet, under an escalating per-try deadline (``lbd.route.try_timeout``). A refused or timed-out
+yet, under an escalating per-try deadline (``try_timeout``). A refused or timed-out
 try is counted against its endpoint (and outlier detection) and the next one starts; a try that
 fails for lack of lbd's own descriptors sheds the connection instead.
 """
@@ -18,13 +18,27 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from lbd.route import MAX_CONNECT_TRIES, Route, try_timeout
+from lbd.endpoints.route import Route
 
 if TYPE_CHECKING:
+    from lbd.endpoints.endpoint import UpstreamEndpoint
     from lbd.net.tcp_proxy import ListenerView, Upstream
-    from lbd.pool import UpstreamEndpoint
 
 log = structlog.get_logger("lbd.tcp")
+
+# Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
+# as kube-proxy's userspace proxier did (250 ms, 500 ms, 1 s ...), scaled to connectTimeout:
+# a refused connect fails at once anyway, and a black-holed endpoint should not hold the
+# client for a full connectTimeout while other endpoints wait for their chance. The last
+# candidate always gets the full connectTimeout, so a one-endpoint service is never cut short.
+MAX_CONNECT_TRIES = 8
+TRY_TIMEOUT_SCALE = (0.25, 0.5)
+
+
+def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> float:
+    if candidates_left > 1 and attempt < len(TRY_TIMEOUT_SCALE):
+        return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
+    return connect_timeout
 
 # A connect that fails with one of these failed for lack of lbd's own resources, not the
 # endpoint's: it is shed, not retried elsewhere or held against the endpoint.

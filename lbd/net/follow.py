@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lbd.pool import Pool
-    from lbd.route import Route
+    from lbd.endpoints.pool import Pool
+    from lbd.endpoints.route import Route
 
 
 class PoolFollower:

@@ -24,7 +24,7 @@ import fcntl
 import os
 from typing import Protocol
 
-from lbd.loops import rearm_reader
+from lbd.net.loops import rearm_reader
 
 SPLICE_AVAILABLE = hasattr(os, "splice")
 # A read this large means the kernel had this much queued for us: bulk.

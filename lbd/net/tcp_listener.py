@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import structlog
 
+from lbd.endpoints.pool import Pool
+from lbd.endpoints.route import Route
 from lbd.net.follow import PoolFollower
-from lbd.net.listeners import LISTEN_BACKLOG, bind_tcp_listener
-from lbd.pool import Pool
-from lbd.route import Route
+from lbd.net.sockets import LISTEN_BACKLOG, bind_tcp_listener
 
 log = structlog.get_logger("lbd.tcp")
 

@@ -20,16 +20,16 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
+from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol
 from lbd.net.connect import ConnectTry, UpstreamConnector
 from lbd.net.proxy_protocol import Address
 from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
-from lbd.route import Route
 
 if TYPE_CHECKING:
+    from lbd.endpoints.endpoint import UpstreamEndpoint
     from lbd.net.connections import ConnectionSet
     from lbd.net.idle import Idler
-    from lbd.pool import UpstreamEndpoint
 
 
 class ListenerView(Protocol):

@@ -29,11 +29,12 @@ import struct
 
 import structlog
 
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.pool import Pool
+from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol
 from lbd.net.follow import PoolFollower
-from lbd.net.listeners import IP_PKTINFO, bind_udp_listener
-from lbd.pool import Pool, UpstreamEndpoint
-from lbd.route import Route
+from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
 
 log = structlog.get_logger("lbd.udp")
 

@@ -76,3 +76,79 @@ class ProcessStats:
     def reload_failed(self) -> None:
         self.reloads_failed += 1
         self.last_reload_failed_time = time.time()
+
+
+@dataclass(slots=True)
+class RouteStats:
+    """Counters of one route; the single writer is the worker's event loop. Per-endpoint
+    counters live on each ``UpstreamEndpoint.stats``; ``lbd.observability.metrics`` exports
+    both at scrape time."""
+
+    downstream_cx_total: int = 0
+    downstream_cx_active: int = 0
+    downstream_cx_refused_no_endpoint: int = 0
+    downstream_cx_refused_source_range: int = 0  # loadBalancerSourceRanges (reset per client)
+    tcp_listener_bind_fail: int = 0  # re-listening when endpoints came back failed
+    upstream_cx_total: int = 0
+    upstream_cx_connect_fail: int = 0
+    upstream_cx_connect_timeout: int = 0
+    upstream_cx_retries: int = 0
+    upstream_cx_none_succeeded: int = 0
+    downstream_bytes_received: int = 0  # of closed connections; open ones add theirs at scrape
+    upstream_bytes_received: int = 0  # = bytes sent to clients
+    idle_timeouts: int = 0
+    # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
+    udp_sess_total: int = 0
+    udp_sess_active: int = 0
+    udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
+    udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
+    udp_sess_source_range: int = 0  # a client outside loadBalancerSourceRanges: dropped
+    udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
+    udp_sess_idle_timeout: int = 0
+    udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
+    udp_downstream_rx_datagrams: int = 0
+    udp_downstream_rx_bytes: int = 0
+    udp_downstream_rx_errors: int = 0
+    udp_downstream_tx_datagrams: int = 0
+    udp_downstream_tx_errors: int = 0  # replies dropped: client send buffer full or error
+    udp_upstream_tx_datagrams: int = 0
+    udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
+    udp_upstream_rx_datagrams: int = 0
+    udp_upstream_rx_bytes: int = 0
+    udp_upstream_rx_errors: int = 0
+    udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
+    udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
+    cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
+    half_closed_timeouts: int = 0
+    max_duration_timeouts: int = 0
+    downstream_cx_queued: int = 0  # connections that had to wait in the queue
+    downstream_cx_queue_timeout: int = 0  # refused after queueTimeout in the queue
+    downstream_cx_overflow: int = 0  # refused at once: over the limits and the queue full
+    upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
+    downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
+    downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
+    affinity_overflow: int = 0  # of affinity tables a reload switched off
+    splice_switches: int = 0  # connection directions that went bulk and moved to splice(2)
+    splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
+    splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
+
+    def udp_drops(self) -> dict[str, int]:
+        """New UDP clients whose datagram was dropped instead of starting a session, by reason."""
+        return {
+            "overflow": self.udp_sess_overflow,
+            "no_endpoint": self.udp_sess_no_endpoint,
+            "create_fail": self.udp_sess_create_fail,
+            "source_range": self.udp_sess_source_range,
+        }
+
+    def refusals(self) -> dict[str, int]:
+        """Connections reset instead of served, by reason (the metric's ``reason`` label)."""
+        return {
+            "no_endpoint": self.downstream_cx_refused_no_endpoint,
+            "overflow": self.downstream_cx_overflow,
+            "queue_timeout": self.downstream_cx_queue_timeout,
+            "endpoint_limits": self.upstream_cx_overflow,
+            "fd_exhausted": self.downstream_cx_fd_exhausted,
+            "proxy_header_invalid": self.downstream_cx_proxy_header_invalid,
+            "source_range": self.downstream_cx_refused_source_range,
+        }

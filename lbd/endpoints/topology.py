@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from lbd.config.routes import TrafficPolicy
 
 if TYPE_CHECKING:
-    from lbd.pool import UpstreamEndpoint
+    from lbd.endpoints.endpoint import UpstreamEndpoint
 
 
 def select(
@@ -44,7 +44,7 @@ def reason(
     policy: TrafficPolicy,
     external: bool,
 ) -> str | None:
-    """Why ``endpoint`` is not in ``select(endpoints, ...)``: a ``lbd.pool.REASONS`` code."""
+    """Why ``endpoint`` is not in ``select(endpoints, ...)``: a ``REASONS`` code."""
     if endpoint in select(endpoints, policy, external):
         return None
     state = endpoint.state

@@ -13,12 +13,12 @@ import structlog
 
 from lbd.config.model import Config, Service, port_id
 from lbd.config.routes import RouteKey
-from lbd.dns import ExternalNameResolver
-from lbd.net.healthcheck import HealthCheckServer
+from lbd.endpoints.route import Route
+from lbd.health.node_port import HealthCheckServer
 from lbd.observability.stats import ProcessStats
-from lbd.route import Route
+from lbd.runtime.dns import ExternalNameResolver
 
-log = structlog.get_logger("lbd.runtime")
+log = structlog.get_logger("lbd.runtime.runtime")
 
 HealthKey = tuple[str, int]  # (node address, healthCheckNodePort)
 

@@ -1,16 +1,17 @@
 """ClientIP session affinity that holds across worker processes.
 
 With several workers a client's connections are accepted by whichever worker wakes first, so a
-per-process table (``lbd.affinity``) would send one client to several endpoints. Here every
+per-process table (``lbd.endpoints.affinity``) would send one client to several endpoints. Here
+every
 worker also publishes its affinity entries in a row of the shared memory region the supervisor
-creates (``lbd.shared.SharedCounts``), and a lookup reads every worker's row: the client gets
+creates (``lbd.shm.counts.SharedCounts``), and a lookup reads every worker's row: the client gets
 the endpoint of the *oldest* live entry among them, so two workers that picked differently for
 the same new client in the same instant converge on the first pick at the next connection.
 
 Each row has a single writer (its worker), so no locks: an entry is written under a sequence
 number (odd while being written, as a seqlock), and a reader that sees an odd or changed number
 retries or skips it. Entries are found by open addressing on a CRC of (service port, client);
-an entry names its endpoint by the endpoint's shared slot (``lbd.shared.SlotAllocator``), which
+an entry names its endpoint by the endpoint's shared slot (``lbd.shm.counts.SlotAllocator``), which
 means the same endpoint in every worker. Entries expire by time; nothing sweeps them.
 """
 
@@ -18,16 +19,11 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 import zlib
-from collections.abc import Collection
 from typing import TYPE_CHECKING
-
-from lbd.affinity import AffinityTable
 
 if TYPE_CHECKING:
     from lbd.config.routes import RouteKey
-    from lbd.pool import Pool, UpstreamEndpoint
 
 ENTRIES = 32768  # per worker: 1.5 MiB of address space, pages touched only when used
 PROBES = 4  # open addressing: an entry lives in one of this many cells after its hash
@@ -139,50 +135,3 @@ class AffinityRows:
         _ENTRY.pack_into(view, offset, (seq + 1) | 1, route, client, slot, 0, first, last)
         _SEQ.pack_into(view, offset, ((seq + 1) | 1) + 1)
 
-
-class SharedAffinityTable(AffinityTable):
-    """A route's affinity with several workers: the local table plus the shared rows."""
-
-    __slots__ = ("_pool", "_route", "_rows")
-
-    def __init__(self, timeout: float, rows: AffinityRows, pool: Pool) -> None:
-        super().__init__(timeout)
-        self._rows = rows
-        self._route = route_hash(pool.route_key)
-        self._pool = pool  # maps a slot back to this worker's endpoint object
-
-    def lookup(
-        self,
-        client: str,
-        now: float,
-        eligible: Collection[UpstreamEndpoint] | None = None,
-    ) -> UpstreamEndpoint | None:
-        key = client_key(client)
-        if not key:
-            return super().lookup(client, now, eligible)
-        found = sorted(self._rows.find(self._route, key, time.monotonic(), self.timeout))
-        for _first, slot in found:
-            for endpoint in self._pool.members:
-                if endpoint.slot == slot and (eligible is None or endpoint in eligible):
-                    return endpoint
-        return None
-
-    def record(self, client: str, endpoint: UpstreamEndpoint, now: float) -> None:
-        super().record(client, endpoint, now)
-        key = client_key(client)
-        if (
-            key
-            and endpoint.slot >= 0
-            and not self._rows.write(
-                self._route, key, endpoint.slot, time.monotonic(), self.timeout
-            )
-        ):
-            self.overflow += 1
-
-    def forget(self, keep: Collection[UpstreamEndpoint]) -> list[str]:
-        gone = super().forget(keep)
-        for client in gone:
-            key = client_key(client)
-            if key:
-                self._rows.clear(self._route, key)
-        return gone

@@ -15,12 +15,12 @@ import structlog
 from lbd.admin import views
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
-from lbd.handoff import ADMIN_KEY, Restart
 from lbd.observability.metrics import Snapshot
-from lbd.supervisor import Supervisor
-from lbd.worker import admin_reload
+from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.supervisor import Supervisor
+from lbd.process.worker import admin_reload
 
-log = structlog.get_logger("lbd.supervisor")
+log = structlog.get_logger("lbd.process.supervisor")
 
 VIEW_TIMEOUT_S = 5.0
 OVERRIDES = ("drain", "enable", "weight")

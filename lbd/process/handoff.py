@@ -33,10 +33,10 @@ from collections.abc import Callable
 
 import structlog
 
-from lbd.ipc import Channel, Message
-from lbd.net.listeners import InheritedSockets
+from lbd.net.sockets import InheritedSockets
+from lbd.process.channel import Channel, Message
 
-log = structlog.get_logger("lbd.handoff")
+log = structlog.get_logger("lbd.process.handoff")
 
 ADMIN_KEY: tuple[object, ...] = ("admin",)
 READY_TIMEOUT_S = 120.0  # new's start-up, workers included

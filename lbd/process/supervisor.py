@@ -10,13 +10,14 @@ holds its session.
 
 The supervisor also owns what must agree across workers: the config (it reads the file, checks
 it, and sends every worker the same bytes), the slot table of the shared active counts
-(``lbd.shared``), the summed metrics (``WorkerSnapshots``) and the admin API
-(``lbd.supervisor_admin``). One watcher (here) reloads everyone (``lbd.supervisor_reload``).
+(``lbd.shm.counts``), the summed metrics (``WorkerSnapshots``) and the admin API
+(``lbd.process.supervisor_admin``). One watcher (here) reloads everyone
+(``lbd.process.reload_fanout``).
 Health is probed by worker 0 only; the supervisor relays its transitions to the others, and
 each worker's outlier ejections to the rest.
 
 ClientIP affinity is global through the same shared region: each worker publishes its picks in
-its own row and reads everyone's (``lbd.shared_affinity``), since a client's connections land
+its own row and reads everyone's (``lbd.shm.affinity_rows``), since a client's connections land
 on any worker.
 """
 
@@ -36,17 +37,17 @@ import structlog
 
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec, listeners_of
-from lbd.config.watcher import watch_config
-from lbd.ipc import Channel, Message
-from lbd.net.listeners import InheritedSockets, bind_tcp_listener
+from lbd.net.sockets import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
-from lbd.reload import ReloadRequests
-from lbd.runtime import ListenerError
-from lbd.shared import DEFAULT_SLOTS, SharedCounts, SlotAllocator
-from lbd.supervisor_reload import ReloadFanOut
-from lbd.worker import STOP_SIGNALS
+from lbd.process.channel import Channel, Message
+from lbd.process.reload_fanout import ReloadFanOut
+from lbd.process.worker import STOP_SIGNALS
+from lbd.runtime.reload import ReloadRequests
+from lbd.runtime.runtime import ListenerError
+from lbd.shm.counts import DEFAULT_SLOTS, SharedCounts, SlotAllocator
+from lbd.sources.file import watch_config
 
-log = structlog.get_logger("lbd.supervisor")
+log = structlog.get_logger("lbd.process.supervisor")
 
 SocketMode = Literal["shared", "reuseport"]
 RESTART_BACKOFF_S = (0.1, 10.0)  # first delay, cap; doubles per start that did not last
@@ -177,7 +178,7 @@ class Supervisor(ReloadFanOut):
             member.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "lbd.workerproc",
+                "lbd.process.workerproc",
                 f"--channel={theirs.fileno()}",
                 f"--counts={self.counts.fd}",
                 f"--index={member.index}",

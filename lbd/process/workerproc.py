@@ -1,4 +1,4 @@
-"""One supervised worker process: ``python -m lbd.workerproc --channel FD ...``.
+"""One supervised worker process: ``python -m lbd.process.workerproc --channel FD ...``.
 
 It serves the supervisor's listening sockets (received with the config over the channel) and
 answers the supervisor's messages: reload (same bytes in every worker, new sockets attached),
@@ -25,16 +25,16 @@ from lbd.config import ConfigError, load_text
 from lbd.config.loader import LoadOptions
 from lbd.config.routes import RouteKey
 from lbd.health.registry import CheckKey, HealthRegistry
-from lbd.ipc import Channel, ChannelClosed, Message
-from lbd.loops import LOOP_FACTORIES
-from lbd.net.listeners import InheritedSockets
+from lbd.net.loops import LOOP_FACTORIES
+from lbd.net.sockets import InheritedSockets
 from lbd.observability.logging import configure_logging
-from lbd.reload import Reloader
-from lbd.runtime import ListenerError, Runtime
-from lbd.shared import EndpointSlots, SharedCounts
-from lbd.worker import ShutdownState, serve
+from lbd.process.channel import Channel, ChannelClosed, Message
+from lbd.process.worker import ShutdownState, serve
+from lbd.runtime.reload import Reloader
+from lbd.runtime.runtime import ListenerError, Runtime
+from lbd.shm.counts import EndpointSlots, SharedCounts
 
-log = structlog.get_logger("lbd.workerproc")
+log = structlog.get_logger("lbd.process.workerproc")
 
 EXIT_START = 3
 

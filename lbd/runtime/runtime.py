@@ -27,20 +27,21 @@ from lbd.config.diff import ConfigDiff, diff_configs
 from lbd.config.model import Config, ListenerSpec
 from lbd.config.render import config_hash
 from lbd.config.routes import RouteKey, route_specs
+from lbd.endpoints.route import Route
+from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
-from lbd.net.healthcheck import HealthCheckServer
-from lbd.net.listeners import InheritedSockets
+from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
-from lbd.observability.metrics import Snapshot, runtime_snapshot
+from lbd.observability.metrics import Snapshot
 from lbd.observability.stats import ProcessStats
-from lbd.per_service import ServiceExtras
-from lbd.route import Route
-from lbd.shared import EndpointSlots
+from lbd.runtime.extras import ServiceExtras
+from lbd.runtime.snapshot import runtime_snapshot
+from lbd.shm.counts import EndpointSlots
 
-log = structlog.get_logger("lbd.runtime")
+log = structlog.get_logger("lbd.runtime.runtime")
 
 
 class ListenerError(Exception):

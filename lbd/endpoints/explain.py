@@ -3,7 +3,8 @@
 ``explain`` is the one place that answers this for people (``/explain``, ``lbd explain``); it
 asks the same function the pool builds its eligible list with (``ineligible_reason``), so the
 answer is what the data path does; the checks that depend on the listener kind, the node or the
-client (``lbd.topology``, source ranges, session affinity) follow, in the data path's order.
+client (``lbd.endpoints.topology``, source ranges, session affinity) follow, in the data
+path's order.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from lbd import topology
-from lbd.pool import REASONS, UpstreamEndpoint, ineligible_reason
-from lbd.route import Route
+from lbd.endpoints import topology
+from lbd.endpoints.endpoint import REASONS, UpstreamEndpoint, ineligible_reason
+from lbd.endpoints.route import Route
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
     endpoint: UpstreamEndpoint
-    reason: str | None  # a code from lbd.pool.REASONS; None when eligible
+    reason: str | None  # a code from lbd.endpoints.pool.REASONS; None when eligible
 
     @property
     def eligible(self) -> bool:
@@ -43,7 +44,7 @@ def explain(
     clusterIP; ``filtered``: a LoadBalancer IP, where loadBalancerSourceRanges apply).
 
     The order of checks is the data path's: the endpoint's own state, the listener kind's
-    traffic policy and conditions (``lbd.topology``), the client's source range, then its
+    traffic policy and conditions (``lbd.endpoints.topology``), the client's source range, then its
     session affinity entry."""
     usable = route.pool.usable()
     eligible = route.pool.eligible(external)

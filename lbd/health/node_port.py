@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import structlog
 
-from lbd.net.listeners import bind_tcp_listener
+from lbd.net.sockets import bind_tcp_listener
 from lbd.observability.stats import ProcessStats
 
 log = structlog.get_logger("lbd.healthcheck")

@@ -26,7 +26,8 @@ import time
 import structlog
 
 from lbd.config.model import OutlierDetection
-from lbd.pool import Pool, UpstreamEndpoint
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.pool import Pool
 
 log = structlog.get_logger("lbd.outlier")
 

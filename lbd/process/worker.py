@@ -19,12 +19,12 @@ import structlog
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
-from lbd.config.watcher import watch_config
-from lbd.handoff import ADMIN_KEY, Restart
-from lbd.reload import Reloader, ReloadResult
-from lbd.runtime import Runtime
+from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.runtime.reload import Reloader, ReloadResult
+from lbd.runtime.runtime import Runtime
+from lbd.sources.file import watch_config
 
-log = structlog.get_logger("lbd.worker")
+log = structlog.get_logger("lbd.process.worker")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # Loop turns between closing the listeners and counting the connections left (see shutdown).

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from lbd.loops import rearm_reader
+from lbd.net.loops import rearm_reader
 
 HEADER = struct.Struct("!IH")
 MAX_FDS = 512  # per frame; a reload adding more listeners sends several frames

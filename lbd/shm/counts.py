@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 from lbd.config.model import Config
 from lbd.config.routes import RouteKey, route_specs
-from lbd.shared_affinity import AffinityRows
+from lbd.shm.affinity_rows import AffinityRows
 
 SlotKey = tuple[RouteKey, str, int]  # (route, endpoint address, endpoint port)
 DEFAULT_SLOTS = 65536  # per worker: 512 KiB of address space, pages touched only when used
@@ -42,7 +42,7 @@ class SharedCounts:
         self._map = mmap.mmap(fd, counts_size + AffinityRows.size(workers))
         whole = memoryview(self._map)
         self.values = whole[:counts_size].cast("q")
-        # After the counters: the workers' ClientIP affinity entries (lbd.shared_affinity).
+        # After the counters: the workers' ClientIP affinity entries (lbd.shm.affinity_rows).
         self.affinity = AffinityRows(whole[counts_size:], workers, worker)
         whole.release()
 

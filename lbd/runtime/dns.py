@@ -25,10 +25,10 @@ import dns.resolver
 import structlog
 
 from lbd.config.model import Dns
+from lbd.endpoints.route import Route
 from lbd.observability.stats import ProcessStats
-from lbd.route import Route
 
-log = structlog.get_logger("lbd.dns")
+log = structlog.get_logger("lbd.runtime.dns")
 
 # (route, targetPort) of every port of the service, as the runtime has them now.
 RoutesOf = Callable[[], list[tuple[Route, int]]]

@@ -11,7 +11,6 @@ import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from lbd.affinity import AffinityTable
 from lbd.balancing import Balancer, make_balancer
 from lbd.config.model import (
     HealthCheck,
@@ -21,106 +20,16 @@ from lbd.config.model import (
     StrategyName,
 )
 from lbd.config.routes import RouteSpec
-from lbd.health.outlier import OutlierDetector
-from lbd.net.admission import Admission
+from lbd.endpoints.admission import Admission
+from lbd.endpoints.affinity import AffinityTable, SharedAffinityTable
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.outlier import OutlierDetector
+from lbd.endpoints.pool import Pool
 from lbd.observability.logging import LogLimiter
-from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
-from lbd.pool import Pool, UpstreamEndpoint
-from lbd.shared import EndpointSlots
-from lbd.shared_affinity import SharedAffinityTable
+from lbd.observability.stats import RouteStats
+from lbd.shm.counts import EndpointSlots
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# Tries of one client connection: each picks an endpoint not tried yet. Per-try timeouts grow
-# as kube-proxy's userspace proxier did (250 ms, 500 ms, 1 s ...), scaled to connectTimeout:
-# a refused connect fails at once anyway, and a black-holed endpoint should not hold the
-# client for a full connectTimeout while other endpoints wait for their chance. The last
-# candidate always gets the full connectTimeout, so a one-endpoint service is never cut short.
-MAX_CONNECT_TRIES = 8
-TRY_TIMEOUT_SCALE = (0.25, 0.5)
-
-
-def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> float:
-    if candidates_left > 1 and attempt < len(TRY_TIMEOUT_SCALE):
-        return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
-    return connect_timeout
-
-
-@dataclass(slots=True)
-class RouteStats:
-    """Counters of one route; the single writer is the worker's event loop. Per-endpoint
-    counters live on each ``UpstreamEndpoint.stats``; ``lbd.observability.metrics`` exports
-    both at scrape time."""
-
-    downstream_cx_total: int = 0
-    downstream_cx_active: int = 0
-    downstream_cx_refused_no_endpoint: int = 0
-    downstream_cx_refused_source_range: int = 0  # loadBalancerSourceRanges (reset per client)
-    tcp_listener_bind_fail: int = 0  # re-listening when endpoints came back failed
-    upstream_cx_total: int = 0
-    upstream_cx_connect_fail: int = 0
-    upstream_cx_connect_timeout: int = 0
-    upstream_cx_retries: int = 0
-    upstream_cx_none_succeeded: int = 0
-    downstream_bytes_received: int = 0  # of closed connections; open ones add theirs at scrape
-    upstream_bytes_received: int = 0  # = bytes sent to clients
-    idle_timeouts: int = 0
-    # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
-    udp_sess_total: int = 0
-    udp_sess_active: int = 0
-    udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
-    udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
-    udp_sess_source_range: int = 0  # a client outside loadBalancerSourceRanges: dropped
-    udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
-    udp_sess_idle_timeout: int = 0
-    udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
-    udp_downstream_rx_datagrams: int = 0
-    udp_downstream_rx_bytes: int = 0
-    udp_downstream_rx_errors: int = 0
-    udp_downstream_tx_datagrams: int = 0
-    udp_downstream_tx_errors: int = 0  # replies dropped: client send buffer full or error
-    udp_upstream_tx_datagrams: int = 0
-    udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
-    udp_upstream_rx_datagrams: int = 0
-    udp_upstream_rx_bytes: int = 0
-    udp_upstream_rx_errors: int = 0
-    udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
-    udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
-    cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
-    half_closed_timeouts: int = 0
-    max_duration_timeouts: int = 0
-    downstream_cx_queued: int = 0  # connections that had to wait in the queue
-    downstream_cx_queue_timeout: int = 0  # refused after queueTimeout in the queue
-    downstream_cx_overflow: int = 0  # refused at once: over the limits and the queue full
-    upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
-    downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
-    downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
-    affinity_overflow: int = 0  # of affinity tables a reload switched off (see lbd.affinity)
-    splice_switches: int = 0  # connection directions that went bulk and moved to splice(2)
-    splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
-    splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
-
-    def udp_drops(self) -> dict[str, int]:
-        """New UDP clients whose datagram was dropped instead of starting a session, by reason."""
-        return {
-            "overflow": self.udp_sess_overflow,
-            "no_endpoint": self.udp_sess_no_endpoint,
-            "create_fail": self.udp_sess_create_fail,
-            "source_range": self.udp_sess_source_range,
-        }
-
-    def refusals(self) -> dict[str, int]:
-        """Connections reset instead of served, by reason (the metric's ``reason`` label)."""
-        return {
-            "no_endpoint": self.downstream_cx_refused_no_endpoint,
-            "overflow": self.downstream_cx_overflow,
-            "queue_timeout": self.downstream_cx_queue_timeout,
-            "endpoint_limits": self.upstream_cx_overflow,
-            "fd_exhausted": self.downstream_cx_fd_exhausted,
-            "proxy_header_invalid": self.downstream_cx_proxy_header_invalid,
-            "source_range": self.downstream_cx_refused_source_range,
-        }
-
 
 @dataclass(slots=True, eq=False)
 class Route:
@@ -307,5 +216,5 @@ class Route:
         if spec.external_name is None:
             self.pool.update(spec.targets)
         elif spec.external_name != named_before:
-            self.pool.update(())  # the new name's resolver fills it (lbd.dns)
+            self.pool.update(())  # the new name's resolver fills it (lbd.runtime.dns)
         # else: the service's resolver owns the pool and re-applies its last answer

@@ -10,11 +10,12 @@ table is one per route rather than one per node's iptables ``recent`` list.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from lbd.pool import UpstreamEndpoint
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.pool import Pool
+from lbd.shm.affinity_rows import AffinityRows, client_key, route_hash
 
 # A table holds one entry per distinct client within the timeout. Past this size new clients
 # are balanced without an entry (counted), so a flood of source addresses cannot exhaust memory.
@@ -72,3 +73,51 @@ class AffinityTable:
         for client in expired:
             del self._entries[client]
         self._next_sweep = min(MAX_ENTRIES, max(SWEEP_MIN, 2 * len(self._entries)))
+
+
+class SharedAffinityTable(AffinityTable):
+    """A route's affinity with several workers: the local table plus the shared rows."""
+
+    __slots__ = ("_pool", "_route", "_rows")
+
+    def __init__(self, timeout: float, rows: AffinityRows, pool: Pool) -> None:
+        super().__init__(timeout)
+        self._rows = rows
+        self._route = route_hash(pool.route_key)
+        self._pool = pool  # maps a slot back to this worker's endpoint object
+
+    def lookup(
+        self,
+        client: str,
+        now: float,
+        eligible: Collection[UpstreamEndpoint] | None = None,
+    ) -> UpstreamEndpoint | None:
+        key = client_key(client)
+        if not key:
+            return super().lookup(client, now, eligible)
+        found = sorted(self._rows.find(self._route, key, time.monotonic(), self.timeout))
+        for _first, slot in found:
+            for endpoint in self._pool.members:
+                if endpoint.slot == slot and (eligible is None or endpoint in eligible):
+                    return endpoint
+        return None
+
+    def record(self, client: str, endpoint: UpstreamEndpoint, now: float) -> None:
+        super().record(client, endpoint, now)
+        key = client_key(client)
+        if (
+            key
+            and endpoint.slot >= 0
+            and not self._rows.write(
+                self._route, key, endpoint.slot, time.monotonic(), self.timeout
+            )
+        ):
+            self.overflow += 1
+
+    def forget(self, keep: Collection[UpstreamEndpoint]) -> list[str]:
+        gone = super().forget(keep)
+        for client in gone:
+            key = client_key(client)
+            if key:
+                self._rows.clear(self._route, key)
+        return gone

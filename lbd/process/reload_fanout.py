@@ -2,7 +2,8 @@
 every worker the same bytes and slot table, and keep the new config only when a worker applied
 it (else nothing changed anywhere, and the sockets bound for it are closed).
 
-``ReloadFanOut`` is the reload half of ``lbd.supervisor.Supervisor``, kept here so that each file
+``ReloadFanOut`` is the reload half of ``lbd.process.supervisor.Supervisor``, kept here so that
+each file
 reads in one sitting; its state lives in the Supervisor.
 """
 
@@ -20,15 +21,15 @@ from lbd.config.diff import diff_configs
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec
 from lbd.config.yamlfile import read_config_file
-from lbd.ipc import Message
-from lbd.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
-from lbd.runtime import ListenerError
-from lbd.shared import SharedCounts, SlotAllocator, SlotKey
+from lbd.process.channel import Message
+from lbd.runtime.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
+from lbd.runtime.runtime import ListenerError
+from lbd.shm.counts import SharedCounts, SlotAllocator, SlotKey
 
 if TYPE_CHECKING:
-    from lbd.supervisor import WorkerSlot
+    from lbd.process.supervisor import WorkerSlot
 
-log = structlog.get_logger("lbd.supervisor")
+log = structlog.get_logger("lbd.process.supervisor")
 
 REPLY_TIMEOUT_S = 30.0  # a reload in every worker
 Sockets = dict[tuple[object, ...], list[socket.socket]]

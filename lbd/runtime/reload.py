@@ -19,9 +19,9 @@ from lbd.config import ConfigError, load_text
 from lbd.config.diff import ConfigDiff
 from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
-from lbd.runtime import ListenerError, Runtime
+from lbd.runtime.runtime import ListenerError, Runtime
 
-log = structlog.get_logger("lbd.reload")
+log = structlog.get_logger("lbd.runtime.reload")
 
 Outcome = Literal["applied", "unchanged", "failed"]
 

@@ -7,7 +7,7 @@ refused (reset) and counted. A full queue refuses at once. The queue is an inser
 dict, so a queued client that gives up leaves it in O(1).
 
 With several workers the limits are global: the admitted count lives in a shared slot of the
-supervisor's counters region (``lbd.shared``), as the endpoints' active counts do, and each
+supervisor's counters region (``lbd.shm.counts``), as the endpoints' active counts do, and each
 worker keeps its own queue. A slot freed in another worker sends no event here, so while this
 worker's queue is not empty it looks again every ``CROSS_WORKER_RECHECK`` seconds.
 """
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Protocol
 from lbd.config.model import Limits
 
 if TYPE_CHECKING:
-    from lbd.pool import Pool
-    from lbd.route import RouteStats
-    from lbd.shared import SharedCounts
+    from lbd.endpoints.pool import Pool
+    from lbd.observability.stats import RouteStats
+    from lbd.shm.counts import SharedCounts
 
 CROSS_WORKER_RECHECK = 0.02
 
