@@ -280,7 +280,7 @@ async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> N
             assert (await reloader.reload("test")).problems[0].endswith("No such file or directory")
             path.write_text(good.replace("round-robin", "random"))
             assert (await reloader.reload("test")).outcome == "applied"
-            assert route_of(runtime).strategy == "random"
+            assert route_of(runtime).tunables.strategy == "random"
             assert len(runtime.listeners) == 1  # nothing of the failed reloads was left bound
     blocker.close()
 

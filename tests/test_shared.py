@@ -146,7 +146,7 @@ def _worker_route(region: SharedCounts, worker: int, text: str) -> Route:
     [spec] = route_specs(cfg).values()
     table = SlotAllocator(slots=8).assign(cfg)
     view = SharedCounts(region.fd, 2, 8, worker=worker)
-    return Route.from_spec(spec, random.Random(worker), EndpointSlots(view, table))
+    return Route(spec, random.Random(worker), EndpointSlots(view, table))
 
 
 class _Waiter:

@@ -51,7 +51,7 @@ def _route_view(route: Route, listeners: list[Json]) -> Json:
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
-        "strategy": route.strategy,
+        "strategy": route.tunables.strategy,
         "listeners": listeners,
         "connections": {
             "active": stats.downstream_cx_active,
@@ -73,7 +73,7 @@ def _sessions_view(route: Route) -> Json:
     return {
         "active": stats.udp_sess_active,
         "total": stats.udp_sess_total,
-        "max": route.max_udp_sessions,
+        "max": route.tunables.max_udp_sessions,
         "droppedBy": {reason: n for reason, n in stats.udp_drops().items() if n},
     }
 
@@ -103,7 +103,7 @@ def _endpoint_view(route: Route, endpoint: UpstreamEndpoint) -> Json:
 
 def _health(route: Route, endpoint: UpstreamEndpoint) -> str:
     """What the active checks last said; "unchecked" when the port has no healthCheck."""
-    if route.health_check is None:
+    if route.tunables.health_check is None:
         return "unchecked"
     return "healthy" if endpoint.healthy else "unhealthy"
 
@@ -173,7 +173,7 @@ def explain_view(
         "port": route.port_name,
         "client": client or None,
         "kind": kind,
-        "strategy": route.strategy,
+        "strategy": route.tunables.strategy,
         "eligible": [str(v.endpoint) for v in verdicts if v.eligible],
         "endpoints": [
             {

@@ -17,7 +17,6 @@ from lbd.config.model import (
     SERVICE_TYPES,
     Admin,
     Config,
-    Defaults,
     Endpoint,
     Node,
     Protocol,
@@ -25,6 +24,7 @@ from lbd.config.model import (
     ServicePort,
     ServiceType,
     Skipped,
+    Tunables,
 )
 from lbd.config.nodeports import allocate_node_ports
 from lbd.config.semantics import (
@@ -221,11 +221,11 @@ def _path(value: object) -> str:
     return text
 
 
-def _defaults(section: f.Section) -> Defaults:
-    return read_tunables(section, Defaults())
+def _defaults(section: f.Section) -> Tunables:
+    return read_tunables(section, Tunables())
 
 
-def _service(section: f.Section, defaults: Defaults) -> Service | None:
+def _service(section: f.Section, defaults: Tunables) -> Service | None:
     problems_before = len(section.problems.items)
     kind: ServiceType = section.get("type", f.one_of(SERVICE_TYPES), "ClusterIP")
     lb_ips = _addresses(section, "loadBalancerIPs")
@@ -242,7 +242,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     cluster_ip = section.get("clusterIP", f.unicast_address)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
-    if tunables.proxy_protocol.send == "v1" and any(p.protocol == "UDP" for p in ports):
+    if tunables.proxy_protocol == "v1" and any(p.protocol == "UDP" for p in ports):
         section.problems.add(
             f.join(section.path, "proxyProtocol"),
             "v1 carries TCP only; a service with a UDP port needs v2 (or a separate service)",
@@ -255,18 +255,9 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         cluster_ip=cluster_ip,
         external_ips=external_ips,
         load_balancer_ips=lb_ips,
-        strategy=tunables.strategy,
-        timeouts=tunables.timeouts,
-        access_log=tunables.access_log,
-        splice=tunables.splice,
-        max_udp_sessions=tunables.max_udp_sessions,
         ports=ports,
         endpoints=endpoints,
-        health_check=tunables.health_check,
-        outlier_detection=tunables.outlier_detection,
-        slow_start=tunables.slow_start,
-        limits=tunables.limits,
-        proxy_protocol=tunables.proxy_protocol,
+        tunables=tunables,
         **semantics,
     )
     return service if len(section.problems.items) == problems_before else None

@@ -40,6 +40,7 @@ def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> f
         return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
     return connect_timeout
 
+
 # A connect that fails with one of these failed for lack of lbd's own resources, not the
 # endpoint's: it is shed, not retried elsewhere or held against the endpoint.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -121,7 +122,7 @@ class UpstreamConnector:
         if attempt < MAX_CONNECT_TRIES:
             eligible = route.pool.eligible(self.listener.external)
             endpoint = route.pick(eligible, self.client, loop.time(), tried)
-            limit = route.limits.max_connections_per_endpoint
+            limit = route.tunables.max_connections_per_endpoint
             if limit is not None and endpoint is not None and endpoint.active >= limit:
                 endpoint = self._pick_under_limit(eligible, tried, limit)
         if endpoint is None:
@@ -137,7 +138,9 @@ class UpstreamConnector:
         endpoint.stats.cx_total += 1
         upstream = self.new_upstream(endpoint)
         began = loop.time()
-        deadline = began + try_timeout(route.connect_timeout, attempt, len(eligible) - attempt)
+        deadline = began + try_timeout(
+            route.tunables.connect_timeout, attempt, len(eligible) - attempt
+        )
         attempt_ = ConnectTry(self, upstream, tried, began)
         attempt_.timer = loop.call_at(deadline, self._connect_timed_out, attempt_)
         self._trying = attempt_

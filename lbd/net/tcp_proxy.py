@@ -187,8 +187,10 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             return
         stats.downstream_cx_active += 1
         self.connections.add(self)
-        if route.max_duration is not None:
-            self._max_duration_timer = loop.call_later(route.max_duration, self._max_duration)
+        if route.tunables.max_connection_duration is not None:
+            self._max_duration_timer = loop.call_later(
+                route.tunables.max_connection_duration, self._max_duration
+            )
         if via_proxy:
             # Read the PROXY header first: it says who the client is, before any pick.
             self._header = b""
@@ -323,7 +325,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
     def half_closed(self) -> None:
         """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
         if self._half_closed_timer is None and not self.closed:
-            timeout = self.route.half_closed_timeout
+            timeout = self.route.tunables.half_closed_timeout
             self._half_closed_timer = self._loop.call_later(timeout, self._half_closed_expired)
 
     def _half_closed_expired(self) -> None:
@@ -360,7 +362,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         upstream = self.upstream
         if (
             not SPLICE_AVAILABLE
-            or not self.route.splice
+            or self.route.tunables.splice == "off"
             or self.closed
             or upstream is None
             or self.spliced(upward)
@@ -422,7 +424,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         self.upstream = upstream
         self.endpoint = upstream.endpoint
         transport = upstream.transport
-        version = self.route.proxy_protocol.send
+        version = self.route.tunables.proxy_protocol
         if version is not None:
             transport.write(self._proxy_header(version))
         if self._pending:
@@ -433,7 +435,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         else:
             assert self.transport is not None
             self.transport.resume_reading()
-        self.connections.idle.file(self, self.last_activity + self.route.idle_timeout)
+        self.connections.idle.file(self, self.last_activity + self.route.tunables.idle_timeout)
 
     def _proxy_header(self, version: str) -> bytes:
         addresses = self.addresses
@@ -450,7 +452,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         """Called by the idle wheel when the deadline this connection was filed under passed."""
         if self.closed:
             return
-        deadline = self.last_activity + self.route.idle_timeout
+        deadline = self.last_activity + self.route.tunables.idle_timeout
         if self._loop.time() >= deadline:
             self.route.stats.idle_timeouts += 1
             self.finish("idle_timeout")
@@ -517,7 +519,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         stats.upstream_bytes_received += self.sent
         stats.cx_length_seconds.observe(self._loop.time() - self.started)
         self.connections.discard(self)
-        if route.access_log:
+        if route.tunables.access_log:
             self._log_access(reason)
 
     def _leave_admission(self) -> None:

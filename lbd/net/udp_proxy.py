@@ -297,13 +297,13 @@ class UdpListener(PoolFollower):
         """A new session for ``client``, or None (counted) when the datagram must be dropped."""
         route = self.route
         stats = route.stats
-        if stats.udp_sess_active >= route.max_udp_sessions:
+        if stats.udp_sess_active >= route.tunables.max_udp_sessions:
             stats.udp_sess_overflow += 1
             if stats.udp_sess_overflow == 1:
                 log.warning(
                     "udp sessions at maxUdpSessions, new clients dropped",
                     route=route.label,
-                    max_udp_sessions=route.max_udp_sessions,
+                    max_udp_sessions=route.tunables.max_udp_sessions,
                 )
             return None
         if self.filtered and not route.allows(client[0]):
@@ -325,7 +325,7 @@ class UdpListener(PoolFollower):
             )
             return None
         header = None
-        if route.proxy_protocol.send == "v2":
+        if route.tunables.proxy_protocol == "v2":
             header = proxy_protocol.build_v2(client[:2], self._destination(key), "UDP")
         session = UdpSession(self, key, client, endpoint, sock, ancillary, header)
         self.sessions[key] = session
@@ -388,7 +388,7 @@ class UdpSession:
         self.closed = False
         loop = listener._loop
         self.last_activity = loop.time()
-        timeout = listener.route.udp_idle_timeout
+        timeout = listener.route.tunables.udp_idle_timeout
         self._timer = loop.call_at(self.last_activity + timeout, self._check_idle)
 
     def forward(self, data: memoryview) -> bool:
@@ -468,7 +468,7 @@ class UdpSession:
 
     def _check_idle(self) -> None:
         listener = self.listener
-        deadline = self.last_activity + listener.route.udp_idle_timeout
+        deadline = self.last_activity + listener.route.tunables.udp_idle_timeout
         if listener._loop.time() >= deadline:
             listener.route.stats.udp_sess_idle_timeout += 1
             self.finish("idle_timeout")
@@ -489,7 +489,7 @@ class UdpSession:
         route = listener.route
         route.pool.release(self.endpoint)
         route.stats.udp_sess_active -= 1
-        if route.access_log:
+        if route.tunables.access_log:
             log.info(
                 "udp session closed",
                 service=f"{route.namespace}/{route.service}",

@@ -159,7 +159,7 @@ class Runtime:
         # Routes for new service ports exist before commit so new listeners can point at them;
         # nothing reaches them until the listeners start serving.
         added = {
-            key: Route.from_spec(spec, self._rng, self.slots)
+            key: Route(spec, self._rng, self.slots)
             for key, spec in specs.items()
             if key not in self.routes
         }
@@ -178,7 +178,7 @@ class Runtime:
                 listener=listener.describe(),
                 kind=listener.spec.kind,
                 route=listener.route.label,
-                strategy=listener.route.strategy,
+                strategy=listener.route.tunables.strategy,
                 endpoints=len(listener.route.pool.members),
             )
         return diff
@@ -282,7 +282,7 @@ class Runtime:
                 or (endpoint is not None and endpoint.draining)
             )
             if gone:
-                connection.start_draining(connection.route.drain_timeout)
+                connection.start_draining(connection.route.tunables.drain_timeout)
             else:
                 connection.stop_draining()
 
@@ -307,7 +307,7 @@ class Runtime:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``
         and after every reload that changed a pool or a route's ``health_check``."""
         for route in self.routes.values():
-            self.health.sync(route.pool, route.health_check)
+            self.health.sync(route.pool, route.tunables.health_check)
 
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
@@ -322,7 +322,7 @@ class Runtime:
         """Shutdown phase 2: every connection may finish within its service's drainTimeout, and
         is closed then. Returns when none is left."""
         for connection in self.connections:
-            connection.start_draining(connection.route.drain_timeout)
+            connection.start_draining(connection.route.tunables.drain_timeout)
         await self.connections.wait_empty()
 
     def close_all(self, reason: str) -> None:
