@@ -91,7 +91,11 @@ def test_defaults_when_optional_sections_are_missing() -> None:
     assert config.node.node_port_range == (30000, 32767)
     service = config.services[0]
     assert service.tunables.strategy == "round-robin" and service.type == "ClusterIP"
-    assert (service.tunables.connect_timeout, service.tunables.idle_timeout, service.tunables.drain_timeout) == (
+    assert (
+        service.tunables.connect_timeout,
+        service.tunables.idle_timeout,
+        service.tunables.drain_timeout,
+    ) == (
         1,
         3600,
         30,

@@ -104,9 +104,7 @@ def test_the_tables_name_every_tunable() -> None:
 async def test_get_config_round_trips_every_field(tmp_path: Path) -> None:
     cfg = load_text(config_text(token_admin(tmp_path), NON_DEFAULT, OTHER), "<test>")
     every_field_set = [f.name for f in dataclasses.fields(Tunables)]
-    assert all(
-        getattr(cfg.defaults, name) != getattr(Tunables(), name) for name in every_field_set
-    )
+    assert all(getattr(cfg.defaults, name) != getattr(Tunables(), name) for name in every_field_set)
     assert cfg.services[0].tunables not in (cfg.defaults, Tunables())
     async with admin_running(cfg) as (_, target):
         code, body = await call(target, "/config")
