@@ -270,7 +270,7 @@ async def test_should_only_allow_access_from_service_loadbalancer_source_ranges(
             with pytest.raises(ConnectionResetError):
                 await name_via(lb, denied)
             route = next(iter(runtime.routes.values()))
-            assert route.stats.downstream_cx_refused_source_range == 1
+            assert route.stats.downstream_cx_refused_total.source_range == 1
             # NodePorts are not subject to the ranges, as in Kubernetes.
             assert await name_via(at(runtime, "nodePort"), denied) == "backend-0"
 
@@ -303,7 +303,7 @@ async def test_source_ranges_apply_to_the_client_a_trusted_proxy_header_names() 
             with pytest.raises(ConnectionResetError):
                 await via_proxy(denied)
             route = next(iter(runtime.routes.values()))
-            assert route.stats.downstream_cx_refused_source_range == 1
+            assert route.stats.downstream_cx_refused_total.source_range == 1
 
 
 # -- 6. healthCheckNodePort --------------------------------------------------------------------

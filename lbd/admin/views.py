@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from dataclasses import asdict
 from typing import Any
 
 from lbd.endpoints.endpoint import UpstreamEndpoint, ineligible_reason
@@ -47,7 +48,7 @@ def services_view(runtime: Runtime) -> Json:
 
 def _route_view(route: Route, listeners: list[Json]) -> Json:
     stats = route.stats
-    refusals = {reason: n for reason, n in stats.refusals().items() if n}
+    refusals = {reason: n for reason, n in asdict(stats.downstream_cx_refused_total).items() if n}
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
@@ -74,7 +75,7 @@ def _sessions_view(route: Route) -> Json:
         "active": stats.udp_sess_active,
         "total": stats.udp_sess_total,
         "max": route.tunables.max_udp_sessions,
-        "droppedBy": {reason: n for reason, n in stats.udp_drops().items() if n},
+        "droppedBy": {r: n for r, n in asdict(stats.udp_sess_dropped_total).items() if n},
     }
 
 
@@ -95,7 +96,7 @@ def _endpoint_view(route: Route, endpoint: UpstreamEndpoint) -> Json:
         "configWeight": endpoint.config_weight,
         "override": override or None,
         "active": endpoint.active,
-        "total": endpoint.stats.cx_total,
+        "total": endpoint.stats.upstream_cx_total,
         "health": _health(route, endpoint),
         "ejected": endpoint.ejected,  # by outlierDetection
     }

@@ -96,11 +96,11 @@ class Admission:
             self._take()
             return True
         if len(self._queue) >= self.tunables.max_queue:
-            self.stats.downstream_cx_overflow += 1
+            self.stats.downstream_cx_refused_total.overflow += 1
             return False
         loop = asyncio.get_running_loop()
         self._queue[waiter] = loop.call_later(self.tunables.queue_timeout, self._expire, waiter)
-        self.stats.downstream_cx_queued += 1
+        self.stats.downstream_cx_queued_total += 1
         if self.pool.slots is not None and self._recheck is None:
             self._recheck = loop.call_later(CROSS_WORKER_RECHECK, self._look_again)
         return None
@@ -137,5 +137,5 @@ class Admission:
 
     def _expire(self, waiter: Waiter) -> None:
         if self._queue.pop(waiter, None) is not None:
-            self.stats.downstream_cx_queue_timeout += 1
+            self.stats.downstream_cx_refused_total.queue_timeout += 1
             waiter.finish("queue_timeout", abort=True)

@@ -170,7 +170,7 @@ class Route:
         """The Kubernetes Service settings that a reload may switch on, off, or change."""
         if spec.affinity_timeout is None:
             if self.affinity is not None:  # its counter lives on in the route's (never goes down)
-                self.stats.affinity_overflow += self.affinity.overflow
+                self.stats.affinity_overflow_retired += self.affinity.overflow
             self.affinity = None
         elif self.affinity is None:
             slots = self.pool.slots

@@ -132,10 +132,9 @@ class UpstreamConnector:
         tried.append(endpoint)
         stats = route.stats
         if attempt:
-            stats.upstream_cx_retries += 1
+            stats.upstream_cx_retries_total += 1
         route.pool.acquire(endpoint)  # counted while connecting, for least-connection
-        stats.upstream_cx_total += 1
-        endpoint.stats.cx_total += 1
+        endpoint.stats.upstream_cx_total += 1
         upstream = self.new_upstream(endpoint)
         began = loop.time()
         deadline = began + try_timeout(
@@ -187,7 +186,7 @@ class UpstreamConnector:
         self._trying = None  # done: nothing of the connect is kept for the connection's life
         now = self._loop.time()
         endpoint = attempt.upstream.endpoint
-        endpoint.stats.connect_seconds.observe(now - attempt.began)
+        endpoint.stats.upstream_cx_connect_seconds.observe(now - attempt.began)
         if self.route.outlier is not None:
             self.route.outlier.connect_succeeded(endpoint)
 
@@ -199,8 +198,7 @@ class UpstreamConnector:
             self.route.pool.release(endpoint)
             self._out_of_descriptors(error)
             return
-        self.route.stats.upstream_cx_connect_fail += 1
-        endpoint.stats.connect_fail += 1
+        endpoint.stats.upstream_cx_connect_fail_total += 1
         self._connect_failed(endpoint, error.strerror or type(error).__name__)
         self._try_next(attempt.tried)
 
@@ -218,7 +216,7 @@ class UpstreamConnector:
 
     def _none_succeeded(self, tries: int) -> None:
         route = self.route
-        route.stats.upstream_cx_none_succeeded += 1
+        route.stats.upstream_cx_connect_attempts_exceeded_total += 1
         skipped = route.log_limiter.allow(None, self._loop.time())
         if skipped is not None:
             log.warning(
@@ -235,7 +233,7 @@ class UpstreamConnector:
         """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a
         reset at once, which also frees its descriptor; other endpoints would fail the same."""
         route = self.route
-        route.stats.downstream_cx_fd_exhausted += 1
+        route.stats.downstream_cx_refused_total.fd_exhausted += 1
         now = self._loop.time()
         if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
             route.fd_exhausted_logged_at = now
@@ -243,7 +241,7 @@ class UpstreamConnector:
                 "out of file descriptors",
                 route=route.label,
                 error=error.strerror or str(error),
-                shed_total=route.stats.downstream_cx_fd_exhausted,
+                shed_total=route.stats.downstream_cx_refused_total.fd_exhausted,
             )
         self.finish("fd_exhausted", abort=True)
 
@@ -256,7 +254,7 @@ class UpstreamConnector:
             endpoint = self.route.balancer.pick(eligible, self.client, skip)
             if endpoint is None or endpoint.active < limit:
                 if endpoint is None and not tried:
-                    self.route.stats.upstream_cx_overflow += 1
+                    self.route.stats.downstream_cx_refused_total.endpoint_limits += 1
                 return endpoint
             skip.append(endpoint)
 
@@ -268,8 +266,7 @@ class UpstreamConnector:
             return
         upstream.timed_out = True
         self._give_up(attempt)
-        self.route.stats.upstream_cx_connect_timeout += 1
-        upstream.endpoint.stats.connect_timeout += 1
+        upstream.endpoint.stats.upstream_cx_connect_timeout_total += 1
         self._connect_failed(upstream.endpoint, "timeout")
         self._try_next(attempt.tried)
 

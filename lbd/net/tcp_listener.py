@@ -9,7 +9,7 @@ same address and port (port 0 resolved at the first bind) is bound and served ag
 
 A reload keeps an unchanged listener (socket and accept queue) as before: closing happens only
 while there is nothing to accept for. If the port is taken by someone else while it was closed,
-re-binding is retried every second, logged and counted (``tcp_listener_bind_fail``).
+re-binding is retried every second, logged and counted (``listener_rebind_failures_total.TCP``).
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class TcpListener(PoolFollower):
         try:
             sock = bind_tcp_listener(self.address, self.port)
         except OSError as error:
-            self.route.stats.tcp_listener_bind_fail += 1
+            self.route.stats.listener_rebind_failures_total.TCP += 1
             log.warning(
                 "tcp listener re-bind failed",
                 listener=f"{self.address}:{self.port}",
@@ -188,7 +188,7 @@ class TcpListener(PoolFollower):
             )
             sock.listen(LISTEN_BACKLOG)
         except OSError as error:  # not expected for a bound socket; never leave it half-open
-            self.route.stats.tcp_listener_bind_fail += 1
+            self.route.stats.listener_rebind_failures_total.TCP += 1
             log.warning(
                 "tcp listener serve failed",
                 listener=f"{self.address}:{self.port}",

@@ -175,13 +175,13 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         if listener.filtered and not via_proxy and not route.allows(self.client):
             # Refusing per client needs the connection accepted first: a reset is the best the
             # kernel lets a listening socket do without packet filtering.
-            stats.downstream_cx_refused_source_range += 1
+            stats.downstream_cx_refused_total.source_range += 1
             self.closed = True
             send_reset(transport)
             return
         if not route.pool.eligible(listener.external):
             # Only in the moment before the listener stops listening (lbd.net.tcp_listener).
-            stats.downstream_cx_refused_no_endpoint += 1
+            stats.downstream_cx_refused_total.no_endpoint += 1
             self.closed = True
             send_reset(transport)
             return
@@ -227,7 +227,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             self.addresses = (source, destination)
             self.client = source[0]
         if self.listener.filtered and not self.route.allows(self.client):
-            self.route.stats.downstream_cx_refused_source_range += 1
+            self.route.stats.downstream_cx_refused_total.source_range += 1
             self.finish("source_range", abort=True)
             return
         rest = buffer[length:]
@@ -240,7 +240,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         self._bad_header("no header within the timeout")
 
     def _bad_header(self, why: str) -> None:
-        self.route.stats.downstream_cx_proxy_header_invalid += 1
+        self.route.stats.downstream_cx_refused_total.proxy_header_invalid += 1
         log.warning("PROXY header rejected", route=self.route.label, client=self.client, error=why)
         self.finish("proxy_header_invalid", abort=True)
 
@@ -329,11 +329,11 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             self._half_closed_timer = self._loop.call_later(timeout, self._half_closed_expired)
 
     def _half_closed_expired(self) -> None:
-        self.route.stats.half_closed_timeouts += 1
+        self.route.stats.downstream_cx_half_closed_timeout_total += 1
         self.finish("half_closed_timeout")
 
     def _max_duration(self) -> None:
-        self.route.stats.max_duration_timeouts += 1
+        self.route.stats.downstream_cx_max_duration_reached_total += 1
         self.finish("max_duration")
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -384,20 +384,20 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
                 upward,
             )
         except OSError:
-            self.route.stats.splice_fallbacks += 1
+            self.route.stats.splice_fallbacks_total += 1
             return
         source.pause_reading()
         if self.pumps is None:
             self.pumps = [None, None]
         self.pumps[0 if upward else 1] = pump
-        self.route.stats.splice_switches += 1
+        self.route.stats.splice_switches_total += 1
 
     def pumped(self, upward: bool, count: int) -> None:
         if upward:
             self.received += count
         else:
             self.sent += count
-        self.route.stats.splice_bytes += count
+        self.route.stats.splice_bytes_total += count
         self.last_activity = self._loop.time()
 
     def pump_ended(self, upward: bool) -> None:
@@ -454,7 +454,7 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
             return
         deadline = self.last_activity + self.route.tunables.idle_timeout
         if self._loop.time() >= deadline:
-            self.route.stats.idle_timeouts += 1
+            self.route.stats.downstream_cx_idle_timeout_total += 1
             self.finish("idle_timeout")
         else:
             self.connections.idle.file(self, deadline)
@@ -509,15 +509,15 @@ class Downstream(UpstreamConnector, asyncio.Protocol):
         if endpoint is not None:
             route.pool.release(endpoint)
             self.endpoint = None
-            endpoint.stats.bytes_sent += self.received
-            endpoint.stats.bytes_received += self.sent
+            endpoint.stats.upstream_bytes_sent_total += self.received
+            endpoint.stats.upstream_bytes_received_total += self.sent
         if self.admission is not None:
             self._leave_admission()
         stats = route.stats
         stats.downstream_cx_active -= 1
-        stats.downstream_bytes_received += self.received
-        stats.upstream_bytes_received += self.sent
-        stats.cx_length_seconds.observe(self._loop.time() - self.started)
+        stats.downstream_bytes_received_total += self.received
+        stats.downstream_bytes_sent_total += self.sent
+        stats.downstream_cx_length_seconds.observe(self._loop.time() - self.started)
         self.connections.discard(self)
         if route.tunables.access_log:
             self._log_access(reason)

@@ -176,7 +176,7 @@ class UdpListener(PoolFollower):
         if self.sessions:
             live = set(eligible)
             stale = [s for s in self.sessions.values() if s.endpoint not in live]
-            self.route.stats.udp_sess_endpoint_gone += len(stale)
+            self.route.stats.udp_sess_ended_total.endpoint_gone += len(stale)
             for session in stale:
                 session.finish("endpoint_gone")
         if not eligible:
@@ -198,7 +198,7 @@ class UdpListener(PoolFollower):
             self._open()
         except OSError as error:
             # Someone else took the port while it was closed: keep trying, say so, count it.
-            self.route.stats.udp_listener_bind_fail += 1
+            self.route.stats.listener_rebind_failures_total.UDP += 1
             log.warning(
                 "udp listener re-bind failed",
                 listener=f"{self.address}:{self.port}",
@@ -226,7 +226,7 @@ class UdpListener(PoolFollower):
             except BlockingIOError:
                 break
             except OSError:
-                self.route.stats.udp_downstream_rx_errors += 1
+                self.route.stats.udp_errors_total.downstream_rx += 1
                 break
             received += 1
             nbytes += n
@@ -251,7 +251,7 @@ class UdpListener(PoolFollower):
             except BlockingIOError:
                 break
             except OSError:
-                self.route.stats.udp_downstream_rx_errors += 1
+                self.route.stats.udp_errors_total.downstream_rx += 1
                 break
             received += 1
             nbytes += n
@@ -281,8 +281,8 @@ class UdpListener(PoolFollower):
 
     def _count(self, received: int, nbytes: int) -> None:
         stats = self.route.stats
-        stats.udp_downstream_rx_datagrams += received
-        stats.udp_downstream_rx_bytes += nbytes
+        stats.udp_downstream_datagrams_received_total += received
+        stats.udp_downstream_bytes_received_total += nbytes
 
     def _destination(self, key: object) -> tuple[str, int]:
         """The address the client sent to: the listener's, or (wildcard) the one PKTINFO gave."""
@@ -298,8 +298,8 @@ class UdpListener(PoolFollower):
         route = self.route
         stats = route.stats
         if stats.udp_sess_active >= route.tunables.max_udp_sessions:
-            stats.udp_sess_overflow += 1
-            if stats.udp_sess_overflow == 1:
+            stats.udp_sess_dropped_total.overflow += 1
+            if stats.udp_sess_dropped_total.overflow == 1:
                 log.warning(
                     "udp sessions at maxUdpSessions, new clients dropped",
                     route=route.label,
@@ -307,16 +307,18 @@ class UdpListener(PoolFollower):
                 )
             return None
         if self.filtered and not route.allows(client[0]):
-            stats.udp_sess_source_range += 1  # dropped: no ICMP per client without raw sockets
+            stats.udp_sess_dropped_total.source_range += (
+                1  # dropped: no ICMP per client without raw sockets
+            )
             return None
         endpoint = route.pick(route.pool.eligible(self.external), client[0], self._loop.time())
         if endpoint is None:
-            stats.udp_sess_no_endpoint += 1
+            stats.udp_sess_dropped_total.no_endpoint += 1
             return None
         try:
             sock = _connect_upstream(endpoint)
         except OSError as error:
-            stats.udp_sess_create_fail += 1
+            stats.udp_sess_dropped_total.create_fail += 1
             log.warning(
                 "udp session failed",
                 route=route.label,
@@ -400,17 +402,17 @@ class UdpSession:
             if self.header is None:
                 self.sock.send(data)
             elif len(self.header) + len(data) > MAX_DATAGRAM:
-                listener.route.stats.udp_upstream_tx_errors += 1  # no room for the header
+                listener.route.stats.udp_errors_total.upstream_tx += 1  # no room for the header
                 return True
             else:
                 self.sock.sendmsg([self.header, data])  # no copy to prepend it
         except BlockingIOError:
-            listener.route.stats.udp_upstream_tx_errors += 1  # send buffer full: dropped
+            listener.route.stats.udp_errors_total.upstream_tx += 1  # send buffer full: dropped
             return True
         except OSError as error:
             self._upstream_error(error)
             return self.closed is False
-        listener.route.stats.udp_upstream_tx_datagrams += 1
+        listener.route.stats.udp_upstream_datagrams_sent_total += 1
         return True
 
     def on_readable(self) -> None:
@@ -442,35 +444,35 @@ class UdpSession:
             except OSError:
                 # Full send buffer (EAGAIN, ENOBUFS) or the client vanished: this reply is
                 # dropped, as the network would; the session and listener go on.
-                listener.route.stats.udp_downstream_tx_errors += 1
+                listener.route.stats.udp_errors_total.downstream_tx += 1
                 continue
             sent += 1
         if received:
             self.last_activity = listener._loop.time()
             stats = listener.route.stats
-            stats.udp_upstream_rx_datagrams += received
-            stats.udp_upstream_rx_bytes += nbytes
-            stats.udp_downstream_tx_datagrams += sent
+            stats.udp_upstream_datagrams_received_total += received
+            stats.udp_upstream_bytes_received_total += nbytes
+            stats.udp_downstream_datagrams_sent_total += sent
 
     def _upstream_error(self, error: OSError, *, reading: bool = False) -> None:
         stats = self.listener.route.stats
         if error.errno in ICMP_ERRNOS:
             # The endpoint (or the path to it) refused: end the session so the client's next
             # datagram picks again, instead of pinning it to a dead endpoint until idle.
-            stats.udp_upstream_icmp_errors += 1
+            stats.udp_errors_total.upstream_icmp += 1
             self.finish("upstream_unreachable")
         elif reading:
             # Any other receive error would repeat on every wakeup: end the session.
-            stats.udp_upstream_rx_errors += 1
+            stats.udp_errors_total.upstream_rx += 1
             self.finish("upstream_error")
         else:
-            stats.udp_upstream_tx_errors += 1  # e.g. ENOBUFS or a firewall's EPERM: dropped
+            stats.udp_errors_total.upstream_tx += 1  # e.g. ENOBUFS or a firewall's EPERM: dropped
 
     def _check_idle(self) -> None:
         listener = self.listener
         deadline = self.last_activity + listener.route.tunables.udp_idle_timeout
         if listener._loop.time() >= deadline:
-            listener.route.stats.udp_sess_idle_timeout += 1
+            listener.route.stats.udp_sess_ended_total.idle_timeout += 1
             self.finish("idle_timeout")
         else:
             self._timer = listener._loop.call_at(deadline, self._check_idle)

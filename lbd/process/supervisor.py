@@ -38,7 +38,8 @@ import structlog
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec, listeners_of
 from lbd.net.sockets import InheritedSockets, bind_tcp_listener
-from lbd.observability.metrics import Snapshot, WorkerSnapshots
+from lbd.observability.snapshot import Snapshot, WorkerSnapshots, read_stats
+from lbd.observability.stats import SupervisorStats
 from lbd.process.channel import Channel, Message
 from lbd.process.reload_fanout import ReloadFanOut
 from lbd.process.worker import STOP_SIGNALS
@@ -110,7 +111,7 @@ class Supervisor(ReloadFanOut):
         self.snapshots = WorkerSnapshots()
         self.slots_table = self.slots.assign(config)
         self.members = [WorkerSlot(i) for i in range(workers)]
-        self.restarts = 0  # workers replaced after they exited
+        self.stats = SupervisorStats()
         self.overrides: list[tuple[str, dict[str, str]]] = []  # admin changes, for new workers
         # Health verdicts of the probing worker (0), for the others and for replacements.
         self.health: dict[object, bool] = {}
@@ -291,14 +292,14 @@ class Supervisor(ReloadFanOut):
             member.failures = 0 if lasted >= STABLE_AFTER_S else member.failures + 1
             first, cap = RESTART_BACKOFF_S
             delay = min(cap, first * 2 ** max(0, member.failures - 1))
-            self.restarts += 1
+            self.stats.worker_restarts_total += 1
             log.error(
                 "worker exited, restarting",
                 worker=member.index,
                 code=code,
                 lasted_s=round(lasted, 1),
                 restart_in_s=delay,
-                restarts=self.restarts,
+                restarts=self.stats.worker_restarts_total,
             )
             try:
                 await asyncio.wait_for(self.stopping.wait(), delay)
@@ -380,8 +381,8 @@ class Supervisor(ReloadFanOut):
             if isinstance(reply, dict):
                 self.snapshots.update(member.index, reply["snapshot"])
         total = self.snapshots.total()
-        total.add("lbd_workers", (), sum(1 for m in self.members if m.serving))
-        total.add("lbd_worker_restarts_total", (), self.restarts)
+        self.stats.workers = sum(1 for m in self.members if m.serving)
+        read_stats(total, "supervisor", self.stats, ())
         return total
 
     async def run(self, *, watch: bool) -> int:

@@ -15,7 +15,7 @@ import structlog
 from lbd.admin import views
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
-from lbd.observability.metrics import Snapshot
+from lbd.observability.snapshot import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import platform
 import random
 import socket
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
-from lbd.observability.metrics import Snapshot
+from lbd.observability.snapshot import Snapshot
 from lbd.observability.stats import ProcessStats
 from lbd.runtime.extras import ServiceExtras
 from lbd.runtime.snapshot import runtime_snapshot
@@ -129,10 +130,10 @@ class Runtime:
         # none can REJECT by closing it: without a usable endpoint they reset per connection.
         self.shared_listeners = shared_listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
-        self.config_hash = config_hash(self.config)
         self._initial = config
         self._rng = rng
-        self.process = ProcessStats()
+        self.process = ProcessStats(build_info=(__version__, platform.python_version()))
+        self._set_config(self.config)
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         self.routes: dict[RouteKey, Route] = {}
@@ -150,8 +151,7 @@ class Runtime:
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
-            self.config = new
-            self.config_hash = config_hash(new)
+            self._set_config(new)
             self.extras.commit(new, node_checks)
             await self.extras.start(node_checks)
             return diff
@@ -189,7 +189,7 @@ class Runtime:
         except OSError as error:
             for listener in prepared:
                 listener.close()
-            self.process.listener_bind_failures += 1
+            self.process.listener_bind_failures_total += 1
             raise ListenerError(
                 f"cannot bind a healthCheckNodePort: {error.strerror or error}"
             ) from None
@@ -228,7 +228,7 @@ class Runtime:
                         await listener.tcp.prepare()
                         listener.bound = listener.tcp.bound
                 except OSError as error:
-                    self.process.listener_bind_failures += 1
+                    self.process.listener_bind_failures_total += 1
                     raise ListenerError(
                         f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
                         f"{error.strerror or error}"
@@ -264,8 +264,7 @@ class Runtime:
             self.listeners[spec.identity].repoint(spec, self.routes[spec.route_key])
         for listener in prepared:
             self.listeners[listener.spec.identity] = listener
-        self.config = new
-        self.config_hash = config_hash(new)
+        self._set_config(new)
         self._mark_draining()
         for connection in self.connections:  # limits a reload just turned on count them too
             connection.count_under_new_limits()
@@ -293,14 +292,14 @@ class Runtime:
                 return listener
         raise KeyError((service, port_index, kind))
 
+    def _set_config(self, config: Config) -> None:
+        self.config = config
+        self.config_hash = config_hash(config)
+        self.process.config_info = (self.config_hash,)
+
     def metrics_snapshot(self) -> Snapshot:
         return runtime_snapshot(
-            self.routes.values(),
-            self.connections,
-            self.process,
-            self.config_hash,
-            __version__,
-            self.health.stats,
+            self.routes.values(), self.connections, self.process, self.health.stats
         )
 
     def sync_health(self) -> None:
