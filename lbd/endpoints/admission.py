@@ -111,6 +111,13 @@ class Admission:
         if timer is not None:
             timer.cancel()
 
+    def quit(self, waiter: Waiter, queued: bool) -> None:
+        """A connection holding a slot (or waiting for one, ``queued``) ended."""
+        if queued:
+            self.leave(waiter)
+        else:
+            self.release()
+
     def release(self) -> None:
         """An admitted connection ended: its slot goes to the head of the queue."""
         self.active -= 1
