@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from lbd.net.tcp_listener import TcpListener
 from lbd.runtime.runtime import Runtime
 from tests.support import (
     config,
@@ -394,8 +395,9 @@ async def test_should_be_rejected_and_then_served_when_an_endpoint_becomes_ready
             assert await refused(target)
             await runtime.apply(text(True))
             listener = runtime.listener_for("default/svc")
-            assert listener.tcp is not None
-            await until(lambda: listener.tcp is not None and listener.tcp.listening)
+            assert isinstance(listener.net, TcpListener)
+            tcp = listener.net
+            await until(lambda: tcp.server is not None)
             assert at(runtime) == target  # the same address and port, port 0 resolved once
             assert await name_via(target) == "backend-0"
             await runtime.apply(text(False))

@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from lbd.runtime.runtime import Runtime
+from lbd.net.udp_listener import UdpListener
+from lbd.runtime.runtime import Listener, Runtime
 from tests.support import (
     UdpClient,
     address_of,
@@ -29,6 +30,11 @@ from tests.support import (
 )
 
 
+def udp_of(listener: Listener) -> UdpListener:
+    assert isinstance(listener.net, UdpListener)
+    return listener.net
+
+
 def udp_service(endpoints: list[tuple[str, int]], extra: str = "", **kwargs: object) -> str:
     return document(service_yaml("svc", endpoints, protocol="UDP", extra=extra, **kwargs))  # type: ignore[arg-type]
 
@@ -38,7 +44,7 @@ def udp_route(runtime: Runtime):  # type: ignore[no-untyped-def]
 
 
 def sessions_of(runtime: Runtime) -> int:
-    udp = runtime.listener_for("default/svc").udp
+    udp = udp_of(runtime.listener_for("default/svc"))
     assert udp is not None
     return len(udp.sessions)
 
@@ -123,7 +129,7 @@ async def test_wildcard_node_address_replies_from_each_destination_address() -> 
             for destination in (fresh_ip(), fresh_ip()):
                 async with udp_client((destination, node_port), local_ip=source) as client:
                     assert await name_of(client) == "only"
-            udp = runtime.listener_for("default/svc", kind="nodePort").udp
+            udp = udp_of(runtime.listener_for("default/svc", kind="nodePort"))
             assert udp is not None and len(udp.sessions) == 2
 
 
@@ -146,7 +152,7 @@ async def test_ipv6_wildcard_node_address_replies_from_the_destination_address()
             assert address_of(runtime, kind="nodePort") == ("::", node_port)
             async with udp_client(("::1", node_port), local_ip="::1") as client:
                 assert await name_of(client) == "six"
-            udp = runtime.listener_for("default/svc", kind="nodePort").udp
+            udp = udp_of(runtime.listener_for("default/svc", kind="nodePort"))
             assert udp is not None and len(udp.sessions) == 1
 
 
@@ -320,7 +326,7 @@ async def test_endpoint_icmp_error_ends_the_session_and_the_listener_serves_on()
                 for client in clients:
                     client.send(b"hello")
                 await until(lambda: route.stats.udp_errors_total.upstream_icmp == 2)
-                udp = runtime.listener_for("default/svc").udp
+                udp = udp_of(runtime.listener_for("default/svc"))
                 assert udp is not None and len(udp.sessions) == 2
                 lucky = [c for c in clients if c.local in udp.sessions]
                 for client in lucky:

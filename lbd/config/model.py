@@ -276,6 +276,11 @@ class ListenerSpec:
         """Traffic from outside the cluster: subject to externalTrafficPolicy, not internal."""
         return self.kind != "clusterIP"
 
+    @property
+    def filtered(self) -> bool:
+        """loadBalancerSourceRanges apply (LoadBalancer IPs only, not NodePorts: Kubernetes)."""
+        return self.kind == "loadBalancerIP"
+
 
 def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:
     """Every socket a service asks for, in a stable order (Kubernetes' Service semantics)."""

@@ -24,15 +24,15 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 class ListenerView(Protocol):
     """What a connection needs of the listener that accepted it."""
 
-    route: Route
-    removed: bool
+    removed: bool  # closed by a reload: its connections drain
     loop: asyncio.AbstractEventLoop  # passed in: asyncio.get_running_loop() costs a getpid()
+    filtered: bool  # loadBalancerSourceRanges apply
+
+    @property
+    def route(self) -> Route: ...  # the service port it serves now (a reload may change it)
 
     @property
     def external(self) -> bool: ...  # externalTrafficPolicy applies (not a clusterIP listener)
-
-    @property
-    def filtered(self) -> bool: ...  # loadBalancerSourceRanges apply
 
 
 # Connection ids: unique per process, and across the workers of one lbd (the pid is part of

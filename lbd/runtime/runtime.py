@@ -13,13 +13,12 @@ An unchanged listener keeps its socket and its accept queue; an identical config
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
 import platform
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -32,10 +31,11 @@ from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
+from lbd.net.listener import Listener as NetListener
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
-from lbd.net.udp_proxy import UdpListener
+from lbd.net.udp_listener import UdpListener
 from lbd.observability.snapshot import Snapshot
 from lbd.observability.stats import ProcessStats
 from lbd.runtime.extras import ServiceExtras
@@ -51,27 +51,27 @@ class ListenerError(Exception):
 
 @dataclass(slots=True, eq=False)
 class Listener:
+    """One listener of the config (``spec``) and the socket that serves it (``net``)."""
+
     spec: ListenerSpec
-    route: Route
-    bound: tuple[str, int]  # the real address, port 0 resolved
-    tcp: TcpListener | None = None  # owns its socket (closed while no usable endpoint)
-    udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
-    removed: bool = False  # closed by a reload: its connections drain
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    net: NetListener  # TCP or UDP, one interface
+
+    @property
+    def route(self) -> Route:
+        return self.net.route
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """The real address, port 0 resolved."""
+        return self.net.bound
 
     @property
     def sock(self) -> socket.socket | None:
-        return self.tcp.sock if self.tcp is not None else None
+        return self.net.sock
 
     @property
-    def external(self) -> bool:
-        """Not a clusterIP listener: externalTrafficPolicy applies."""
-        return self.spec.external
-
-    @property
-    def filtered(self) -> bool:
-        """loadBalancerSourceRanges apply (LoadBalancer IPs only, not NodePorts: Kubernetes)."""
-        return self.spec.kind == "loadBalancerIP"
+    def removed(self) -> bool:
+        return self.net.removed
 
     def describe(self) -> str:
         host, port = self.bound
@@ -81,28 +81,17 @@ class Listener:
             else f"{self.spec.protocol} {host}:{port}"
         )
 
+    def repoint(self, spec: ListenerSpec, route: Route) -> None:
+        self.spec = spec
+        self.net.repoint(route, spec.external, spec.filtered)
+
+    async def start(self) -> None:
+        await self.net.start()
+
     def close(self) -> None:
         """Stop accepting. TCP connections carry on; UDP sessions end, since their replies can
         only leave through the listener socket."""
-        self.removed = True
-        if self.udp is not None:
-            self.udp.close()
-        elif self.tcp is not None:
-            self.tcp.close()
-
-    def repoint(self, spec: ListenerSpec, route: Route) -> None:
-        self.spec = spec
-        self.route = route
-        if self.udp is not None:
-            self.udp.repoint(route, self.external, self.filtered)
-        elif self.tcp is not None:
-            self.tcp.repoint(route, self.external)
-
-    async def start(self) -> None:
-        if self.udp is not None:
-            self.udp.start()
-        elif self.tcp is not None:
-            await self.tcp.start()
+        self.net.close()
 
 
 def empty_like(config: Config) -> Config:
@@ -136,6 +125,8 @@ class Runtime:
         self._set_config(self.config)
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
+        # partial, not a lambda: no Python frame per accepted connection
+        self._downstream = functools.partial(Downstream, connections=self.connections)
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
@@ -201,32 +192,9 @@ class Runtime:
         try:
             for spec in specs:
                 route = routes[spec.route_key]
-                listener = Listener(spec, route, (spec.address, spec.port))
+                listener = Listener(spec, self._net_listener(spec, route))
                 try:
-                    if spec.protocol == "UDP":
-                        listener.udp = UdpListener(
-                            spec.address,
-                            spec.port,
-                            route,
-                            listener.external,
-                            listener.filtered,
-                            reuse_port=self.udp_reuse_port,
-                        )
-                        listener.udp.bind()
-                        listener.bound = listener.udp.bound
-                    else:
-                        listener.tcp = TcpListener(
-                            spec.address,
-                            spec.port,
-                            route,
-                            listener.external,
-                            # partial, not a lambda: no Python frame per accepted connection
-                            functools.partial(Downstream, listener, self.connections),
-                            inherited=self._inherited(spec),
-                            pinned=self.shared_listeners,
-                        )
-                        await listener.tcp.prepare()
-                        listener.bound = listener.tcp.bound
+                    await listener.net.prepare()
                 except OSError as error:
                     self.process.listener_bind_failures_total += 1
                     raise ListenerError(
@@ -239,6 +207,27 @@ class Runtime:
                 listener.close()
             raise
         return prepared
+
+    def _net_listener(self, spec: ListenerSpec, route: Route) -> NetListener:
+        if spec.protocol == "UDP":
+            return UdpListener(
+                spec.address,
+                spec.port,
+                route,
+                external=spec.external,
+                filtered=spec.filtered,
+                reuse_port=self.udp_reuse_port,
+            )
+        return TcpListener(
+            spec.address,
+            spec.port,
+            route,
+            self._downstream,
+            external=spec.external,
+            filtered=spec.filtered,
+            inherited=self._inherited(spec),
+            pinned=self.shared_listeners,
+        )
 
     def _inherited(self, spec: ListenerSpec) -> socket.socket | None:
         """A listening socket someone else bound for this spec (supervisor, restart), if any."""
