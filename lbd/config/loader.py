@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbd.config import fields as f
+from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
-    MAX_WORKERS,
     PROTOCOLS,
     SERVICE_TYPES,
-    Admin,
     Config,
     Endpoint,
     Node,
@@ -40,7 +38,6 @@ from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
-ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
 SERVICE_KEYS = (
     "name",
@@ -114,7 +111,7 @@ def build_config(
         problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
     node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS), options)
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
-    admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
+    admin = admin_section(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
     workers = top.get("workers", workers_count, 1)
     services: list[Service] = []
@@ -170,55 +167,6 @@ def _node(section: f.Section, options: LoadOptions) -> Node:
         addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
         node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
     )
-
-
-def _admin(section: f.Section) -> Admin:
-    base = Admin()
-    address, port = section.get("address", _host_port, (base.address, base.port))
-    socket_path = section.get("socket", _path, None)
-    if socket_path is not None and section.has("address"):
-        section.problems.add(
-            f.join(section.path, "socket"), "address and socket are alternatives; set one"
-        )
-    return Admin(
-        enabled=section.get("enabled", f.boolean, base.enabled),
-        address=address,
-        port=port,
-        socket=socket_path,
-        token_file=section.get("tokenFile", _path, None),
-    )
-
-
-def workers_count(value: object) -> int:
-    """``workers``: a process count, or ``auto`` for one per CPU this process may run on."""
-    if value == "auto":
-        return len(os.sched_getaffinity(0)) or 1
-    if isinstance(value, str):
-        raise FieldError(f"expected a number of processes or 'auto', got {value!r}")
-    return _workers(value)
-
-
-_workers = f.int_between(1, MAX_WORKERS)
-
-
-def _host_port(value: object) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``, HOST an IP literal; port 0 lets the kernel pick."""
-    text = f.string(value)
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise FieldError(f"expected ADDRESS:PORT such as 127.0.0.1:9180, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise FieldError(f"write an IPv6 address in brackets, as [::1]:9180, got {text!r}")
-    return f.ip_address(host), _service_port_number(int(port_text))
-
-
-def _path(value: object) -> str:
-    text = f.string(value)
-    if not text or "\0" in text:
-        raise FieldError("expected a file path")
-    return text
 
 
 def _defaults(section: f.Section) -> Tunables:
