@@ -27,6 +27,7 @@ from lbd.sources.file import watch_config
 log = structlog.get_logger("lbd.process.worker")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WATCH_START_TIMEOUT_S = 10.0
 # Loop turns between closing the listeners and counting the connections left (see shutdown).
 ACCEPTED_SETTLE_TURNS = 3
 
@@ -102,9 +103,11 @@ async def serve(
             background.append(asyncio.create_task(reloader.run()))
             if watch:
                 on_change = functools.partial(reloader.request, "file")
-                background.append(
-                    asyncio.create_task(watch_config(source[0], on_change, state.should_exit))
-                )
+                watching = asyncio.Event()
+                watcher = watch_config(source[0], on_change, state.should_exit, watching)
+                background.append(asyncio.create_task(watcher))
+                # Serving includes seeing the next edit: the watch is in place before "ready".
+                await asyncio.wait_for(watching.wait(), WATCH_START_TIMEOUT_S)
         if ready is not None:
             await ready(runtime)
         restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
