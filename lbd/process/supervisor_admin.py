@@ -17,6 +17,7 @@ from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.metrics import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.sdnotify import ServiceNotifier
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
 
@@ -73,7 +74,9 @@ async def serve_supervised(
             config.admin, SupervisorBackend(supervisor), admin_reload(supervisor.reload)
         )
     admin_sock = restart.take_admin()  # before start() closes what it did not take
+    systemd = ServiceNotifier.from_environment()
     try:
+        systemd.start(supervisor.stopping, lambda: restart.handed_off)
         await supervisor.start()
         if admin is not None:
             try:
@@ -95,9 +98,11 @@ async def serve_supervised(
                 handed[ADMIN_KEY] = admin.sock
             return handed
 
+        systemd.ready()  # every worker serves: start() waited for each
         restart.serving(sockets, supervisor.stopping.set)
         return await supervisor.run(watch=watch)
     finally:
+        systemd.close()
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)
