@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
@@ -12,6 +13,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer, ReloadHook
@@ -36,6 +38,15 @@ def dead_port(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         return int(sock.getsockname()[1])
+
+
+def lbd_command(argv: list[str]) -> argparse.Namespace:
+    """A command line that runs lbd (its first word is the ``lbd`` program), as ``lbd`` would
+    read it: argparse's error (SystemExit) if lbd would refuse it."""
+    from lbd.cli import build_parser
+
+    assert Path(argv[0]).name == "lbd", argv
+    return build_parser().parse_args(argv[1:])
 
 
 def config(yaml_text: str) -> Config:
