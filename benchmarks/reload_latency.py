@@ -1,12 +1,16 @@
-"""Reload latency: config file written → the new endpoint receiving traffic, with 1,000 services.
+"""Reload latency and the event-loop stall it causes, with 1,000 (or 10,000) services.
 
-lbd runs as a real process (``lbd run``, file watcher on). Every service points at backend A;
-each round rewrites the file so that one service (in the middle of the file) points at the
-other backend, then connects to that service every few milliseconds until the answer comes
-from the new backend. Also reports lbd's own validate+apply time from its "config reloaded"
-log line. Everything runs on 127.x addresses. Target (issue 3): median under 500 ms.
+lbd runs as a real process (``lbd run``, file watcher on). Every service points at the same
+endpoints; each round rewrites the file so that one service (in the middle of the file) swaps
+one endpoint for another backend, then connects to that service every few milliseconds until
+the answer comes from the new backend: the time from the write to that answer is the reload
+latency. Meanwhile a prober connects to an unrelated service back to back; the longest of its
+round trips during a reload, against the longest outside reloads, is how long the reload
+stalled everyone else's connections (issue 12: at most 20 ms). Also reports lbd's own reload
+time from its "config reloaded" log line. Everything runs on 127.x addresses.
 
-    python benchmarks/reload_latency.py [--services 1000] [--rounds 15]
+    python benchmarks/reload_latency.py [--services 1000] [--endpoints 10] [--rounds 10]
+    python benchmarks/reload_latency.py --revision 127e8fc   # lbd as it was at a git revision
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,14 +28,18 @@ from pathlib import Path
 
 SERVICE_PORT = 8080
 POLL_S = 0.002
-ROUND_TIMEOUT_S = 10.0
+PROBE_GAP_S = 0.001
+ROUND_TIMEOUT_S = 60.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cluster_ip(index: int) -> str:
     return f"127.150.{index // 250}.{index % 250 + 1}"
 
 
-def render(services: int, target: int, backend_ports: tuple[int, int], use_second: bool) -> str:
+def render(
+    services: int, target: int, endpoints: list[tuple[str, int]], other: tuple[str, int], swap: bool
+) -> str:
     lines = [
         "apiVersion: lbd/v1",
         "admin: {enabled: false}",
@@ -38,12 +47,11 @@ def render(services: int, target: int, backend_ports: tuple[int, int], use_secon
         "services:",
     ]
     for index in range(services):
-        second = use_second and index == target
-        address = "127.151.0.2" if second else "127.151.0.1"
-        port = backend_ports[1] if second else backend_ports[0]
+        chosen = [other, *endpoints[1:]] if swap and index == target else endpoints
+        listed = ", ".join(f"{{address: {a}, ports: {{p: {p}}}}}" for a, p in chosen)
         lines.append(
             f"  - {{name: svc-{index}, clusterIP: {cluster_ip(index)}, "
-            f"ports: [{{port: {SERVICE_PORT}, targetPort: {port}}}], endpoints: [{address}]}}"
+            f"ports: [{{port: {SERVICE_PORT}, targetPort: p}}], endpoints: [{listed}]}}"
         )
     return "\n".join(lines) + "\n"
 
@@ -59,15 +67,24 @@ async def start_backend(name: bytes, address: str) -> asyncio.Server:
 
 async def ask(address: str) -> bytes:
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, SERVICE_PORT), 1)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, SERVICE_PORT), 5)
     except (OSError, TimeoutError):
         return b""
     try:
-        return await asyncio.wait_for(reader.read(16), 1)
+        return await asyncio.wait_for(reader.read(16), 5)
     except (OSError, TimeoutError):
         return b""
     finally:
         writer.close()
+
+
+async def probe(address: str, samples: list[tuple[float, float]], stop: asyncio.Event) -> None:
+    """(start, round trip in s) of back-to-back connections to an unrelated service."""
+    while not stop.is_set():
+        began = time.perf_counter()
+        await ask(address)
+        samples.append((began, time.perf_counter() - began))
+        await asyncio.sleep(PROBE_GAP_S)
 
 
 async def read_log(
@@ -84,18 +101,30 @@ async def read_log(
             applied.append(float(event["duration_ms"]))
 
 
-async def main(services: int, rounds: int) -> dict[str, object]:
-    a = await start_backend(b"A", "127.151.0.1")
-    b = await start_backend(b"B", "127.151.0.2")
-    ports = (a.sockets[0].getsockname()[1], b.sockets[0].getsockname()[1])
+def launcher(revision: str | None, workdir: Path) -> list[str]:
+    """``python -m lbd`` of this checkout, or of lbd's package as it was at ``revision``."""
+    if revision is None:
+        return [sys.executable, "-m", "lbd"]
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision, "lbd"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(workdir)], input=archive, check=True)
+    return ["env", f"PYTHONPATH={workdir}", sys.executable, "-P", "-m", "lbd"]
+
+
+async def main(
+    services: int, endpoints: int, rounds: int, revision: str | None
+) -> dict[str, object]:
+    servers = [await start_backend(b"A", f"127.151.1.{i + 1}") for i in range(endpoints)]
+    other_server = await start_backend(b"B", "127.151.0.2")
+    listed = [(f"127.151.1.{i + 1}", s.sockets[0].getsockname()[1]) for i, s in enumerate(servers)]
+    other = ("127.151.0.2", other_server.sockets[0].getsockname()[1])
     target = services // 2
     workdir = Path(tempfile.mkdtemp(prefix="lbd-reload-"))
     path = workdir / "lbd.yaml"
-    path.write_text(render(services, target, ports, use_second=False))
+    path.write_text(render(services, target, listed, other, swap=False))
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "lbd",
+        *launcher(revision, workdir),
         "run",
         str(path),
         "--log-format",
@@ -111,37 +140,54 @@ async def main(services: int, rounds: int) -> dict[str, object]:
     started = asyncio.Event()
     reader = asyncio.create_task(read_log(process.stderr, applied, started))
     latencies: list[float] = []
+    windows: list[tuple[float, float]] = []
+    samples: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+    prober: asyncio.Task[None] | None = None
     try:
-        await asyncio.wait_for(started.wait(), 60)
-        await asyncio.sleep(0.5)  # let the watcher settle
+        await asyncio.wait_for(started.wait(), 300)
+        await asyncio.sleep(0.5)  # the old lbd has no "watching" signal: let its watcher start
         address = cluster_ip(target)
         assert await ask(address) == b"A"
+        prober = asyncio.create_task(probe(cluster_ip(0), samples, stop))
+        await asyncio.sleep(1.0)  # a baseline of the probe outside any reload
         for round_ in range(rounds):
-            use_second = round_ % 2 == 0
-            want = b"B" if use_second else b"A"
-            text = render(services, target, ports, use_second)
+            swap = round_ % 2 == 0
+            want = b"B" if swap else b"A"
+            text = render(services, target, listed, other, swap)
             begun = time.perf_counter()
             path.write_text(text)
             while await ask(address) != want:
                 if time.perf_counter() - begun > ROUND_TIMEOUT_S:
                     raise RuntimeError(f"round {round_}: no switch within {ROUND_TIMEOUT_S}s")
                 await asyncio.sleep(POLL_S)
-            latencies.append((time.perf_counter() - begun) * 1000)
-            await asyncio.sleep(0.3)  # a separate burst for the watcher
+            done = time.perf_counter()
+            latencies.append((done - begun) * 1000)
+            windows.append((begun, done + 0.2))
+            await asyncio.sleep(1.0)  # a separate burst for the watcher, and probe baseline
     finally:
+        stop.set()
+        if prober is not None:
+            await prober
         process.terminate()  # our own child, by PID
-        await asyncio.wait_for(process.wait(), 30)
+        await asyncio.wait_for(process.wait(), 60)
         await reader
-        a.close()
-        b.close()
+        for server in (*servers, other_server):
+            server.close()
+    during = [rtt for t, rtt in samples if any(a <= t <= b for a, b in windows)]
+    outside = [rtt for t, rtt in samples if not any(a - 0.2 <= t <= b for a, b in windows)]
     return {
+        "lbd": revision or "this checkout",
         "services": services,
+        "endpoints_per_service": endpoints,
         "rounds": rounds,
         "latency_ms_median": round(statistics.median(latencies), 1),
-        "latency_ms_min": round(min(latencies), 1),
         "latency_ms_max": round(max(latencies), 1),
         "apply_ms_median": round(statistics.median(applied), 1) if applied else None,
-        "target_ms": 500,
+        "stall_ms_max_during_reload": round(max(during) * 1000, 1) if during else None,
+        "probe_ms_max_outside_reload": round(max(outside) * 1000, 1) if outside else None,
+        "probe_ms_p50": round(statistics.median(rtt for _, rtt in samples) * 1000, 2),
+        "probes": len(samples),
         "config_bytes": path.stat().st_size if path.exists() else None,
         "cpu_count": os.cpu_count(),
     }
@@ -150,7 +196,9 @@ async def main(services: int, rounds: int) -> dict[str, object]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--endpoints", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--revision", help="run lbd as it was at this git revision")
     args = parser.parse_args()
-    result = asyncio.run(main(args.services, args.rounds))
+    result = asyncio.run(main(args.services, args.endpoints, args.rounds, args.revision))
     print(json.dumps(result, indent=2))

@@ -25,6 +25,7 @@ from tests.support import (
     route_of,
     running,
     service_yaml,
+    until,
 )
 
 
@@ -281,3 +282,55 @@ async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> N
             assert route_of(runtime).tunables.strategy == "random"
             assert len(runtime.listeners) == 1  # nothing of the failed reloads was left bound
     blocker.close()
+
+
+async def test_the_reload_loop_survives_a_reload_that_crashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with echo_backends(2) as backends:
+        (a, b) = [(h, p) for h, p, _ in backends]
+        ip = fresh_ip()
+        path = tmp_path / "lbd.yaml"
+        good = document(svc([a], ip))
+        path.write_text(good)
+        async with serving_file(path, watch=False) as runtime:
+            reloader = Reloader(runtime, str(path), good.encode())
+            loop_task = asyncio.create_task(reloader.run())
+            try:
+                real_apply = runtime.apply
+
+                async def broken(new: object) -> object:
+                    raise RuntimeError("a bug in apply")
+
+                monkeypatch.setattr(runtime, "apply", broken)
+                path.write_text(document(svc([b], ip)))
+                reloader.request("test")
+                failures = runtime.process.config_reloads_total
+                await until(lambda: failures.failure == 1, what="the crash to be counted")
+                monkeypatch.setattr(runtime, "apply", real_apply)
+                path.write_text(document(svc([b], ip), defaults="{connectTimeout: 2s}"))
+                reloader.request("test")  # the loop is still there to serve it
+                await until(lambda: failures.success == 1, what="the next reload")
+                assert await read_name(*address_of(runtime)) == "backend-1"
+            finally:
+                loop_task.cancel()
+                await asyncio.gather(loop_task, return_exceptions=True)
+
+
+async def test_bytes_that_failed_are_not_validated_again(tmp_path: Path) -> None:
+    async with echo_backend("alive") as (h, p, _):
+        ip = fresh_ip()
+        path = tmp_path / "lbd.yaml"
+        good = document(svc([(h, p)], ip))
+        path.write_text(good)
+        async with serving_file(path, watch=False) as runtime:
+            reloader = Reloader(runtime, str(path), good.encode())
+            path.write_text(good.replace("round-robin", "round-robbin"))
+            first = await reloader.reload("test")
+            again = [await reloader.reload("test") for _ in range(5)]
+            process = runtime.process
+            assert first.outcome == "failed" and process.config_reloads_total.failure == 1
+            assert all(r.outcome == "failed" and r.problems == first.problems for r in again)
+            assert process.reloads_unchanged == 5  # seen, recognised, not validated
+            path.write_text(good.replace("round-robin", "random"))
+            assert (await reloader.reload("test")).outcome == "applied"

@@ -36,7 +36,7 @@ def workers_count(value: object) -> int:
     if value == "auto":
         return len(os.sched_getaffinity(0)) or 1
     if isinstance(value, str):
-        raise FieldError(f"expected a number of processes or 'auto', got {value!r}")
+        raise FieldError(f"expected a number of processes or 'auto', got {f.show(value)}")
     return _workers(value)
 
 
@@ -48,11 +48,11 @@ def _host_port(value: object) -> tuple[str, int]:
     text = f.string(value)
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit():
-        raise FieldError(f"expected ADDRESS:PORT such as 127.0.0.1:9180, got {text!r}")
+        raise FieldError(f"expected ADDRESS:PORT such as 127.0.0.1:9180, got {f.show(text)}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     elif ":" in host:
-        raise FieldError(f"write an IPv6 address in brackets, as [::1]:9180, got {text!r}")
+        raise FieldError(f"write an IPv6 address in brackets, as [::1]:9180, got {f.show(text)}")
     return f.ip_address(host), _port_number(int(port_text))
 
 

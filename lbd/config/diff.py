@@ -112,9 +112,16 @@ def listener_specs(config: Config) -> dict[tuple[object, ...], ListenerSpec]:
     }
 
 
-def diff_configs(old: Config, new: Config) -> ConfigDiff:
+def diff_configs(
+    old: Config,
+    new: Config,
+    old_routes: dict[RouteKey, RouteSpec] | None = None,
+    new_routes: dict[RouteKey, RouteSpec] | None = None,
+) -> ConfigDiff:
+    """``old_routes``/``new_routes``: the configs' route specs, when the caller has them."""
     old_listeners, new_listeners = listener_specs(old), listener_specs(new)
-    old_routes, new_routes = route_specs(old), route_specs(new)
+    old_routes = route_specs(old) if old_routes is None else old_routes
+    new_routes = route_specs(new) if new_routes is None else new_routes
     changes = [
         change
         for key in old_routes.keys() & new_routes.keys()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import reprlib
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar
 
@@ -23,14 +24,52 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
+# Bounds on what a config's problems may cost, however hostile the file: a value in a message is
+# shown at most this long (reprlib never walks more of a structure than it prints), a message
+# is cut at MAX_MESSAGE, and past MAX_PROBLEMS the rest are only counted.
+MAX_MESSAGE = 300
+MAX_PROBLEMS = 200
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 60
+_SHOW.maxlist = _SHOW.maxtuple = _SHOW.maxdict = _SHOW.maxset = 4
+_SHOW.maxlevel = 3
+_SHOW.maxlong = 40
+
+
+def show(value: object) -> str:
+    """A value from the file as a message may show it: ``repr``, bounded in length and depth."""
+    try:
+        return _SHOW.repr(value)
+    except Exception:
+        return f"<{type(value).__name__}>"
+
+
 class Problems:
     """Collects problems; one per config load, shared by every reader."""
 
     def __init__(self) -> None:
         self.items: list[Problem] = []
+        self.dropped = 0  # past MAX_PROBLEMS: counted, not kept
 
     def add(self, path: str, message: str) -> None:
-        self.items.append(Problem(path, message))
+        if len(self.items) >= MAX_PROBLEMS:
+            self.dropped += 1
+            return
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 3] + "..."
+        self.items.append(Problem(path[:MAX_MESSAGE], message))
+
+    @property
+    def count(self) -> int:
+        """Every problem added, kept or not: compare before and after to see if a reader
+        found any."""
+        return len(self.items) + self.dropped
+
+    def all(self) -> list[Problem]:
+        """The problems kept, and one line for those past MAX_PROBLEMS."""
+        if not self.dropped:
+            return self.items
+        return [*self.items, Problem("", f"... and {self.dropped} more problems")]
 
 
 def join(path: str, key: str | int) -> str:
@@ -71,7 +110,7 @@ class Section:
             problems.add(path, f"expected a mapping, got {type_name(raw)}")
         for key in self.values:
             if not isinstance(key, str):
-                problems.add(path, f"keys must be strings, got {key!r}")
+                problems.add(path, f"keys must be strings, got {show(key)}")
             elif known is not None and key not in known:
                 hint = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
                 suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
@@ -98,7 +137,9 @@ class Section:
             return parse(self.values[key])
         except FieldError as error:
             self.problems.add(join(self.path, key), str(error))
-            return default
+        except (ValueError, TypeError, OverflowError) as error:  # a parser's own limits
+            self.problems.add(join(self.path, key), f"invalid value: {error}")
+        return default
 
     def items(self, key: str) -> list[tuple[str, object]]:
         """(path, raw item) for each element of a list value; a non-list is a problem."""
@@ -127,13 +168,13 @@ def string(value: object) -> str:
 
 def boolean(value: object) -> bool:
     if not isinstance(value, bool):
-        raise FieldError(f"expected true or false, got {value!r}")
+        raise FieldError(f"expected true or false, got {show(value)}")
     return value
 
 
 def integer(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FieldError(f"expected a whole number, got {type_name(value)} {value!r}")
+        raise FieldError(f"expected a whole number, got {type_name(value)} {show(value)}")
     return value
 
 
@@ -153,7 +194,7 @@ def one_of(choices: Collection[str]) -> Parser[Any]:
         if text not in choices:
             hint = difflib.get_close_matches(text, list(choices), n=1, cutoff=0.6)
             suffix = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise FieldError(f"must be one of {', '.join(choices)}, got {text!r}{suffix}")
+            raise FieldError(f"must be one of {', '.join(choices)}, got {show(text)}{suffix}")
         return text
 
     return parse
@@ -163,7 +204,8 @@ def dns_label(value: object) -> str:
     text = string(value)
     if len(text) > 63 or not _DNS_LABEL.fullmatch(text):
         raise FieldError(
-            f"must be a DNS label (lower-case letters, digits and '-', at most 63), got {text!r}"
+            "must be a DNS label (lower-case letters, digits and '-', at most 63), "
+            f"got {show(text)}"
         )
     return text
 
@@ -173,7 +215,7 @@ def port_name(value: object) -> str:
     if len(text) > 15 or not _PORT_NAME.fullmatch(text) or not re.search("[a-z]", text):
         raise FieldError(
             f"must be a port name (lower-case letters, digits and '-', at most 15, "
-            f"at least one letter), got {text!r}"
+            f"at least one letter), got {show(text)}"
         )
     return text
 
@@ -184,7 +226,7 @@ def ip_address(value: object) -> str:
     try:
         return str(ipaddress.ip_address(text.strip()))
     except ValueError:
-        raise FieldError(f"expected an IP address, got {text!r}") from None
+        raise FieldError(f"expected an IP address, got {show(text)}") from None
 
 
 def unicast_address(value: object) -> str:

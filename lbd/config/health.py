@@ -152,14 +152,14 @@ def render_outlier(outlier: OutlierDetection | None) -> dict[str, object]:
 def _http_path(value: object) -> str:
     text = f.string(value)
     if not text.startswith("/") or any(c in text for c in " \r\n"):
-        raise FieldError(f"must start with / and hold no spaces or line breaks, got {text!r}")
+        raise FieldError(f"must start with / and hold no spaces or line breaks, got {f.show(text)}")
     return text
 
 
 def _header_value(value: object) -> str:
     text = f.string(value)
     if not text or any(c in text for c in "\r\n"):
-        raise FieldError(f"must be one non-empty line, got {text!r}")
+        raise FieldError(f"must be one non-empty line, got {f.show(text)}")
     return text
 
 
@@ -172,10 +172,10 @@ def _status_range(value: object) -> tuple[int, int]:
         try:
             low, high = int(low_text), int(high_text or low_text)
         except ValueError:
-            message = f"expected a status or a range such as 200-399, got {text!r}"
+            message = f"expected a status or a range such as 200-399, got {f.show(text)}"
             raise FieldError(message) from None
     if not 100 <= low <= high <= 599:
-        raise FieldError(f"expected 100 <= low <= high <= 599, got {value!r}")
+        raise FieldError(f"expected 100 <= low <= high <= 599, got {f.show(value)}")
     return (low, high)
 
 

@@ -104,8 +104,8 @@ def manifests_to_document(
     by_key = {key: service for key, service in converted if service is not None}
     for path, obj in slices:
         _add_slice(path, obj, by_key, problems)
-    if problems.items:
-        raise ConfigError(problems.items, source)
+    if problems.count:
+        raise ConfigError(problems.all(), source)
     for service in by_key.values():
         service.pop("_slicePorts", None)
         service["endpoints"] = list(service["endpoints"].values())

@@ -6,6 +6,8 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from lbd.config import fields as f
 from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
@@ -25,6 +27,7 @@ from lbd.config.model import (
     Tunables,
 )
 from lbd.config.nodeports import allocate_node_ports
+from lbd.config.release import release
 from lbd.config.semantics import (
     CONDITION_KEYS,
     DNS_KEYS,
@@ -54,6 +57,7 @@ SERVICE_KEYS = (
 PORT_KEYS = ("name", "protocol", "port", "targetPort", "nodePort")
 ENDPOINT_KEYS = ("address", "ports", "weight", *CONDITION_KEYS)
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
+log = structlog.get_logger("lbd.config")
 
 _port_number = f.int_between(1, 65535)
 # Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
@@ -77,10 +81,28 @@ def load_file(path: str | Path, options: LoadOptions | None = None) -> Config:
 def load_text(
     text: str | bytes, source: str = "<config>", options: LoadOptions | None = None
 ) -> Config:
-    """An ``lbd/v1`` config, or Kubernetes manifests (Services, EndpointSlices, Nodes)."""
+    """An ``lbd/v1`` config, or Kubernetes manifests (Services, EndpointSlices, Nodes).
+
+    Whatever the bytes, the only exception is ``ConfigError``: this is the boundary where
+    input from outside becomes a config, and a hostile file must not become a traceback (nor
+    stop the reload loop that calls this)."""
+    try:
+        return _load_text(text, source, options)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError([Problem("", f"{source}: nested too deeply")], source) from None
+    except Exception as error:
+        log.warning("config load failed unexpectedly", source=source, exc_info=True)
+        message = f"{source}: cannot load: {type(error).__name__}: {f.show(str(error))}"
+        raise ConfigError([Problem("", message)], source) from None
+
+
+def _load_text(text: str | bytes, source: str, options: LoadOptions | None) -> Config:
     from lbd.config.kube import is_manifest, manifests_to_document
 
-    documents = parse_yaml_documents(text, source)
+    documents: list[object] | None = parse_yaml_documents(text, source)
+    assert documents is not None
     options = options or LoadOptions()
     document: object
     if is_manifest(documents):
@@ -93,8 +115,12 @@ def load_text(
         document = documents[0]
     problems = f.Problems()
     config = build_config(document, problems, options)
-    if problems.items or config is None:
-        raise ConfigError(problems.items, source)
+    # The raw documents are garbage now; let them go in pieces (lbd.config.release).
+    garbage: list[object] = [documents, document]
+    documents = document = None
+    release(garbage)
+    if problems.count or config is None:
+        raise ConfigError(problems.all(), source)
     return config
 
 
@@ -108,7 +134,7 @@ def build_config(
     top = f.Section(document, "", problems, TOP_KEYS)
     version = top.get("apiVersion", f.string)
     if not f.is_missing(version) and version != API_VERSION:
-        problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
+        problems.add("apiVersion", f"must be {API_VERSION!r}, got {f.show(version)}")
     node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS), options)
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
     admin = admin_section(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
@@ -136,10 +162,10 @@ def build_config(
         names[service.key] = path
         services.append(service)
         paths.append(path)
-    if problems.items:
+    if problems.count:
         return None
     services = allocate_node_ports(services, paths, node.node_port_range, problems)
-    if problems.items:
+    if problems.count:
         return None
     config = Config(
         node=node,
@@ -174,7 +200,7 @@ def _defaults(section: f.Section) -> Tunables:
 
 
 def _service(section: f.Section, defaults: Tunables) -> Service | None:
-    problems_before = len(section.problems.items)
+    problems_before = section.problems.count
     kind: ServiceType = section.get("type", f.one_of(SERVICE_TYPES), "ClusterIP")
     lb_ips = _addresses(section, "loadBalancerIPs")
     if lb_ips and kind != "LoadBalancer":
@@ -208,7 +234,7 @@ def _service(section: f.Section, defaults: Tunables) -> Service | None:
         tunables=tunables,
         **semantics,
     )
-    return service if len(section.problems.items) == problems_before else None
+    return service if section.problems.count == problems_before else None
 
 
 def _ports(
@@ -245,7 +271,7 @@ def _ports(
 def _port(
     section: f.Section, kind: str, endpoints: tuple[Endpoint, ...], named: bool
 ) -> ServicePort | None:
-    problems_before = len(section.problems.items)
+    problems_before = section.problems.count
     name = section.get("name", f.port_name, None)
     if named and name is None:
         section.problems.add(
@@ -274,7 +300,7 @@ def _port(
                     f.join(section.path, "targetPort"),
                     f'endpoint {endpoint.address} has no port named "{target}"',
                 )
-    if len(section.problems.items) != problems_before or target is None:
+    if section.problems.count != problems_before or target is None:
         return None
     return ServicePort(
         name=name,
@@ -307,7 +333,7 @@ def _endpoints(section: f.Section) -> tuple[Endpoint, ...]:
 
 
 def _endpoint(section: f.Section) -> Endpoint | None:
-    problems_before = len(section.problems.items)
+    problems_before = section.problems.count
     address = section.get("address", f.unicast_address)
     ports_section = f.Section(
         section.raw("ports"), f.join(section.path, "ports"), section.problems, None
@@ -321,7 +347,7 @@ def _endpoint(section: f.Section) -> Endpoint | None:
             section.problems.add(key_path, str(error))
     weight = section.get("weight", _weight, 1)
     state = conditions(section)
-    if len(section.problems.items) != problems_before:
+    if section.problems.count != problems_before:
         return None
     return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight, conditions=state)
 
@@ -351,9 +377,9 @@ def _port_range(value: object) -> tuple[int, int]:
     try:
         low, high = int(low_text), int(high_text)
     except ValueError:
-        raise FieldError(f"expected a range such as 30000-32767, got {text!r}") from None
+        raise FieldError(f"expected a range such as 30000-32767, got {f.show(text)}") from None
     if not 1 <= low <= high <= 65535:
-        raise FieldError(f"expected 1 <= low <= high <= 65535, got {text!r}")
+        raise FieldError(f"expected 1 <= low <= high <= 65535, got {f.show(text)}")
     return (low, high)
 
 

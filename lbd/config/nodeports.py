@@ -27,7 +27,7 @@ def allocate_node_ports(
             if key in taken:
                 problems.add(where, f"{protocol} nodePort {number} already used by {taken[key]}")
             taken[key] = where
-    if problems.items:
+    if problems.count:
         return services
     allocated: list[Service] = []
     for service, path in sorted(zip(services, paths, strict=True), key=lambda pair: pair[0].key):

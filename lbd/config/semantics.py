@@ -133,7 +133,8 @@ def skip_reason(raw: object, proxy_name: str) -> str | None:
     if LABEL_HEADLESS in found:
         return f"labelled {LABEL_HEADLESS}"
     if LABEL_PROXY_NAME in found and found[LABEL_PROXY_NAME] != proxy_name:
-        return f"labelled {LABEL_PROXY_NAME}={found[LABEL_PROXY_NAME]} (this proxy: {proxy_name!r})"
+        value = f.show(found[LABEL_PROXY_NAME])
+        return f"labelled {LABEL_PROXY_NAME}={value} (this proxy: {proxy_name!r})"
     return None
 
 
@@ -178,14 +179,14 @@ def dns_server(value: object) -> tuple[str, int]:
     elif not sep or ":" in host:
         host, port_text = text, "53"
     if not port_text.isdigit():
-        raise FieldError(f"expected IP or IP:PORT, got {text!r}")
+        raise FieldError(f"expected IP or IP:PORT, got {f.show(text)}")
     return f.ip_address(host), f.int_between(1, 65535)(int(port_text))
 
 
 def dns_name(value: object) -> str:
     text = f.string(value).lower()
     if len(text) > 253 or not _DNS_NAME.fullmatch(text):
-        raise FieldError(f"must be a DNS name such as db.example.com, got {text!r}")
+        raise FieldError(f"must be a DNS name such as db.example.com, got {f.show(text)}")
     return text.rstrip(".")
 
 
@@ -194,7 +195,7 @@ def cidr(value: object) -> str:
     try:
         return str(ipaddress.ip_network(text, strict=False))
     except ValueError:
-        raise FieldError(f"expected a CIDR such as 127.0.0.0/8, got {text!r}") from None
+        raise FieldError(f"expected a CIDR such as 127.0.0.0/8, got {f.show(text)}") from None
 
 
 def _item(section: f.Section, path: str, raw: object, parse: f.Parser[Any]) -> Any:

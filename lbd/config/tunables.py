@@ -114,7 +114,7 @@ def _cidrs(section: f.Section, key: str, base: tuple[str, ...]) -> tuple[str, ..
         except FieldError as error:
             section.problems.add(path, str(error))
         except ValueError:
-            message = f"expected an address or CIDR such as 127.0.0.0/8, got {raw!r}"
+            message = f"expected an address or CIDR such as 127.0.0.0/8, got {f.show(raw)}"
             section.problems.add(path, message)
     return tuple(networks)
 

@@ -377,6 +377,12 @@ class Downstream(asyncio.Protocol):
         self.connections.discard(self)
         if route.tunables.access_log:
             self._log_access(reason)
+        # No reference cycle outlives the connection (client and endpoint halves, transports,
+        # timers): refcounting frees it at once, and the cyclic GC never has to look at it.
+        self.upstream = None
+        self.transport = None
+        self.pumps = None
+        self._drain_timer = self._half_closed_timer = self.max_duration_timer = None
 
     def _log_access(self, reason: str) -> None:
         upstream = self.upstream

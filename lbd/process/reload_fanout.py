@@ -15,14 +15,22 @@ import time
 import structlog
 
 from lbd.config import ConfigError, load_text
-from lbd.config.diff import diff_configs
+from lbd.config.diff import ConfigDiff, diff_configs
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.yamlfile import read_config_file
+from lbd.observability.stats import Results
 from lbd.process.listening import ListeningSockets, Sockets
 from lbd.process.messages import Reload, ReloadDone, Reply, SlotTable
 from lbd.process.workers import WorkerSet, WorkerSlot
-from lbd.runtime.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
+from lbd.runtime.plan import collector_paused
+from lbd.runtime.reload import (
+    PLAN_TIMEOUT_S,
+    ReloadRequests,
+    ReloadResult,
+    content_hash,
+    reload_failed,
+)
 from lbd.runtime.runtime import ListenerError
 from lbd.shm.counts import SharedCounts, SlotAllocator
 
@@ -50,8 +58,8 @@ class ReloadFanOut:
         self.counts = counts
         self.slots = slots
         self.slots_table: SlotTable = slots.assign(config)
-        self.reloads_ok = 0
-        self.reloads_failed = 0
+        self.results = Results()  # lbd_config_reloads_total: the supervisor decides them
+        self._failed_bytes: tuple[str, tuple[str, ...]] = ("", ())  # invalid bytes, and why
         self._lock = asyncio.Lock()
         self._requests = ReloadRequests()
 
@@ -59,7 +67,10 @@ class ReloadFanOut:
         self._requests.request(reason)
 
     async def run(self) -> None:
-        await self._requests.serve(self.reload)
+        await self._requests.serve(self.reload, self._crashed)
+
+    def _crashed(self) -> None:
+        self.results.failure += 1
 
     async def reload(self, reason: str) -> ReloadResult:
         async with self._lock:
@@ -67,17 +78,28 @@ class ReloadFanOut:
 
     async def _reload(self, reason: str) -> ReloadResult:
         started = time.perf_counter()
+        digest = ""
         try:
-            data = read_config_file(self.path)
-            if content_hash(data) == content_hash(self.data):
+            data = await asyncio.to_thread(read_config_file, self.path)
+            digest = content_hash(data)
+            if digest == content_hash(self.data):
                 return ReloadResult("unchanged", time.perf_counter() - started)
-            config = load_text(data, self.path, self.options)
-            diff = diff_configs(self.config, config)
+            if digest == self._failed_bytes[0]:  # not validated (nor logged) again
+                duration = time.perf_counter() - started
+                return ReloadResult("failed", duration, problems=self._failed_bytes[1])
+            config, diff = await asyncio.wait_for(
+                asyncio.to_thread(self._check, data), PLAN_TIMEOUT_S
+            )
             added = self.listening.bind(diff.listeners_added)
         except ConfigError as error:
-            return self._failed(reason, started, [str(p) for p in error.problems])
+            problems = [str(p) for p in error.problems]
+            self._failed_bytes = (digest, tuple(problems))
+            return self._failed(reason, started, problems)
         except ListenerError as error:
             return self._failed(reason, started, [f"{self.path}: {error}"])
+        except TimeoutError:
+            problems = [f"{self.path}: not validated within {PLAN_TIMEOUT_S:.0f} s"]
+            return self._failed(reason, started, problems)
         self.slots_table = self.slots.assign(config, self.counts)
         serving = self.workers.serving()
         replies = await asyncio.gather(
@@ -95,7 +117,7 @@ class ReloadFanOut:
         self.listening.commit(added, diff.listeners_removed)
         self.config = config
         self.data = data
-        self.reloads_ok += 1
+        self.results.success += 1
         duration = time.perf_counter() - started
         log.info(
             "config reloaded",
@@ -108,11 +130,17 @@ class ReloadFanOut:
             log.error("config reload failed in some workers", problems=problems)
         return ReloadResult("applied", duration, diff, tuple(problems))
 
+    def _check(self, data: bytes) -> tuple[Config, ConfigDiff]:
+        """In a worker thread: parse, validate and diff the new bytes."""
+        with collector_paused():
+            config = load_text(data, self.path, self.options)
+            return config, diff_configs(self.config, config)
+
     async def _ask(self, member: WorkerSlot, reason: str, data: bytes, added: Sockets) -> Reply:
         keys, socks = self.listening.for_worker(member.index, added)
         request = Reload(reason=reason, data=data, keys=keys, slots=self.slots_table)
         return await self.workers.ask(member, request, REPLY_TIMEOUT_S, socks)
 
     def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
-        self.reloads_failed += 1
+        self.results.failure += 1
         return reload_failed(reason, started, problems)

@@ -16,6 +16,7 @@ Signal handlers only record (``stopping``); ``run`` acts on them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import signal
 import socket
@@ -145,6 +146,9 @@ class Supervisor:
         total = snapshots.total()
         self.pool.stats.workers = len(serving)
         read_stats(total, "supervisor", self.pool.stats, ())
+        # Reloads are the supervisor's to count: a file it rejects never reaches a worker.
+        reloads = dataclasses.asdict(self.reloads.results)
+        total.values["lbd_config_reloads_total"] = {(k,): v for k, v in reloads.items()}
         return total
 
     async def run(self, *, watch: bool) -> int:

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import structlog
 
 from lbd import __version__
-from lbd.config.diff import ConfigDiff, diff_configs
+from lbd.config.diff import ConfigDiff
 from lbd.config.model import Config, ListenerSpec
-from lbd.config.render import config_hash
-from lbd.config.routes import RouteKey, route_specs
+from lbd.config.routes import RouteKey, RouteSpec
 from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
@@ -39,6 +38,7 @@ from lbd.net.udp_listener import UdpListener
 from lbd.observability.snapshot import Snapshot
 from lbd.observability.stats import ProcessStats
 from lbd.runtime.extras import ServiceExtras
+from lbd.runtime.plan import Plan, make_plan
 from lbd.runtime.snapshot import runtime_snapshot
 from lbd.shm.counts import EndpointSlots
 
@@ -94,6 +94,20 @@ class Listener:
         self.net.close()
 
 
+LIMIT_KEYS = frozenset({"maxConnections", "maxConnectionsPerEndpoint"})
+
+
+def _moves_connections(diff: ConfigDiff) -> bool:
+    """Whether some open connection may start (or stop) draining: an endpoint, a port or a
+    listener went away (or an endpoint came back)."""
+    return bool(
+        diff.routes_removed
+        or diff.listeners_removed
+        or diff.listeners_repointed
+        or any(c.endpoints_added or c.endpoints_removed for c in diff.routes_changed)
+    )
+
+
 def empty_like(config: Config) -> Config:
     """``config`` without services: what a runtime has applied before it starts."""
     return dataclasses.replace(config, services=())
@@ -122,7 +136,8 @@ class Runtime:
         self._initial = config
         self._rng = rng
         self.process = ProcessStats(build_info=(__version__, platform.python_version()))
-        self._set_config(self.config)
+        self.specs: dict[RouteKey, RouteSpec] = {}
+        self._set_config(make_plan(self.config, {}, self.config))
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         # partial, not a lambda: no Python frame per accepted connection
@@ -137,26 +152,30 @@ class Runtime:
         await self.apply(self._initial)
         self.ready = True
 
-    async def apply(self, new: Config) -> ConfigDiff:
-        diff = diff_configs(self.config, new)
+    def plan(self, new: Config) -> Plan:
+        """What applying ``new`` takes. Safe to call in another thread (a reload does): it
+        reads only the immutable config and specs that run now."""
+        return make_plan(self.config, self.specs, new)
+
+    async def apply(self, new: Config | Plan) -> ConfigDiff:
+        """Apply a config (or a plan made for the config that runs now) in three phases."""
+        plan = new if isinstance(new, Plan) else self.plan(new)
+        if plan.base is not self.config:  # another apply came in between: plan again
+            plan = self.plan(plan.config)
+        new, diff = plan.config, plan.diff
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
-            self._set_config(new)
+            self._set_config(plan)
             self.extras.commit(new, node_checks)
             await self.extras.start(node_checks)
             return diff
-        specs = route_specs(new)
         # Routes for new service ports exist before commit so new listeners can point at them;
         # nothing reaches them until the listeners start serving.
-        added = {
-            key: Route(spec, self._rng, self.slots)
-            for key, spec in specs.items()
-            if key not in self.routes
-        }
+        added = {spec.key: Route(spec, self._rng, self.slots) for spec in diff.routes_added}
         prepared = await self._prepare(diff.listeners_added, {**self.routes, **added})
         node_checks = self._prepare_extras(new, prepared)  # healthCheckNodePort servers
-        self._commit(new, diff, prepared, added)
+        self._commit(plan, prepared, added)
         self.extras.commit(new, node_checks)
         for listener in prepared:
             await listener.start()
@@ -233,15 +252,15 @@ class Runtime:
         """A listening socket someone else bound for this spec (supervisor, restart), if any."""
         return self.sockets.take(spec.identity) if self.sockets is not None else None
 
-    def _commit(
-        self, new: Config, diff: ConfigDiff, prepared: list[Listener], added: dict[RouteKey, Route]
-    ) -> None:
-        specs = route_specs(new)
-        for change in diff.routes_changed:
-            self.routes[change.key].update(specs[change.key], self._rng)
+    def _commit(self, plan: Plan, prepared: list[Listener], added: dict[RouteKey, Route]) -> None:
+        """Synchronous, and proportional to what changed (not to the size of the config)."""
+        diff, specs = plan.diff, plan.specs
+        changed = [self.routes[change.key] for change in diff.routes_changed]
+        for change, route in zip(diff.routes_changed, changed, strict=True):
+            route.update(specs[change.key], self._rng)
         self.routes.update(added)
-        for key in [key for key in self.routes if key not in specs]:
-            route = self.routes.pop(key)
+        for removed in diff.routes_removed:
+            route = self.routes.pop(removed.key)
             route.removed = True
             route.pool.drain_all()
             self.health.sync(route.pool, None)
@@ -253,11 +272,14 @@ class Runtime:
             self.listeners[spec.identity].repoint(spec, self.routes[spec.route_key])
         for listener in prepared:
             self.listeners[listener.spec.identity] = listener
-        self._set_config(new)
-        self._mark_draining()
-        for connection in self.connections:  # limits a reload just turned on count them too
-            connection.count_under_new_limits()
-        self.sync_health()
+        self._set_config(plan)
+        if _moves_connections(diff):
+            self._mark_draining()
+        if any(LIMIT_KEYS.intersection(change.settings_changed) for change in diff.routes_changed):
+            for connection in self.connections:  # limits a reload turned on count them too
+                connection.count_under_new_limits()
+        for route in (*changed, *added.values()):
+            self.health.sync(route.pool, route.tunables.health_check)
 
     def _mark_draining(self) -> None:
         """Connections whose endpoint, service port or listener is gone drain; a connection
@@ -281,10 +303,11 @@ class Runtime:
                 return listener
         raise KeyError((service, port_index, kind))
 
-    def _set_config(self, config: Config) -> None:
-        self.config = config
-        self.config_hash = config_hash(config)
-        self.process.config_info = (self.config_hash,)
+    def _set_config(self, plan: Plan) -> None:
+        self.config = plan.config
+        self.specs = plan.specs
+        self.config_hash = plan.hash
+        self.process.config_info = (plan.hash,)
 
     def metrics_snapshot(self) -> Snapshot:
         return runtime_snapshot(
