@@ -6,14 +6,18 @@ import random
 
 from lbd.balancing.base import Balancer, BalancerFactory, Candidate
 from lbd.balancing.least_connection import LeastConnectionBalancer
+from lbd.balancing.maglev import MaglevBalancer
 from lbd.balancing.random_choice import RandomBalancer
 from lbd.balancing.round_robin import RoundRobinBalancer
+from lbd.balancing.source_hash import SourceHashBalancer
 from lbd.config.model import StrategyName
 
 STRATEGIES: dict[StrategyName, BalancerFactory] = {
     "random": RandomBalancer,
     "round-robin": RoundRobinBalancer,
     "least-connection": LeastConnectionBalancer,
+    "maglev": MaglevBalancer,
+    "source-hash": SourceHashBalancer,
 }
 
 

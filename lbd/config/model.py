@@ -16,7 +16,7 @@ API_VERSION = "lbd/v1"
 Protocol = Literal["TCP", "UDP"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]
 TrafficPolicy = Literal["Cluster", "Local"]
-StrategyName = Literal["random", "round-robin", "least-connection"]
+StrategyName = Literal["random", "round-robin", "least-connection", "maglev", "source-hash"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
@@ -29,7 +29,13 @@ DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as Kubernetes' sessionAffinityConfi
 # not proxied by this proxy.
 LABEL_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 LABEL_HEADLESS = "service.kubernetes.io/headless"
-STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
+STRATEGIES: tuple[StrategyName, ...] = (
+    "random",
+    "round-robin",
+    "least-connection",
+    "maglev",
+    "source-hash",
+)
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
