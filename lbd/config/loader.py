@@ -12,6 +12,7 @@ from lbd.config.checks import check_listeners
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
+    DEFAULT_SYNC_PERIOD,
     MAX_WORKERS,
     PROTOCOLS,
     SERVICE_TYPES,
@@ -36,12 +37,20 @@ from lbd.config.semantics import (
     service_semantics,
     skip_reason,
 )
-from lbd.config.tunables import TUNABLE_KEYS, read_tunables
+from lbd.config.tunables import TUNABLE_KEYS, positive_duration, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
-NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
+NODE_KEYS = (
+    "name",
+    "zone",
+    "addresses",
+    "nodePortRange",
+    "proxyName",
+    "manageAddresses",
+    "syncPeriod",
+)
 SERVICE_KEYS = (
     "name",
     "namespace",
@@ -169,6 +178,8 @@ def _node(section: f.Section, options: LoadOptions) -> Node:
         zone=section.get("zone", f.string, None),
         addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
         node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
+        manage_addresses=section.get("manageAddresses", f.boolean, False),
+        sync_period=section.get("syncPeriod", positive_duration, DEFAULT_SYNC_PERIOD),
     )
 
 

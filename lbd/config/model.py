@@ -42,6 +42,7 @@ HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
 SPLICE_MODES: tuple[SpliceMode, ...] = ("auto", "off")
 MAX_WORKERS = 256
+DEFAULT_SYNC_PERIOD = 30.0  # seconds, as kube-proxy's --sync-period
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +187,10 @@ class Node:
     addresses: tuple[str, ...]
     node_port_range: tuple[int, int]
     proxy_name: str = ""  # --proxy-name: serve services whose service-proxy-name label is this
+    # Put the service addresses lbd serves on the node itself (lbd.net.addresses), and check
+    # them every sync_period seconds (kube-proxy's --sync-period) besides netlink events.
+    manage_addresses: bool = False
+    sync_period: float = DEFAULT_SYNC_PERIOD
 
 
 @dataclass(frozen=True, slots=True)
