@@ -295,6 +295,19 @@ METRICS = _specs(
         (),
     ),
     M(
+        "lbd_node_address_changes_total",
+        "counter",
+        "Service addresses lbd put on the node or took off (node.manageAddresses), by change "
+        "(added, removed, restored: put back after something else removed it).",
+        ("change",),
+    ),
+    M(
+        "lbd_node_address_errors_total",
+        "counter",
+        "Netlink requests for the node's service addresses that failed.",
+        (),
+    ),
+    M(
         "lbd_listener_bind_failures_total",
         "counter",
         "Listeners that could not be bound at start or in a reload (which then changed nothing).",

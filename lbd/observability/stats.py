@@ -65,6 +65,12 @@ class ProcessStats:
     dns_resolutions_ok: int = 0  # ExternalName answers applied
     dns_resolutions_failed: int = 0  # failed or empty: the last good answer stays
     health_check_requests: int = 0  # healthCheckNodePort requests answered
+    # node.manageAddresses (lbd.net.addresses): service addresses put on and taken off the node;
+    # restored: put back after something else removed them; errors: netlink requests refused.
+    node_addresses_added: int = 0
+    node_addresses_removed: int = 0
+    node_addresses_restored: int = 0
+    node_address_errors: int = 0
 
     def __post_init__(self) -> None:
         self.last_reload_ok_time = self.last_reload_ok_time or self.started

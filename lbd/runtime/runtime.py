@@ -30,7 +30,9 @@ from lbd.config.routes import RouteKey, route_specs
 from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
+from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
+from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
@@ -139,6 +141,11 @@ class Runtime:
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
+        # node.manageAddresses: the service addresses on the node. One owner per node: not a
+        # worker that shares its supervisor's listeners.
+        self.addresses = (
+            None if shared_listeners else NodeAddresses(self.process, self._draining_addresses)
+        )
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -147,12 +154,15 @@ class Runtime:
 
     async def apply(self, new: Config) -> ConfigDiff:
         diff = diff_configs(self.config, new)
+        await self._prepare_addresses(new)
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
             self.config = new
             self.config_hash = config_hash(new)
             self.extras.commit(new, node_checks)
+            if self.addresses is not None:
+                self.addresses.commit(new)
             await self.extras.start(node_checks)
             return diff
         specs = route_specs(new)
@@ -167,6 +177,8 @@ class Runtime:
         node_checks = self._prepare_extras(new, prepared)  # healthCheckNodePort servers
         self._commit(new, diff, prepared, added)
         self.extras.commit(new, node_checks)
+        if self.addresses is not None:
+            self.addresses.commit(new)
         for listener in prepared:
             await listener.start()
         await self.extras.start(node_checks)
@@ -182,6 +194,29 @@ class Runtime:
                 endpoints=len(listener.route.pool.members),
             )
         return diff
+
+    async def _prepare_addresses(self, new: Config) -> None:
+        """Service addresses go on the node before the listeners that need them bind."""
+        if self.addresses is None:
+            return
+        try:
+            await self.addresses.prepare(new)
+        except NetlinkFailure as error:
+            raise ListenerError(f"node.manageAddresses: {error}") from None
+
+    def _draining_addresses(self) -> set[str]:
+        listeners = {c.listener for c in self.connections}
+        return {
+            listener.spec.address
+            for listener in listeners
+            if isinstance(listener, Listener) and listener.spec.kind != "nodePort"
+        }
+
+    async def release_addresses(self, keep: bool) -> None:
+        """On exit, after the drain: the service addresses come off, unless ``keep`` (a
+        successor serves them now)."""
+        if self.addresses is not None:
+            await self.addresses.release(keep)
 
     def _prepare_extras(self, new: Config, prepared: list[Listener]) -> list[HealthCheckServer]:
         try:
@@ -314,6 +349,8 @@ class Runtime:
         connections carry on."""
         self.ready = False
         self.health.close()
+        if self.addresses is not None:
+            self.addresses.stop_watching()
         for listener in self.listeners.values():
             listener.close()
         self.extras.close()
