@@ -6,6 +6,10 @@
 Prints one JSON list: per request ``{"reply": "<first line>"}`` or ``{"error": "<exception>"}``.
 TCP: connect (from ``source`` when given), read one line. UDP: send ``ping`` from ``source``,
 read one datagram. Every request has a deadline, and the batch is bounded by its size.
+
+With ``"interval": S`` the requests start S seconds apart whatever the earlier ones do (an
+open loop, as independent clients arrive), and each result is printed as one JSON line when it
+completes, with its index ``i`` and start time ``t``: a test can act while the load runs.
 """
 
 from __future__ import annotations
@@ -63,5 +67,27 @@ async def main(spec: dict[str, Any]) -> list[dict[str, str]]:
     return await asyncio.gather(*(one(r, timeout, gate) for r in spec["requests"]))
 
 
+async def stream(spec: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(len(spec["requests"]))
+    timeout = spec.get("timeout", 1.0)
+    started = loop.time()
+
+    async def timed(index: int, request: dict[str, Any]) -> None:
+        begun = loop.time() - started
+        result: dict[str, Any] = {**await one(request, timeout, gate), "i": index, "t": begun}
+        print(json.dumps(result), flush=True)
+
+    tasks = []
+    for index, request in enumerate(spec["requests"]):
+        await asyncio.sleep(max(0.0, started + index * spec["interval"] - loop.time()))
+        tasks.append(asyncio.create_task(timed(index, request)))
+    await asyncio.gather(*tasks)
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(main(json.loads(sys.stdin.read())))))
+    given = json.loads(sys.stdin.read())
+    if "interval" in given:
+        asyncio.run(stream(given))
+    else:
+        print(json.dumps(asyncio.run(main(given))))
