@@ -104,9 +104,21 @@ class Hosts:
                 ip("-n", self.ns(host), "link", "set", end, "up")
         ip("-n", self.ns("client"), "route", "add", "default", "via", NODE_FRONT)
         ip("-n", self.ns("backend"), "route", "add", "default", "via", NODE_BACK)
-        subprocess.run(
-            self.inside("node", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]), check=True
-        )
+        # Thousands of short connections a second leave TIME_WAIT sockets behind; the kernel
+        # reuses their ports only for loopback by default (tcp_tw_reuse=2), and these hosts
+        # talk over veth. As on a real proxy node, let new connections reuse them (these
+        # namespaces only), or the rate collapses to a few hundred per second once the
+        # ephemeral ports run out.
+        tuning = {
+            "net.ipv4.tcp_tw_reuse": "1",
+            "net.ipv4.ip_local_port_range": "1024 65535",
+        }
+        for host in ("client", "node", "backend"):
+            for key, value in tuning.items():
+                sysctl = ["sysctl", "-q", "-w", f"{key}={value}"]
+                subprocess.run(self.inside(host, sysctl), check=True)
+        sysctl = ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]
+        subprocess.run(self.inside("node", sysctl), check=True)
 
     def remove(self) -> None:
         for namespace in self.made:
@@ -212,6 +224,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--output", type=Path, default=HERE / "results")
+    parser.add_argument("--workloads", default="bulk-1,bulk-8,conn-rate")
     args = parser.parse_args()
     raise_own_nofile()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -236,7 +249,7 @@ def main() -> int:
     try:
         hosts.build()
         with backends(hosts, work, logs, args.load_cpus):
-            for workload in ("bulk-1", "bulk-8", "conn-rate"):
+            for workload in args.workloads.split(","):
                 for repeat in range(args.repeats):
                     order: list[Target | None] = [None, *targets]
                     shift = repeat % len(order)
