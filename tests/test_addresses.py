@@ -30,6 +30,7 @@ BACKEND_PORT = 18080
 
 CONFIG = """\
 apiVersion: lbd/v1
+workers: {workers}
 admin: {{enabled: false}}
 node: {{addresses: ['{node}'], manageAddresses: true, syncPeriod: 1s}}
 services:
@@ -58,8 +59,8 @@ with IPRoute() as ipr:
 """
 
 
-def config(external: str = f"'{PRESENT}', '10.97.0.8'", node: str = NODE) -> str:
-    return CONFIG.format(node=node, external=external, port=BACKEND_PORT)
+def config(external: str = f"'{PRESENT}', '10.97.0.8'", node: str = NODE, workers: int = 1) -> str:
+    return CONFIG.format(node=node, external=external, port=BACKEND_PORT, workers=workers)
 
 
 def addresses(net: Lab) -> dict[str, list[object]]:
@@ -89,9 +90,10 @@ def tcp(host: str, port: int = 80, **extra: object) -> dict[str, object]:
     return {"proto": "tcp", "host": host, "port": port, **extra}
 
 
-async def test_lbd_owns_its_service_addresses(net: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the supervisor manages them
+async def test_lbd_owns_its_service_addresses(net: Lab, tmp_path: Path, workers: int) -> None:
     path = tmp_path / "lbd.yaml"
-    path.write_text(config())
+    path.write_text(config(workers=workers))
     async with backend(net, "node", f"tcp:127.0.0.1:{BACKEND_PORT}"):
         async with lbd_process(path, wrapper=net.exec("node")) as lbd:
             await lbd.wait_event("lbd started", timeout=20)
@@ -117,7 +119,7 @@ async def test_lbd_owns_its_service_addresses(net: Lab, tmp_path: Path) -> None:
             assert replies(await ask(net, "client", [tcp("10.96.0.10")]))[0].startswith("127.")
 
             # A reload drops an external IP: it comes off; the one lbd did not add stays.
-            path.write_text(config(external=f"'{PRESENT}'"))
+            path.write_text(config(external=f"'{PRESENT}'", workers=workers))
             lbd.signal(signal.SIGHUP)
             removed = await lbd.wait_event("service address removed", timeout=10)
             assert removed["address"] == "10.97.0.8"

@@ -21,6 +21,8 @@ from lbd.config.diff import diff_configs
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec
 from lbd.config.yamlfile import read_config_file
+from lbd.net.addresses import NodeAddresses
+from lbd.net.netlink import NetlinkFailure
 from lbd.process.channel import Message
 from lbd.runtime.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
 from lbd.runtime.runtime import ListenerError
@@ -50,6 +52,7 @@ class ReloadFanOut:
     slots_table: dict[SlotKey, int]
     reloads_ok: int
     reloads_failed: int
+    addresses: NodeAddresses  # node.manageAddresses: the supervisor owns the node's listeners
     _reload_lock: asyncio.Lock
     _reload_requests: ReloadRequests
 
@@ -88,11 +91,14 @@ class ReloadFanOut:
                 return ReloadResult("unchanged", time.perf_counter() - started)
             config = load_text(data, self.path, self.options)
             diff = diff_configs(self.config, config)
+            await self.addresses.prepare(config)  # before the listeners that need them
             added = self._bind(list(diff.listeners_added))
         except ConfigError as error:
             return self._failed(reason, started, [str(p) for p in error.problems])
         except ListenerError as error:
             return self._failed(reason, started, [f"{self.path}: {error}"])
+        except NetlinkFailure as error:
+            return self._failed(reason, started, [f"{self.path}: node.manageAddresses: {error}"])
         self.slots_table = self.slots.assign(config, self.counts)
         replies = await asyncio.gather(
             *(
@@ -129,6 +135,7 @@ class ReloadFanOut:
                     sock.close()
             return self._failed(reason, started, problems)
         self._commit(config, data, diff.listeners_removed, added)
+        self.addresses.commit(config)
         self.reloads_ok += 1
         duration = time.perf_counter() - started
         log.info(

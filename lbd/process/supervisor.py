@@ -37,8 +37,11 @@ import structlog
 
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec, listeners_of
+from lbd.net.addresses import NodeAddresses
+from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
+from lbd.observability.stats import ProcessStats
 from lbd.process.channel import Channel, Message
 from lbd.process.reload_fanout import ReloadFanOut
 from lbd.process.worker import STOP_SIGNALS
@@ -120,6 +123,8 @@ class Supervisor(ReloadFanOut):
         self._reload_requests = ReloadRequests()
         self.reloads_ok = 0
         self.reloads_failed = 0
+        # node.manageAddresses: here, where the listeners are bound (workers do not).
+        self.addresses = NodeAddresses(ProcessStats())
 
     # -- listening sockets -------------------------------------------------------------------
 
@@ -313,6 +318,10 @@ class Supervisor(ReloadFanOut):
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self.on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload, "SIGHUP")
+        try:
+            await self.addresses.prepare(self.config)
+        except NetlinkFailure as error:
+            raise ListenerError(f"node.manageAddresses: {error}") from None
         self.sockets = self._bind(self._listener_specs(self.config))
         self.inherited.close()
         for member in self.members:
@@ -327,6 +336,7 @@ class Supervisor(ReloadFanOut):
             raise StartError(str(failed[0]) if failed else "workers did not start in time")
         for member in self.members:
             member.monitor = asyncio.create_task(self._monitor(member))
+        self.addresses.commit(self.config)
 
     # -- stop ----------------------------------------------------------------------------------
 
@@ -345,6 +355,7 @@ class Supervisor(ReloadFanOut):
     async def stop(self) -> None:
         """Stop every worker (each drains its connections) and wait for them."""
         self.stopping.set()
+        self.addresses.stop_watching()
         self._signal_workers(signal.SIGTERM)
         processes = [m.process for m in self.members if m.process is not None]
         await asyncio.gather(*(p.wait() for p in processes))
@@ -382,6 +393,11 @@ class Supervisor(ReloadFanOut):
         total = self.snapshots.total()
         total.add("lbd_workers", (), sum(1 for m in self.members if m.serving))
         total.add("lbd_worker_restarts_total", (), self.restarts)
+        changes = self.addresses.stats
+        total.add("lbd_node_address_changes_total", ("added",), changes.node_addresses_added)
+        total.add("lbd_node_address_changes_total", ("removed",), changes.node_addresses_removed)
+        total.add("lbd_node_address_changes_total", ("restored",), changes.node_addresses_restored)
+        total.add("lbd_node_address_errors_total", (), changes.node_address_errors)
         return total
 
     async def run(self, *, watch: bool) -> int:
