@@ -299,7 +299,7 @@ def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
 
 def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.admin.server import AdminError
-    from lbd.config.loader import workers_count
+    from lbd.config.admin import workers_count
     from lbd.process.handoff import HandoffError
     from lbd.process.supervisor import StartError
     from lbd.runtime.runtime import ListenerError

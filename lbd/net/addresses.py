@@ -37,7 +37,7 @@ from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP
 from lbd.config.model import DEFAULT_SYNC_PERIOD, Config, listeners_of
 from lbd.net.loops import rearm_reader
 from lbd.net.netlink import NetlinkFailure, NodeNetlink, Outcome
-from lbd.observability.stats import ProcessStats
+from lbd.observability.stats import NodeAddressStats
 
 log = structlog.get_logger("lbd.net.addresses")
 
@@ -61,17 +61,17 @@ class NodeAddresses:
     ``commit`` (after start and every reload; starts watching), ``stop_watching`` (when
     shutdown begins) and ``release`` (on exit).
 
-    ``draining()`` names the addresses open connections still use, which stay until those
-    connections end. Everything is a no-op while the config says ``manageAddresses: false``.
+    ``draining()`` names the local addresses open connections use: an address of lbd's among
+    them stays until those connections end. Everything is a no-op while the config says
+    ``manageAddresses: false``.
     """
 
     def __init__(
         self,
-        stats: ProcessStats,
         draining: Callable[[], Iterable[str]] = tuple,
         netlink: NodeNetlink | None = None,
     ) -> None:
-        self.stats = stats
+        self.stats = NodeAddressStats()
         self.draining = draining
         self.netlink = netlink or NodeNetlink()
         self.enabled = False
@@ -160,14 +160,15 @@ class NodeAddresses:
                 await self._sync(self.wanted | self._draining(), fail=False)
 
     def _draining(self) -> frozenset[str]:
-        return frozenset(a for a in self.draining() if not ipaddress.ip_address(a).is_loopback)
+        """lbd's addresses that open connections still use: kept, never added for them."""
+        return frozenset(self.owned.intersection(self.draining()))
 
     async def _sync(self, wanted: frozenset[str], fail: bool) -> None:
         async with self._lock:
             try:
                 outcome = await asyncio.to_thread(self.netlink.reconcile, wanted)
             except NetlinkFailure as error:
-                self.stats.node_address_errors += 1
+                self.stats.node_address_errors_total += 1
                 log.error("node addresses not reconciled", error=str(error))
                 if fail:
                     raise
@@ -177,7 +178,7 @@ class NodeAddresses:
     def _record(self, outcome: Outcome) -> None:
         for address in outcome.added:
             if address in self.owned:
-                self.stats.node_addresses_restored += 1
+                self.stats.node_address_changes_total.restored += 1
                 log.warning(
                     "service address restored",
                     address=address,
@@ -185,14 +186,14 @@ class NodeAddresses:
                     why="it was removed from the node by something other than lbd",
                 )
             else:
-                self.stats.node_addresses_added += 1
+                self.stats.node_address_changes_total.added += 1
                 log.info("service address added", address=address, device=outcome.device)
             self.owned.add(address)
         self.owned.update(outcome.kept)  # left by a predecessor: adopted
         for address in outcome.removed:
-            self.stats.node_addresses_removed += 1
+            self.stats.node_address_changes_total.removed += 1
             self.owned.discard(address)
             log.info("service address removed", address=address, device=outcome.device)
         for address, why in outcome.failed:
-            self.stats.node_address_errors += 1
+            self.stats.node_address_errors_total += 1
             log.error("service address not changed", address=address, error=why)

@@ -2,85 +2,71 @@
 every worker the same bytes and slot table, and keep the new config only when a worker applied
 it (else nothing changed anywhere, and the sockets bound for it are closed).
 
-``ReloadFanOut`` is the reload half of ``lbd.process.supervisor.Supervisor``, kept here so that
-each file
-reads in one sitting; its state lives in the Supervisor.
+``ReloadFanOut`` owns what the workers must agree on: the config that runs (its path and
+bytes), and the slot table of the shared counts (``lbd.shm.counts``). Requests (file watcher,
+SIGHUP, admin API) only record; one task reloads, so bursts coalesce and reloads never overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from typing import TYPE_CHECKING
 
 import structlog
 
 from lbd.config import ConfigError, load_text
 from lbd.config.diff import diff_configs
 from lbd.config.loader import LoadOptions
-from lbd.config.model import Config, ListenerSpec
+from lbd.config.model import Config
 from lbd.config.yamlfile import read_config_file
 from lbd.net.addresses import NodeAddresses
 from lbd.net.netlink import NetlinkFailure
-from lbd.process.channel import Message
+from lbd.process.listening import ListeningSockets, Sockets
+from lbd.process.messages import Reload, ReloadDone, Reply, SlotTable
+from lbd.process.workers import WorkerSet, WorkerSlot
 from lbd.runtime.reload import ReloadRequests, ReloadResult, content_hash, reload_failed
 from lbd.runtime.runtime import ListenerError
-from lbd.shm.counts import SharedCounts, SlotAllocator, SlotKey
-
-if TYPE_CHECKING:
-    from lbd.process.supervisor import WorkerSlot
+from lbd.shm.counts import SharedCounts, SlotAllocator
 
 log = structlog.get_logger("lbd.process.supervisor")
 
 REPLY_TIMEOUT_S = 30.0  # a reload in every worker
-Sockets = dict[tuple[object, ...], list[socket.socket]]
 
 
 class ReloadFanOut:
-    """Mixin: the Supervisor's reload (see the module docstring)."""
-
-    # The Supervisor's state that a reload reads and updates.
-    path: str
-    data: bytes
-    config: Config
-    options: LoadOptions
-    members: list[WorkerSlot]
-    sockets: Sockets
-    counts: SharedCounts
-    slots: SlotAllocator
-    slots_table: dict[SlotKey, int]
-    reloads_ok: int
-    reloads_failed: int
-    addresses: NodeAddresses  # node.manageAddresses: the supervisor owns the node's listeners
-    _reload_lock: asyncio.Lock
-    _reload_requests: ReloadRequests
-
-    def _bind(self, specs: list[ListenerSpec]) -> Sockets:
-        raise NotImplementedError
-
-    def _sockets_for(
-        self, index: int, socks: Sockets
-    ) -> tuple[list[tuple[object, ...]], list[socket.socket]]:
-        raise NotImplementedError
-
-    async def ask(
+    def __init__(
         self,
-        member: WorkerSlot,
-        message: Message,
-        wait_s: float,
-        socks: list[socket.socket] | None = None,
-    ) -> Message:
-        raise NotImplementedError
+        config: Config,
+        source: tuple[str, bytes],
+        options: LoadOptions,
+        listening: ListeningSockets,
+        workers: WorkerSet,
+        counts: SharedCounts,
+        slots: SlotAllocator,
+        addresses: NodeAddresses | None = None,
+    ) -> None:
+        self.config = config  # what every worker runs
+        self.path, self.data = source
+        self.options = options  # --node-name, --proxy-name: the same for every reload
+        self.listening = listening
+        self.workers = workers
+        self.counts = counts
+        self.slots = slots
+        self.addresses = addresses or NodeAddresses()  # the node's service addresses
+        self.slots_table: SlotTable = slots.assign(config)
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self._lock = asyncio.Lock()
+        self._requests = ReloadRequests()
 
-    def request_reload(self, reason: str) -> None:
-        self._reload_requests.request(reason)
+    def request(self, reason: str) -> None:
+        self._requests.request(reason)
 
-    async def reload_loop(self) -> None:
-        await self._reload_requests.serve(self.reload)
+    async def run(self) -> None:
+        await self._requests.serve(self.reload)
 
     async def reload(self, reason: str) -> ReloadResult:
-        async with self._reload_lock:
+        async with self._lock:
             return await self._reload(reason)
 
     async def _reload(self, reason: str) -> ReloadResult:
@@ -92,7 +78,7 @@ class ReloadFanOut:
             config = load_text(data, self.path, self.options)
             diff = diff_configs(self.config, config)
             await self.addresses.prepare(config)  # before the listeners that need them
-            added = self._bind(list(diff.listeners_added))
+            added = self.listening.bind(diff.listeners_added)
         except ConfigError as error:
             return self._failed(reason, started, [str(p) for p in error.problems])
         except ListenerError as error:
@@ -100,41 +86,22 @@ class ReloadFanOut:
         except NetlinkFailure as error:
             return self._failed(reason, started, [f"{self.path}: node.manageAddresses: {error}"])
         self.slots_table = self.slots.assign(config, self.counts)
+        serving = self.workers.serving()
         replies = await asyncio.gather(
-            *(
-                self.ask(
-                    member,
-                    {
-                        "type": "reload",
-                        "reason": reason,
-                        "data": data,
-                        "keys": self._sockets_for(member.index, added)[0],
-                        "slots": self.slots_table,
-                    },
-                    REPLY_TIMEOUT_S,
-                    self._sockets_for(member.index, added)[1],
-                )
-                for member in self.members
-                if member.serving
-            ),
+            *(self._ask(member, reason, data, added) for member in serving),
             return_exceptions=True,
         )
+        done = [r for r in replies if isinstance(r, ReloadDone)]
         problems = sorted(
-            {
-                problem
-                for reply in replies
-                if isinstance(reply, dict)
-                for problem in reply.get("problems", ())
-            }
+            {problem for reply in done for problem in reply.problems}
             | {f"a worker did not answer: {r}" for r in replies if isinstance(r, BaseException)}
         )
-        applied = any(isinstance(r, dict) and r.get("outcome") == "applied" for r in replies)
-        if not applied and problems:
-            for socks in added.values():
-                for sock in socks:
-                    sock.close()
+        if not any(reply.outcome == "applied" for reply in done) and problems:
+            self.listening.discard(added)
             return self._failed(reason, started, problems)
-        self._commit(config, data, diff.listeners_removed, added)
+        self.listening.commit(added, diff.listeners_removed)
+        self.config = config
+        self.data = data
         self.addresses.commit(config)
         self.reloads_ok += 1
         duration = time.perf_counter() - started
@@ -149,19 +116,10 @@ class ReloadFanOut:
             log.error("config reload failed in some workers", problems=problems)
         return ReloadResult("applied", duration, diff, tuple(problems))
 
-    def _commit(
-        self,
-        config: Config,
-        data: bytes,
-        removed: tuple[ListenerSpec, ...],
-        added: Sockets,
-    ) -> None:
-        for spec in removed:
-            for sock in self.sockets.pop(spec.identity, []):
-                sock.close()  # the workers closed theirs: the listener is gone
-        self.sockets.update(added)
-        self.config = config
-        self.data = data
+    async def _ask(self, member: WorkerSlot, reason: str, data: bytes, added: Sockets) -> Reply:
+        keys, socks = self.listening.for_worker(member.index, added)
+        request = Reload(reason=reason, data=data, keys=keys, slots=self.slots_table)
+        return await self.workers.ask(member, request, REPLY_TIMEOUT_S, socks)
 
     def _failed(self, reason: str, started: float, problems: list[str]) -> ReloadResult:
         self.reloads_failed += 1
