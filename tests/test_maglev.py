@@ -18,6 +18,9 @@ from lbd.balancing import make_balancer
 from lbd.balancing.hashing import set_weight
 from lbd.balancing.maglev import MaglevBalancer, is_prime, populate, preference, turn_rates
 from lbd.balancing.source_hash import SourceHashBalancer
+from lbd.config import load_text
+from lbd.config.routes import route_specs
+from lbd.endpoints.route import Route
 
 
 @dataclass(eq=False)
@@ -235,3 +238,16 @@ def test_make_balancer_knows_the_hashing_strategies() -> None:
     assert isinstance(make_balancer("maglev"), MaglevBalancer)
     assert isinstance(make_balancer("source-hash"), SourceHashBalancer)
     assert MaglevBalancer(table_size=13).table_size == 13
+
+
+def test_a_service_sets_its_strategy_and_table_size() -> None:
+    text = (
+        "apiVersion: lbd/v1\nservices:\n"
+        "  - {name: a, clusterIP: 127.0.0.9, strategy: maglev, maglevTableSize: 13,"
+        " ports: [{port: 80}], endpoints: [127.0.1.1, 127.0.1.2]}\n"
+    )
+    (spec,) = route_specs(load_text(text)).values()
+    route = Route(spec)
+    assert isinstance(route.balancer, MaglevBalancer) and route.balancer.table_size == 13
+    picked = {route.pick(route.pool.eligible(), f"10.0.0.{i}", 0.0) for i in range(50)}
+    assert {e.address for e in picked if e is not None} == {"127.0.1.1", "127.0.1.2"}
