@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import NETNS_SKIP, Lab, ask, backend, lab, replies, run
+from tests.netlab import NETNS_SKIP, Lab, ask, backend, lab, replies, run
 from tests.procs import lbd_process, run_cli
 
 pytestmark = [pytest.mark.slow, NETNS_SKIP]

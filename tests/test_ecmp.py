@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from tests import topology as lan
-from tests.netns import HERE, ask
+from tests.netlab import HERE, ask
 from tests.topology import TOPOLOGY_TESTS, Node, Topology, topology
 
 pytestmark = TOPOLOGY_TESTS

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from tests.netns import ask, replies
+from tests.netlab import ask, replies
 from tests.topology import (
     CLIENT,
     NODES,

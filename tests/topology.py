@@ -14,7 +14,7 @@
   runs tests/netbackend.py: TCP 8080, PROXY-reading TCP 8081, UDP 8053.
 
 Addresses exist only in these namespaces and no route leads out of them. Everything is removed
-at the end, also when a test fails or is interrupted (``tests.netns``); a run that was killed
+at the end, also when a test fails or is interrupted (``tests.netlab``); a run that was killed
 is cleaned up by the next one.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import HERE, NETNS_SKIP, Lab, lab
+from tests.netlab import HERE, NETNS_SKIP, Lab, lab
 from tests.procs import LbdProcess, lbd_process
 
 CLIENT = "10.201.0.2"
