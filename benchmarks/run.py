@@ -33,7 +33,7 @@ from lbdbench.report import (
     markdown,
     write_json,
 )
-from lbdbench.targets import Target, all_targets, lbd_snapshot, lbd_status
+from lbdbench.targets import Target, all_targets, lbd_at_revision, lbd_snapshot, lbd_status
 from lbdbench.workloads import MeasureError, Settings, Workload, all_workloads
 
 HERE = Path(__file__).resolve().parent
@@ -74,6 +74,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--lbd-loops", default="uvloop", help="lbd event loops to compare, e.g. uvloop,asyncio"
     )
     parser.add_argument("--no-lbd", action="store_true", help="only the reference targets")
+    parser.add_argument(
+        "--compare-with",
+        metavar="REV",
+        help="also run lbd as it was at git revision REV (target lbd-base): before/after rows "
+        "of a change in one run",
+    )
     parser.add_argument(
         "--reference-buffer-kib",
         type=int,
@@ -240,6 +246,11 @@ def choose_targets(
         else:
             print(f"lbd is not runnable ({reason}); running the reference targets only")
             problems.add("lbd", None, f"not runnable: {reason}")
+    base = None
+    if include_lbd and args.compare_with:
+        base_launcher = lbd_at_revision(args.compare_with, workdir / "lbd-base")
+        base = (args.compare_with, base_launcher)
+        lbd_source += f"; lbd-base: {args.compare_with}"
     _, proxy_cpus, pin_text = pinning()
     targets = all_targets(
         proxy_cpus or "",
@@ -250,6 +261,7 @@ def choose_targets(
         tuple(args.lbd_loops.split(",")),
         args.reference_buffer_kib or None,
         launcher,
+        base,
     )
     if proxy_cpus is None:
         for t in targets:

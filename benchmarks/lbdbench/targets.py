@@ -145,11 +145,16 @@ class Lbd(Target):
         cpus: str | None,
         loop: str = "uvloop",
         launcher: tuple[str, ...] = ("lbd",),
+        version: str = "",
     ) -> None:
+        """``version``: a git revision this lbd was taken from, when it is not the working
+        tree's (``run.py --compare-with``): its key ends in ``-base`` and its label names it."""
         key = "lbd" if workers == 1 else f"lbd-w{workers}"
         if loop != "uvloop":
             key += f"-{loop}"
         label = f"lbd {workers} worker{'s' if workers > 1 else ''}"
+        if version:
+            key, label = f"{key}-base", f"{label} @{version}"
         super().__init__(
             key,
             label + ("" if loop == "uvloop" else f" ({loop})"),
@@ -285,6 +290,21 @@ def lbd_snapshot(dest: Path) -> tuple[tuple[str, ...], str]:
     return launcher, f"a copy of {source} taken at the start of the run"
 
 
+def lbd_at_revision(revision: str, dest: Path) -> tuple[str, ...]:
+    """Export lbd's package as it was at git ``revision`` to dest; a command that runs it (for
+    before/after rows of a change in one run, under the same noise)."""
+    repo = Path(__file__).resolve().parents[2]
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", revision, "lbd"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
+    return ("env", f"PYTHONPATH={dest}", sys.executable, "-P", "-m", "lbd")
+
+
 def lbd_status(launcher: tuple[str, ...]) -> tuple[bool, bool, str]:
     """(lbd runs, lbd accepts --workers, a reason when it does not run)."""
     try:
@@ -311,6 +331,7 @@ def all_targets(
     loops: tuple[str, ...] = ("uvloop",),
     buffer_kib: int | None = 64,
     launcher: tuple[str, ...] = ("lbd",),
+    base: tuple[str, tuple[str, ...]] | None = None,
 ) -> list[Target]:
     """Every target of a run, in report order. Single-process proxies get `proxy_cpus`.
 
@@ -322,6 +343,9 @@ def all_targets(
     if include_lbd:
         for i, loop in enumerate(loops):
             targets.append(Lbd(f"127.96.0.{10 + i}", 1, proxy_cpus, loop, launcher))
+        if base is not None:
+            revision, base_launcher = base
+            targets.append(Lbd("127.96.0.15", 1, proxy_cpus, "uvloop", base_launcher, revision))
     targets += [
         HAProxy("127.96.0.20", 1, proxy_cpus, buffer_kib),
         Nginx("127.96.0.30", 1, proxy_cpus, buffer_kib),

@@ -17,7 +17,8 @@ from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
-from lbd.process.messages import AdminReply, AdminRequest
+from lbd.process.messages import AdminReply, AdminRequest, SocketKey
+from lbd.process.sdnotify import ServiceNotifier
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
 
@@ -75,7 +76,9 @@ async def serve_supervised(
             config.admin, SupervisorBackend(supervisor), admin_reload(supervisor.reloads.reload)
         )
     admin_sock = restart.take_admin()  # before start() closes what it did not take
+    systemd = ServiceNotifier.from_environment()
     try:
+        systemd.start(supervisor.stopping, lambda: restart.handed_off)
         await supervisor.start()
         if admin is not None:
             try:
@@ -91,15 +94,17 @@ async def serve_supervised(
             admin=admin.bound if admin is not None else None,
         )
 
-        def sockets() -> dict[tuple[object, ...], socket.socket]:
+        def sockets() -> dict[SocketKey, socket.socket]:
             handed = supervisor.listening.handoff()
             if admin is not None and admin.sock is not None:
                 handed[ADMIN_KEY] = admin.sock
             return handed
 
+        systemd.ready()  # every worker serves: start() waited for each
         restart.serving(sockets, supervisor.stopping.set)
         return await supervisor.run(watch=watch)
     finally:
+        systemd.close()
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)

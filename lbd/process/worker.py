@@ -20,6 +20,7 @@ from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.sdnotify import ServiceNotifier
 from lbd.runtime.reload import Reloader, ReloadResult
 from lbd.runtime.runtime import Runtime
 from lbd.sources.file import watch_config
@@ -27,6 +28,7 @@ from lbd.sources.file import watch_config
 log = structlog.get_logger("lbd.process.worker")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WATCH_START_TIMEOUT_S = 10.0
 # Loop turns between closing the listeners and counting the connections left (see shutdown).
 ACCEPTED_SETTLE_TURNS = 3
 
@@ -82,7 +84,9 @@ async def serve(
         reload = admin_reload(reloader.reload) if reloader else None
         admin = AdminServer(config.admin, runtime, reload)
     background: list[asyncio.Task[None]] = []
+    systemd = ServiceNotifier.from_environment(enabled=admin_api)  # not in supervised workers
     try:
+        systemd.start(state.should_exit, lambda: restart.handed_off)
         await runtime.start()
         if admin is not None:
             try:
@@ -102,11 +106,14 @@ async def serve(
             background.append(asyncio.create_task(reloader.run()))
             if watch:
                 on_change = functools.partial(reloader.request, "file")
-                background.append(
-                    asyncio.create_task(watch_config(source[0], on_change, state.should_exit))
-                )
+                watching = asyncio.Event()
+                watcher = watch_config(source[0], on_change, state.should_exit, watching)
+                background.append(asyncio.create_task(watcher))
+                # Serving includes seeing the next edit: the watch is in place before "ready".
+                await asyncio.wait_for(watching.wait(), WATCH_START_TIMEOUT_S)
         if ready is not None:
             await ready(runtime)
+        systemd.ready()
         restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
         await state.should_exit.wait()
         if restart.handed_off and admin is not None:
@@ -116,6 +123,7 @@ async def serve(
         await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
+        systemd.close()
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)
