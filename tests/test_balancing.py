@@ -17,14 +17,24 @@ class Ep:
     weight: int = 1
     active: int = 0
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, 80)
+
 
 def picks(strategy: str, eligible: list[Ep], n: int, seed: int = 1) -> Counter[str]:
     balancer = make_balancer(strategy, random.Random(seed))  # type: ignore[arg-type]
     return Counter(balancer.pick(eligible, "127.0.0.1").name for _ in range(n))
 
 
-def test_registry_has_the_three_strategies() -> None:
-    assert set(STRATEGIES) == {"random", "round-robin", "least-connection"}
+def test_registry_has_every_strategy() -> None:
+    assert set(STRATEGIES) == {
+        "random",
+        "round-robin",
+        "least-connection",
+        "maglev",
+        "source-hash",
+    }
 
 
 def test_round_robin_equal_weights_rotates_exactly() -> None:

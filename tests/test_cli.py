@@ -60,7 +60,7 @@ async def test_check_bad_config_lists_every_problem_and_exits_1(tmp_path: Path) 
     assert err.splitlines() == [
         f"{path}: 2 problems",
         'services[0].ports[0].targetPort: endpoint 127.0.1.2 has no port named "htp"',
-        "services[0].strategy: must be one of random, round-robin, least-connection, got 'fastest'",
+        "services[0].strategy: must be one of random, round-robin, least-connection, maglev, source-hash, got 'fastest'",
     ]
     assert "Traceback" not in err
 

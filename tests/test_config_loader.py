@@ -89,6 +89,7 @@ def test_defaults_when_optional_sections_are_missing() -> None:
     )
     assert config.node.addresses == ("0.0.0.0",)
     assert config.node.node_port_range == (30000, 32767)
+    assert (config.node.manage_addresses, config.node.sync_period) == (False, 30)
     service = config.services[0]
     assert service.tunables.strategy == "round-robin" and service.type == "ClusterIP"
     assert (
@@ -261,8 +262,8 @@ def test_bad_enums_have_did_you_mean() -> None:
         "services[0].type: must be one of ClusterIP, NodePort, LoadBalancer, ExternalName, got 'Nodeport' "
         "(did you mean 'NodePort'?)",
         "services[0].ports[0].protocol: must be one of TCP, UDP, got 'SCTP'",
-        "services[0].strategy: must be one of random, round-robin, least-connection, got "
-        "'roundrobin' (did you mean 'round-robin'?)",
+        "services[0].strategy: must be one of random, round-robin, least-connection, maglev, "
+        "source-hash, got 'roundrobin' (did you mean 'round-robin'?)",
     ]
 
 
@@ -525,3 +526,16 @@ def test_workers_is_a_count_or_auto() -> None:
 )
 def test_bad_workers(value: str, message: str) -> None:
     assert problems_of(f"apiVersion: lbd/v1\nworkers: {value}\nservices: []\n") == [message]
+
+
+def test_node_address_management() -> None:
+    config = load_text(
+        "apiVersion: lbd/v1\nnode: {manageAddresses: true, syncPeriod: 5s}\nservices: []"
+    )
+    assert (config.node.manage_addresses, config.node.sync_period) == (True, 5)
+    assert problems_of(
+        "apiVersion: lbd/v1\nnode: {manageAddresses: yes please, syncPeriod: 0s}\nservices: []"
+    ) == [
+        "node.manageAddresses: expected true or false, got 'yes please'",
+        "node.syncPeriod: must be greater than 0",
+    ]

@@ -27,6 +27,7 @@ from lbd.observability.stats import (
     Buckets,
     EndpointStats,
     HealthStats,
+    NodeAddressStats,
     ProcessStats,
     RouteStats,
     SupervisorStats,
@@ -189,6 +190,7 @@ SCOPE_STATS = {
     "health": HealthStats,
     "process": ProcessStats,
     "supervisor": SupervisorStats,
+    "node": NodeAddressStats,
 }
 
 

@@ -21,6 +21,9 @@ class Candidate(Protocol):
     @property
     def active(self) -> int: ...
 
+    @property
+    def key(self) -> tuple[str, int]: ...  # (address, port): the same on every node
+
 
 C = TypeVar("C", bound=Candidate)
 

@@ -12,8 +12,10 @@ from lbd.config import fields as f
 from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
 from lbd.config.errors import ConfigError, FieldError, Problem
+from lbd.config.health import positive_duration
 from lbd.config.model import (
     API_VERSION,
+    DEFAULT_SYNC_PERIOD,
     PROTOCOLS,
     SERVICE_TYPES,
     Config,
@@ -41,7 +43,15 @@ from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
-NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
+NODE_KEYS = (
+    "name",
+    "zone",
+    "addresses",
+    "nodePortRange",
+    "proxyName",
+    "manageAddresses",
+    "syncPeriod",
+)
 SERVICE_KEYS = (
     "name",
     "namespace",
@@ -192,6 +202,8 @@ def _node(section: f.Section, options: LoadOptions) -> Node:
         zone=section.get("zone", f.string, None),
         addresses=tuple(a for a in addresses if a) if section.has("addresses") else ("0.0.0.0",),
         node_port_range=section.get("nodePortRange", _port_range, DEFAULT_NODE_PORT_RANGE),
+        manage_addresses=section.get("manageAddresses", f.boolean, False),
+        sync_period=section.get("syncPeriod", positive_duration, DEFAULT_SYNC_PERIOD),
     )
 
 

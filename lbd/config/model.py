@@ -16,7 +16,7 @@ API_VERSION = "lbd/v1"
 Protocol = Literal["TCP", "UDP"]
 ServiceType = Literal["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"]
 TrafficPolicy = Literal["Cluster", "Local"]
-StrategyName = Literal["random", "round-robin", "least-connection"]
+StrategyName = Literal["random", "round-robin", "least-connection", "maglev", "source-hash"]
 ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
@@ -30,7 +30,13 @@ DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as Kubernetes' sessionAffinityConfi
 # not proxied by this proxy.
 LABEL_PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 LABEL_HEADLESS = "service.kubernetes.io/headless"
-STRATEGIES: tuple[StrategyName, ...] = ("random", "round-robin", "least-connection")
+STRATEGIES: tuple[StrategyName, ...] = (
+    "random",
+    "round-robin",
+    "least-connection",
+    "maglev",
+    "source-hash",
+)
 PROTOCOLS: tuple[Protocol, ...] = ("TCP", "UDP")
 DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
@@ -39,6 +45,7 @@ SPLICE_MODES: tuple[SpliceMode, ...] = ("auto", "off")
 HASH_ON: tuple[HashOn, ...] = ("clientIP", "clientIPPort")
 DEFAULT_MAGLEV_TABLE_SIZE = 65537
 MAX_WORKERS = 256
+DEFAULT_SYNC_PERIOD = 30.0  # seconds, as kube-proxy's --sync-period
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +196,10 @@ class Node:
     addresses: tuple[str, ...]
     node_port_range: tuple[int, int]
     proxy_name: str = ""  # --proxy-name: serve services whose service-proxy-name label is this
+    # Put the service addresses lbd serves on the node itself (lbd.net.addresses), and check
+    # them every sync_period seconds (kube-proxy's --sync-period) besides netlink events.
+    manage_addresses: bool = False
+    sync_period: float = DEFAULT_SYNC_PERIOD
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ def render_config(config: Config) -> Document:
             "addresses": list(node.addresses),
             "nodePortRange": f"{node.node_port_range[0]}-{node.node_port_range[1]}",
             **({"proxyName": node.proxy_name} if node.proxy_name else {}),
+            "manageAddresses": node.manage_addresses,
+            "syncPeriod": node.sync_period,
         },
         "admin": _admin(config.admin),
         "defaults": render_tunables(config.defaults),

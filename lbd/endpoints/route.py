@@ -65,7 +65,7 @@ class Route:
             route_key=spec.key,
         )
         self.pool.update(spec.targets)
-        self.balancer: Balancer = make_balancer(spec.tunables.strategy, rng)
+        self.balancer: Balancer = _balancer(spec.tunables, rng)
         self.removed = False  # no longer in the config: its connections drain
         self.stats = RouteStats()
         self.admission: Admission | None = None  # None while the port has no limits
@@ -94,8 +94,9 @@ class Route:
     def update(self, spec: RouteSpec, rng: random.Random | None = None) -> None:
         """Swap in a changed spec: counters, pool members and (unless the strategy changed)
         the balancer's position survive."""
-        if spec.tunables.strategy != self.tunables.strategy:
-            self.balancer = make_balancer(spec.tunables.strategy, rng)
+        new, old = spec.tunables, self.tunables
+        if (new.strategy, new.maglev_table_size) != (old.strategy, old.maglev_table_size):
+            self.balancer = _balancer(new, rng)
         named_before = self.external_name
         self.spec = spec
         self.tunables = spec.tunables
@@ -184,3 +185,7 @@ class Route:
             self.affinity.timeout = spec.affinity_timeout
         self.source_ranges = tuple(ipaddress.ip_network(r) for r in spec.source_ranges)
         self.pool.set_policy(spec.policy)
+
+
+def _balancer(tunables: Tunables, rng: random.Random | None) -> Balancer:
+    return make_balancer(tunables.strategy, rng, tunables.maglev_table_size)

@@ -1,7 +1,8 @@
 """Every Prometheus metric lbd exports, in one table that also names the stats field it reads.
 
 A metric's name is ``lbd_`` + its field in ``lbd.observability.stats`` (``RouteStats``,
-``EndpointStats``, ``HealthStats``, ``ProcessStats``, ``SupervisorStats``, chosen by ``scope``),
+``EndpointStats``, ``HealthStats``, ``ProcessStats``, ``SupervisorStats``, ``NodeAddressStats``,
+chosen by ``scope``),
 so a name and the counter behind it cannot drift apart. A labelled metric's field is a small
 object whose fields are the label's values (``Refusals`` for ``reason``...). The data path
 counts in those plain ints and never touches prometheus-client; ``lbd.observability.snapshot``
@@ -21,7 +22,7 @@ from lbd.observability.stats import CONNECT_SECONDS_BUCKETS, CX_LENGTH_SECONDS_B
 
 Kind = Literal["counter", "gauge", "histogram", "info"]  # info: a gauge of 1, labels from the field
 Merge = Literal["sum", "max"]
-Scope = Literal["route", "endpoint", "health", "process", "supervisor"]
+Scope = Literal["route", "endpoint", "health", "process", "supervisor", "node"]
 Labels = tuple[str, ...]
 
 SCOPE_LABELS: dict[Scope, Labels] = {
@@ -30,6 +31,7 @@ SCOPE_LABELS: dict[Scope, Labels] = {
     "health": (),
     "process": (),
     "supervisor": (),
+    "node": (),
 }
 
 
@@ -282,6 +284,21 @@ _TABLE = (
         "process",
         merge="max",
         info=("version", "python"),
+    ),
+    # -- node (node.manageAddresses) ----------------------------------------------------------
+    MetricSpec(
+        "node_address_changes_total",
+        C,
+        "Service addresses lbd put on the node or took off (node.manageAddresses), by change "
+        "(added, removed, restored: put back after something else removed it).",
+        "node",
+        label="change",
+    ),
+    MetricSpec(
+        "node_address_errors_total",
+        C,
+        "Netlink requests for the node's service addresses that failed.",
+        "node",
     ),
     # -- supervisor (workers: N > 1) ----------------------------------------------------------
     MetricSpec("workers", G, "Worker processes serving now.", "supervisor", merge="max"),

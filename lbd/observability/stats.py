@@ -212,6 +212,22 @@ class ProcessStats:
 
 
 @dataclass(slots=True)
+class AddressChanges:
+    added: int = 0
+    removed: int = 0
+    restored: int = 0  # put back after something other than lbd removed it
+
+
+@dataclass(slots=True)
+class NodeAddressStats:
+    """node.manageAddresses (``lbd.net.addresses``): kept by the one process that manages the
+    node's service addresses (the only worker, or the supervisor)."""
+
+    node_address_changes_total: AddressChanges = field(default_factory=AddressChanges)
+    node_address_errors_total: int = 0  # netlink requests that failed
+
+
+@dataclass(slots=True)
 class SupervisorStats:
     """What only a supervisor of several workers knows."""
 

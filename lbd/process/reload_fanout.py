@@ -19,6 +19,8 @@ from lbd.config.diff import ConfigDiff, diff_configs
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.yamlfile import read_config_file
+from lbd.net.addresses import NodeAddresses
+from lbd.net.netlink import NetlinkFailure
 from lbd.observability.stats import Results
 from lbd.process.listening import ListeningSockets, Sockets
 from lbd.process.messages import Reload, ReloadDone, Reply, SlotTable
@@ -49,6 +51,7 @@ class ReloadFanOut:
         workers: WorkerSet,
         counts: SharedCounts,
         slots: SlotAllocator,
+        addresses: NodeAddresses | None = None,
     ) -> None:
         self.config = config  # what every worker runs
         self.path, self.data = source
@@ -57,6 +60,7 @@ class ReloadFanOut:
         self.workers = workers
         self.counts = counts
         self.slots = slots
+        self.addresses = addresses or NodeAddresses()  # the node's service addresses
         self.slots_table: SlotTable = slots.assign(config)
         self.results = Results()  # lbd_config_reloads_total: the supervisor decides them
         self._failed_bytes: tuple[str, tuple[str, ...]] = ("", ())  # invalid bytes, and why
@@ -90,6 +94,7 @@ class ReloadFanOut:
             config, diff = await asyncio.wait_for(
                 asyncio.to_thread(self._check, data), PLAN_TIMEOUT_S
             )
+            await self.addresses.prepare(config)  # before the listeners that need them
             added = self.listening.bind(diff.listeners_added)
         except ConfigError as error:
             problems = [str(p) for p in error.problems]
@@ -100,6 +105,8 @@ class ReloadFanOut:
         except TimeoutError:
             problems = [f"{self.path}: not validated within {PLAN_TIMEOUT_S:.0f} s"]
             return self._failed(reason, started, problems)
+        except NetlinkFailure as error:
+            return self._failed(reason, started, [f"{self.path}: node.manageAddresses: {error}"])
         self.slots_table = self.slots.assign(config, self.counts)
         serving = self.workers.serving()
         replies = await asyncio.gather(
@@ -117,6 +124,7 @@ class ReloadFanOut:
         self.listening.commit(added, diff.listeners_removed)
         self.config = config
         self.data = data
+        self.addresses.commit(config)
         self.results.success += 1
         duration = time.perf_counter() - started
         log.info(

@@ -25,6 +25,8 @@ import structlog
 
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
+from lbd.net.addresses import NodeAddresses
+from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.observability.snapshot import Snapshot, read_stats
 from lbd.process.listening import ListeningSockets, SocketMode, listener_specs
@@ -32,6 +34,7 @@ from lbd.process.messages import SnapshotReply, SnapshotRequest, Start
 from lbd.process.reload_fanout import ReloadFanOut
 from lbd.process.worker import STOP_SIGNALS
 from lbd.process.workers import StartError, WorkerSet
+from lbd.runtime.runtime import ListenerError
 from lbd.shm.counts import DEFAULT_SLOTS, SharedCounts, SlotAllocator
 from lbd.sources.file import watch_config
 
@@ -60,6 +63,8 @@ class Supervisor:
         self.counts = SharedCounts.create(workers, DEFAULT_SLOTS)
         self.listening = ListeningSockets(workers, socket_mode, inherited or InheritedSockets())
         self.pool = WorkerSet(workers, worker_args, self.counts, self._start, self.stopping)
+        # node.manageAddresses: here, where the listeners are bound (workers do not).
+        self.addresses = NodeAddresses()
         self.reloads = ReloadFanOut(
             config,
             source,
@@ -68,6 +73,7 @@ class Supervisor:
             self.pool,
             self.counts,
             SlotAllocator(DEFAULT_SLOTS),
+            self.addresses,
         )
 
     @property
@@ -96,6 +102,10 @@ class Supervisor:
         for signum in STOP_SIGNALS:
             loop.add_signal_handler(signum, self.on_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self.reloads.request, "SIGHUP")
+        try:
+            await self.addresses.prepare(self.config)
+        except NetlinkFailure as error:
+            raise ListenerError(f"node.manageAddresses: {error}") from None
         self.listening.commit(self.listening.bind(listener_specs(self.config)))
         self.listening.inherited.close()
         for member in self.pool.members:
@@ -110,6 +120,7 @@ class Supervisor:
             raise StartError(str(failed[0]) if failed else "workers did not start in time")
         for member in self.pool.members:
             member.monitor = asyncio.create_task(self.pool.monitor(member))
+        self.addresses.commit(self.config)
 
     def on_signal(self, signum: int) -> None:
         log.info("signal received", signal=signal.Signals(signum).name)
@@ -120,6 +131,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop every worker (each drains its connections) and wait for them."""
         self.stopping.set()
+        self.addresses.stop_watching()
         await self.pool.stop()
 
     def close(self) -> None:
@@ -146,6 +158,7 @@ class Supervisor:
         total = snapshots.total()
         self.pool.stats.workers = len(serving)
         read_stats(total, "supervisor", self.pool.stats, ())
+        read_stats(total, "node", self.addresses.stats, ())
         # Reloads are the supervisor's to count: a file it rejects never reaches a worker.
         reloads = dataclasses.asdict(self.reloads.results)
         total.values["lbd_config_reloads_total"] = {(k,): v for k, v in reloads.items()}

@@ -108,4 +108,5 @@ async def serve_supervised(
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)
+        await supervisor.addresses.release(keep=restart.handed_off)
         supervisor.close()

@@ -133,6 +133,7 @@ async def serve(
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)
+        await runtime.release_addresses(keep=restart.handed_off)
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
     return 0

@@ -29,13 +29,15 @@ from lbd.config.routes import RouteKey, RouteSpec
 from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
+from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
 from lbd.net.listener import Listener as NetListener
+from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_listener import UdpListener
-from lbd.observability.snapshot import Snapshot
+from lbd.observability.snapshot import Snapshot, read_stats
 from lbd.observability.stats import ProcessStats
 from lbd.runtime.extras import ServiceExtras
 from lbd.runtime.plan import Plan, make_plan
@@ -146,6 +148,9 @@ class Runtime:
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
+        # node.manageAddresses: the service addresses on the node. One owner per node: not a
+        # worker that shares its supervisor's listeners.
+        self.addresses = None if shared_listeners else NodeAddresses(self._draining_addresses)
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -163,11 +168,14 @@ class Runtime:
         if plan.base is not self.config:  # another apply came in between: plan again
             plan = self.plan(plan.config)
         new, diff = plan.config, plan.diff
+        await self._prepare_addresses(new)
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
             self._set_config(plan)
             self.extras.commit(new, node_checks)
+            if self.addresses is not None:
+                self.addresses.commit(new)
             await self.extras.start(node_checks)
             return diff
         # Routes for new service ports exist before commit so new listeners can point at them;
@@ -177,6 +185,8 @@ class Runtime:
         node_checks = self._prepare_extras(new, prepared)  # healthCheckNodePort servers
         self._commit(plan, prepared, added)
         self.extras.commit(new, node_checks)
+        if self.addresses is not None:
+            self.addresses.commit(new)
         for listener in prepared:
             await listener.start()
         await self.extras.start(node_checks)
@@ -192,6 +202,26 @@ class Runtime:
                 endpoints=len(listener.route.pool.members),
             )
         return diff
+
+    async def _prepare_addresses(self, new: Config) -> None:
+        """Service addresses go on the node before the listeners that need them bind."""
+        if self.addresses is None:
+            return
+        try:
+            await self.addresses.prepare(new)
+        except NetlinkFailure as error:
+            raise ListenerError(f"node.manageAddresses: {error}") from None
+
+    def _draining_addresses(self) -> set[str]:
+        """The local addresses open client connections use (they keep an address on)."""
+        local = (c.transport.get_extra_info("sockname") for c in self.connections if c.transport)
+        return {str(address[0]) for address in local if address}
+
+    async def release_addresses(self, keep: bool) -> None:
+        """On exit, after the drain: the service addresses come off, unless ``keep`` (a
+        successor serves them now)."""
+        if self.addresses is not None:
+            await self.addresses.release(keep)
 
     def _prepare_extras(self, new: Config, prepared: list[Listener]) -> list[HealthCheckServer]:
         try:
@@ -310,9 +340,12 @@ class Runtime:
         self.process.config_info = (plan.hash,)
 
     def metrics_snapshot(self) -> Snapshot:
-        return runtime_snapshot(
+        snap = runtime_snapshot(
             self.routes.values(), self.connections, self.process, self.health.stats
         )
+        if self.addresses is not None:
+            read_stats(snap, "node", self.addresses.stats, ())
+        return snap
 
     def sync_health(self) -> None:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``
@@ -325,6 +358,8 @@ class Runtime:
         connections carry on."""
         self.ready = False
         self.health.close()
+        if self.addresses is not None:
+            self.addresses.stop_watching()
         for listener in self.listeners.values():
             listener.close()
         self.extras.close()
