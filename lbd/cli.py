@@ -254,6 +254,8 @@ def check(path: str, options: LoadOptions | None = None) -> int:
     )
     skipped = f"; {_plural(len(config.skipped), 'service')} skipped" if config.skipped else ""
     print(f"{path}: ok: {counts} (node {config.node.name}){skipped}")
+    for warning in config.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from lbd.config import fields as f
 from lbd.config.checks import check_listeners
+from lbd.config.endpoints import port_warnings, read_endpoints
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.model import (
     API_VERSION,
@@ -18,7 +20,6 @@ from lbd.config.model import (
     Admin,
     Config,
     Defaults,
-    Endpoint,
     Node,
     Protocol,
     Service,
@@ -28,10 +29,8 @@ from lbd.config.model import (
 )
 from lbd.config.nodeports import allocate_node_ports
 from lbd.config.semantics import (
-    CONDITION_KEYS,
     DNS_KEYS,
     SEMANTIC_KEYS,
-    conditions,
     dns_section,
     service_semantics,
     skip_reason,
@@ -47,6 +46,7 @@ SERVICE_KEYS = (
     "namespace",
     "type",
     "clusterIP",
+    "clusterIPs",
     "externalIPs",
     "loadBalancerIPs",
     "ports",
@@ -55,13 +55,11 @@ SERVICE_KEYS = (
     *SEMANTIC_KEYS,
 )
 PORT_KEYS = ("name", "protocol", "port", "targetPort", "nodePort")
-ENDPOINT_KEYS = ("address", "ports", "weight", *CONDITION_KEYS)
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 
 _port_number = f.int_between(1, 65535)
 # Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
 _service_port_number = f.int_between(0, 65535)
-_weight = f.int_between(0, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +84,9 @@ def load_text(
     documents = parse_yaml_documents(text, source)
     options = options or LoadOptions()
     document: object
+    warnings: list[str] = []
     if is_manifest(documents):
-        document = manifests_to_document(documents, options.node_name, source)
+        document = manifests_to_document(documents, options.node_name, source, warnings)
     elif len(documents) > 1:
         raise ConfigError(
             [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
@@ -98,6 +97,8 @@ def load_text(
     config = build_config(document, problems, options)
     if problems.items or config is None:
         raise ConfigError(problems.items, source)
+    if warnings:
+        config = dataclasses.replace(config, warnings=(*warnings, *config.warnings))
     return config
 
 
@@ -152,6 +153,7 @@ def build_config(
         dns=dns,
         skipped=tuple(skipped),
         workers=workers,
+        warnings=tuple(port_warnings(tuple(services))),
     )
     check_listeners(config, paths, problems)
     return config
@@ -231,15 +233,15 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     lb_ips = _addresses(section, "loadBalancerIPs")
     if lb_ips and kind != "LoadBalancer":
         section.problems.add(f.join(section.path, "loadBalancerIPs"), "only for type LoadBalancer")
-    endpoints = _endpoints(section)
+    endpoints = read_endpoints(section)
     if kind == "ExternalName" and endpoints:
         section.problems.add(
             f.join(section.path, "endpoints"), "an ExternalName service's endpoints come from DNS"
         )
-    ports = _ports(section, kind, endpoints)
+    ports = _ports(section, kind)
     name = section.get("name", f.dns_label)
     namespace = section.get("namespace", f.dns_label, "default")
-    cluster_ip = section.get("clusterIP", f.unicast_address)
+    cluster_ip, cluster_ips = _cluster_ips(section)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
     if tunables.proxy_protocol.send == "v1" and any(p.protocol == "UDP" for p in ports):
@@ -253,6 +255,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         namespace=namespace,
         type=kind,
         cluster_ip=cluster_ip,
+        cluster_ips=cluster_ips,
         external_ips=external_ips,
         load_balancer_ips=lb_ips,
         strategy=tunables.strategy,
@@ -272,9 +275,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     return service if len(section.problems.items) == problems_before else None
 
 
-def _ports(
-    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...]
-) -> tuple[ServicePort, ...]:
+def _ports(section: f.Section, kind: str) -> tuple[ServicePort, ...]:
     items = section.items("ports")
     if not items:
         section.problems.add(f.join(section.path, "ports"), "at least one port is required")
@@ -283,7 +284,7 @@ def _ports(
     seen_numbers: dict[tuple[str, int], str] = {}
     for path, raw in items:
         port_section = f.Section(raw, path, section.problems, PORT_KEYS)
-        port = _port(port_section, kind, endpoints, named=len(items) > 1)
+        port = _port(port_section, kind, named=len(items) > 1)
         if port is None:
             continue
         if port.name is not None:
@@ -303,9 +304,7 @@ def _ports(
     return tuple(ports)
 
 
-def _port(
-    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...], named: bool
-) -> ServicePort | None:
+def _port(section: f.Section, kind: str, named: bool) -> ServicePort | None:
     problems_before = len(section.problems.items)
     name = section.get("name", f.port_name, None)
     if named and name is None:
@@ -328,13 +327,6 @@ def _port(
         section.problems.add(
             f.join(section.path, "targetPort"), "an ExternalName service needs a numeric targetPort"
         )
-    if isinstance(target, str):
-        for endpoint in endpoints:
-            if endpoint.port_named(target) is None:
-                section.problems.add(
-                    f.join(section.path, "targetPort"),
-                    f'endpoint {endpoint.address} has no port named "{target}"',
-                )
     if len(section.problems.items) != problems_before or target is None:
         return None
     return ServicePort(
@@ -346,45 +338,22 @@ def _port(
     )
 
 
-def _endpoints(section: f.Section) -> tuple[Endpoint, ...]:
-    endpoints: list[Endpoint] = []
-    seen: dict[str, str] = {}
-    for path, raw in section.items("endpoints"):
-        if isinstance(raw, str):
-            address = _item(section, path, raw, f.unicast_address)
-            endpoint = Endpoint(address) if address else None
-        else:
-            endpoint = _endpoint(f.Section(raw, path, section.problems, ENDPOINT_KEYS))
-        if endpoint is None:
-            continue
-        if endpoint.address in seen:
-            section.problems.add(
-                path, f"duplicate endpoint {endpoint.address} (first at {seen[endpoint.address]})"
-            )
-            continue
-        seen[endpoint.address] = path
-        endpoints.append(endpoint)
-    return tuple(endpoints)
-
-
-def _endpoint(section: f.Section) -> Endpoint | None:
-    problems_before = len(section.problems.items)
-    address = section.get("address", f.unicast_address)
-    ports_section = f.Section(
-        section.raw("ports"), f.join(section.path, "ports"), section.problems, None
-    )
-    named: list[tuple[str, int]] = []
-    for key, value in ports_section.values.items():
-        key_path = f.join(ports_section.path, str(key))
-        try:
-            named.append((f.port_name(key), _port_number(value)))
-        except FieldError as error:
-            section.problems.add(key_path, str(error))
-    weight = section.get("weight", _weight, 1)
-    state = conditions(section)
-    if len(section.problems.items) != problems_before:
-        return None
-    return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight, conditions=state)
+def _cluster_ips(section: f.Section) -> tuple[str, tuple[str, ...]]:
+    """``clusterIP`` and ``clusterIPs`` as Kubernetes validates them: clusterIPs[0] is clusterIP,
+    and a second address (dual-stack) is of the other family."""
+    cluster_ip = section.get("clusterIP", f.unicast_address, None)
+    cluster_ips = _addresses(section, "clusterIPs")
+    path = f.join(section.path, "clusterIPs")
+    families = {":" in address for address in cluster_ips}
+    if len(cluster_ips) > 2 or len(families) < len(cluster_ips):
+        section.problems.add(path, "at most two addresses, one IPv4 and one IPv6")
+    if cluster_ip is None and not cluster_ips:
+        if section.raw("clusterIP") is None:
+            section.problems.add(f.join(section.path, "clusterIP"), "required")
+        return "", ()
+    if cluster_ip is not None and cluster_ips and cluster_ips[0] != cluster_ip:
+        section.problems.add(path, f"the first address must be clusterIP ({cluster_ip})")
+    return cluster_ip or cluster_ips[0], cluster_ips[:2] if len(cluster_ips) > 1 else ()
 
 
 def _addresses(section: f.Section, key: str) -> tuple[str, ...]:

@@ -167,6 +167,9 @@ class Service:
     health_check_node_port: int | None = None  # LoadBalancer + externalTrafficPolicy Local
     external_name: str | None = None  # type ExternalName: the host name to resolve
     labels: tuple[tuple[str, str], ...] = ()
+    # clusterIPs: every cluster IP, ``cluster_ip`` first; a dual-stack service has one of each
+    # family and is served on both. Empty: ``cluster_ip`` alone.
+    cluster_ips: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -244,6 +247,9 @@ class Config:
     # Processes serving every listener (``auto``: one per CPU). Like ``admin``, read at start:
     # a reload that changes it is applied and logged, the count changes on the next restart.
     workers: int = 1
+    # What ``lbd check`` reports but does not refuse: a service port no endpoint serves, an
+    # EndpointSlice of a family the service has no clusterIP for. Not part of the diff.
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +294,10 @@ def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:
     """Every socket a service asks for, in a stable order (Kubernetes' Service semantics)."""
     specs: list[ListenerSpec] = []
     for index, port in enumerate(service.ports):
-        places: list[tuple[str, int, ListenerKind]] = [(service.cluster_ip, port.port, "clusterIP")]
+        places: list[tuple[str, int, ListenerKind]] = [
+            (address, port.port, "clusterIP")
+            for address in service.cluster_ips or (service.cluster_ip,)
+        ]
         places += [(address, port.port, "externalIP") for address in service.external_ips]
         if service.type in ("NodePort", "LoadBalancer") and port.node_port is not None:
             places += [(address, port.node_port, "nodePort") for address in node.addresses]

@@ -106,7 +106,7 @@ class Listener:
 
 def empty_like(config: Config) -> Config:
     """``config`` without services: what a runtime has applied before it starts."""
-    return dataclasses.replace(config, services=())
+    return dataclasses.replace(config, services=(), warnings=())
 
 
 class Runtime:
@@ -147,6 +147,8 @@ class Runtime:
 
     async def apply(self, new: Config) -> ConfigDiff:
         diff = diff_configs(self.config, new)
+        for warning in sorted(set(new.warnings) - set(self.config.warnings)):
+            log.warning("config warning", warning=warning)
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
