@@ -53,9 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: node.proxyName; unlabelled services are always served)",
         )
 
+    def with_kubernetes_options(sub: argparse.ArgumentParser) -> None:
+        kube = sub.add_argument_group("services from the Kubernetes API (docs/kubernetes.md)")
+        kube.add_argument("--kubernetes", action="store_true", help="as `source: kubernetes`")
+        kube.add_argument("--kubeconfig", metavar="PATH", help="default: $KUBECONFIG, in-cluster")
+        kube.add_argument("--min-sync-period", metavar="DURATION", help="default 1s")
+        kube.add_argument("--allowed-service-ips", metavar="CIDR,...", help="default: none")
+
     run = commands.add_parser("run", help="serve the services of a config file")
-    run.add_argument("config", help="path to the lbd/v1 YAML config or Kubernetes manifests")
+    run.add_argument(
+        "config",
+        nargs="?",
+        help="path to the lbd/v1 YAML config or Kubernetes manifests (optional with "
+        "--kubernetes: then it supplies node, admin, defaults, workers)",
+    )
     with_node_options(run)
+    with_kubernetes_options(run)
     run.add_argument("--pid-file", help="write the process id here (for `lbd reload`)")
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
@@ -199,10 +212,15 @@ def _load_with_bytes(path: str, options: LoadOptions | None = None) -> tuple[Con
         data = read_config_file(path)
         return load_text(data, path, options), data
     except ConfigError as error:
-        print(f"{path}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
-        for problem in error.problems:
-            print(str(problem), file=sys.stderr)
+        _print_problems(path, error)
         return None
+
+
+def _print_problems(label: str, error: ConfigError) -> int:
+    print(f"{label}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
+    for problem in error.problems:
+        print(str(problem), file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
@@ -305,12 +323,25 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.process.handoff import HandoffError
     from lbd.process.supervisor import StartError
     from lbd.runtime.runtime import ListenerError
+    from lbd.sources.kube_client import SourceError
 
     path, loop, pid_file = args.config, args.loop, args.pid_file
-    loaded = _load_with_bytes(path, options)
-    if loaded is None:
+    if path is None and not args.kubernetes:
+        print("lbd run: give a config file, or --kubernetes", file=sys.stderr)
+        return EXIT_USAGE
+    loaded = _load_with_bytes(path, options) if path is not None else None
+    if loaded is None and path is not None:
         return EXIT_CONFIG
-    config, data = loaded
+    config, data = loaded if loaded is not None else (None, None)
+    if args.kubernetes or (config is not None and config.source == "kubernetes"):
+        from lbd.process.kube_mode import kubernetes_source
+
+        flags = (args.kubeconfig, args.min_sync_period, args.allowed_service_ips)
+        try:
+            config, data, args.source = kubernetes_source(data, path, options, *flags)
+        except ConfigError as error:
+            return _print_problems(path or "lbd run --kubernetes", error)
+    assert config is not None and data is not None
     workers = config.workers
     if args.workers is not None:
         try:
@@ -326,6 +357,9 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     except (ListenerError, AdminError, StartError, HandoffError) as error:
         print(f"{path}: {error}", file=sys.stderr)
         return EXIT_START
+    except SourceError as error:
+        print(f"lbd run --kubernetes: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         if pid_file:
             _remove_pid_file(Path(pid_file))
@@ -349,7 +383,10 @@ async def _serve(
 ) -> int:
     from lbd.process.handoff import Restart, take_over
 
-    source, watch = (args.config, data), not args.no_watch
+    kubernetes = getattr(args, "source", None)
+    source, watch = (args.config or "<kubernetes>", data), not args.no_watch and args.config
+    if kubernetes is not None:
+        await kubernetes.open()
     restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
     takeover = await take_over(args.takeover) if args.takeover else None
     restart = Restart(restart_path, takeover)
@@ -357,7 +394,14 @@ async def _serve(
         if workers == 1:
             from lbd.process.worker import serve
 
-            return await serve(config, source=source, watch=watch, restart=restart, options=options)
+            return await serve(
+                config,
+                source=source,
+                watch=watch,
+                restart=restart,
+                options=options,
+                kubernetes=kubernetes,
+            )
         from lbd.process.supervisor import Supervisor
         from lbd.process.supervisor_admin import serve_supervised
 
@@ -371,7 +415,9 @@ async def _serve(
             inherited=restart.inherited,
             options=options,
         )
-        return await serve_supervised(supervisor, watch=watch, restart=restart)
+        return await serve_supervised(
+            supervisor, watch=watch, restart=restart, kubernetes=kubernetes
+        )
     finally:
         restart.close()
 

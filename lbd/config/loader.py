@@ -12,6 +12,7 @@ from lbd.config import fields as f
 from lbd.config.checks import check_listeners
 from lbd.config.endpoints import port_warnings, read_endpoints
 from lbd.config.errors import ConfigError, FieldError, Problem
+from lbd.config.kubesource import SOURCE_KEYS, read_source
 from lbd.config.model import (
     API_VERSION,
     MAX_WORKERS,
@@ -38,7 +39,7 @@ from lbd.config.semantics import (
 from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers", *SOURCE_KEYS)
 ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
 SERVICE_KEYS = (
@@ -118,6 +119,7 @@ def build_config(
     admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
     workers = top.get("workers", workers_count, 1)
+    source, kubernetes = read_source(top)
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
@@ -154,6 +156,8 @@ def build_config(
         skipped=tuple(skipped),
         workers=workers,
         warnings=tuple(port_warnings(tuple(services))),
+        source=source,
+        kubernetes=kubernetes,
     )
     check_listeners(config, paths, problems)
     return config

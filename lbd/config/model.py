@@ -21,6 +21,7 @@ ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 SpliceMode = Literal["auto", "off"]
+SourceKind = Literal["file", "kubernetes"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 TRAFFIC_POLICIES: tuple[TrafficPolicy, ...] = ("Cluster", "Local")
@@ -237,6 +238,18 @@ class Skipped:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesSettings:
+    """``source: kubernetes`` (``lbd.config.kubesource``, ``lbd.sources.kubernetes``)."""
+
+    kubeconfig: str | None = None  # else $KUBECONFIG, else in-cluster, else ~/.kube/config
+    # At most one apply per this long; an apply never waits longer after the last event.
+    min_sync_period: float = 1.0  # kube-proxy's --iptables-min-sync-period default
+    # CIDRs that externalIPs and LoadBalancer IPs from the API may be in (CVE-2020-8554):
+    # anyone allowed to create a Service could otherwise make lbd intercept any address.
+    allowed_service_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: Node
     defaults: Defaults
@@ -250,6 +263,9 @@ class Config:
     # What ``lbd check`` reports but does not refuse: a service port no endpoint serves, an
     # EndpointSlice of a family the service has no clusterIP for. Not part of the diff.
     warnings: tuple[str, ...] = ()
+    # source: kubernetes: the services come from the API server (lbd.sources.kubernetes)
+    source: SourceKind = "file"
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
 
 @dataclass(frozen=True, slots=True)

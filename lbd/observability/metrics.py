@@ -30,7 +30,11 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from lbd.observability.stats import CONNECT_SECONDS_BUCKETS, CX_LENGTH_SECONDS_BUCKETS
+from lbd.observability.stats import (
+    CONNECT_SECONDS_BUCKETS,
+    CX_LENGTH_SECONDS_BUCKETS,
+    NETWORK_PROGRAMMING_SECONDS_BUCKETS,
+)
 
 if TYPE_CHECKING:
     pass
@@ -316,6 +320,75 @@ METRICS = _specs(
     ),
     M("lbd_config_info", "gauge", "The running config's hash, as a label.", ("hash",), "max"),
     M("lbd_build_info", "gauge", "lbd's version, as labels.", ("version", "python"), "max"),
+    # -- Kubernetes API source (lbd run --kubernetes); one per lbd, in the supervisor ---------
+    M(
+        "lbd_kubernetes_watch_events_total",
+        "counter",
+        "Watch events received, by kind (Service, EndpointSlice, Node) and type (ADDED, "
+        "MODIFIED, DELETED, BOOKMARK, ERROR).",
+        ("kind", "type"),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_relists_total",
+        "counter",
+        "Full lists after the first, by kind (410 Gone, or a watch that could not resume).",
+        ("kind",),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_errors_total",
+        "counter",
+        "List or watch requests that failed (unreachable, HTTP error, broken stream), by kind.",
+        ("kind",),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_connected",
+        "gauge",
+        "1 while every watch is open; 0 from the first failure until all recover (the last "
+        "state is served meanwhile).",
+        (),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_last_sync_timestamp_seconds",
+        "gauge",
+        "When the API's state was last applied (or found unchanged), Unix time.",
+        (),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_syncs_total",
+        "counter",
+        "Applies of the API's state, by result (applied, unchanged, failed).",
+        ("result",),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_services_rejected_total",
+        "counter",
+        "Service updates refused (invalid field or lbd.io/ annotation, or a listener conflict); "
+        "the service kept its last good form.",
+        (),
+        "max",
+    ),
+    M(
+        "lbd_kubernetes_service_ips_skipped_total",
+        "counter",
+        "externalIPs and LoadBalancer IPs not served: outside --allowed-service-ips.",
+        (),
+        "max",
+    ),
+    M(
+        "lbd_network_programming_duration_seconds",
+        "histogram",
+        "From an EndpointSlice change seen on the watch to its service applied (kube-proxy's "
+        "network programming latency, measured from the event's arrival).",
+        (),
+        "max",
+        buckets=NETWORK_PROGRAMMING_SECONDS_BUCKETS,
+    ),
     # -- supervisor (workers: N > 1) -------------------------------------------------------
     M("lbd_workers", "gauge", "Worker processes serving now.", (), "max"),
     M(

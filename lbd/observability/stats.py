@@ -152,3 +152,31 @@ class RouteStats:
             "proxy_header_invalid": self.downstream_cx_proxy_header_invalid,
             "source_range": self.downstream_cx_refused_source_range,
         }
+
+
+# kube-proxy's network programming latency is usually well under a second, but bounded
+# frequency (minSyncPeriod) and large applies push it to seconds.
+NETWORK_PROGRAMMING_SECONDS_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class KubernetesStats:
+    """The Kubernetes API source (``lbd run --kubernetes``); written by its event loop only.
+
+    ``connected``, ``synced`` and ``last_sync_time`` are what health and readiness read: the
+    state being served is as old as ``last_sync_time`` while ``connected`` is False."""
+
+    connected: bool = False  # every watch is open (False from the first failure to recovery)
+    synced: bool = False  # the first full list of every kind was applied
+    last_sync_time: float = 0.0  # wall clock of the last apply of the API's state (or no-op)
+    events: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, type) -> count
+    relists: dict[str, int] = field(default_factory=dict)  # kind -> lists after the first
+    errors: dict[str, int] = field(default_factory=dict)  # kind -> failed requests or streams
+    syncs: dict[str, int] = field(default_factory=dict)  # applied / unchanged / failed
+    services_rejected: int = 0  # an invalid update: the service kept its last good form
+    service_ips_skipped: int = 0  # externalIPs / LoadBalancer IPs outside the allow-list
+    network_programming_seconds: Buckets = field(
+        default_factory=lambda: Buckets(NETWORK_PROGRAMMING_SECONDS_BUCKETS)
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import structlog
@@ -52,6 +53,7 @@ class ReloadFanOut:
     reloads_failed: int
     _reload_lock: asyncio.Lock
     _reload_requests: ReloadRequests
+    file_reload: Callable[[str], Awaitable[ReloadResult]] | None
 
     def _bind(self, specs: list[ListenerSpec]) -> Sockets:
         raise NotImplementedError
@@ -76,14 +78,18 @@ class ReloadFanOut:
     async def reload_loop(self) -> None:
         await self._reload_requests.serve(self.reload)
 
-    async def reload(self, reason: str) -> ReloadResult:
+    async def reload(self, reason: str, data: bytes | None = None) -> ReloadResult:
+        """Reload from the file, or apply ``data`` (the Kubernetes source's document). With
+        ``--kubernetes`` a reload without data reads the file's settings (``file_reload``)."""
+        if data is None and self.file_reload is not None:
+            return await self.file_reload(reason)
         async with self._reload_lock:
-            return await self._reload(reason)
+            return await self._reload(reason, data)
 
-    async def _reload(self, reason: str) -> ReloadResult:
+    async def _reload(self, reason: str, data: bytes | None) -> ReloadResult:
         started = time.perf_counter()
         try:
-            data = read_config_file(self.path)
+            data = read_config_file(self.path) if data is None else data
             if content_hash(data) == content_hash(self.data):
                 return ReloadResult("unchanged", time.perf_counter() - started)
             config = load_text(data, self.path, self.options)

@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -39,11 +40,13 @@ from lbd.config.loader import LoadOptions
 from lbd.config.model import Config, ListenerSpec, listeners_of
 from lbd.net.sockets import InheritedSockets, bind_tcp_listener
 from lbd.observability.metrics import Snapshot, WorkerSnapshots
+from lbd.observability.stats import KubernetesStats
 from lbd.process.channel import Channel, Message
 from lbd.process.reload_fanout import ReloadFanOut
 from lbd.process.worker import STOP_SIGNALS
-from lbd.runtime.reload import ReloadRequests
+from lbd.runtime.reload import ReloadRequests, ReloadResult
 from lbd.runtime.runtime import ListenerError
+from lbd.runtime.snapshot import kubernetes_values
 from lbd.shm.counts import DEFAULT_SLOTS, SharedCounts, SlotAllocator
 from lbd.sources.file import watch_config
 
@@ -120,6 +123,8 @@ class Supervisor(ReloadFanOut):
         self._reload_requests = ReloadRequests()
         self.reloads_ok = 0
         self.reloads_failed = 0
+        self.file_reload: Callable[[str], Awaitable[ReloadResult]] | None = None
+        self.kubernetes: KubernetesStats | None = None  # lbd run --kubernetes
 
     # -- listening sockets -------------------------------------------------------------------
 
@@ -368,7 +373,8 @@ class Supervisor(ReloadFanOut):
 
     @property
     def ready(self) -> bool:
-        return not self.stopping.is_set() and any(m.serving for m in self.members)
+        synced = self.kubernetes is None or self.kubernetes.synced
+        return synced and not self.stopping.is_set() and any(m.serving for m in self.members)
 
     async def snapshot(self) -> Snapshot:
         serving = [m for m in self.members if m.serving]
@@ -382,6 +388,8 @@ class Supervisor(ReloadFanOut):
         total = self.snapshots.total()
         total.add("lbd_workers", (), sum(1 for m in self.members if m.serving))
         total.add("lbd_worker_restarts_total", (), self.restarts)
+        if self.kubernetes is not None:
+            kubernetes_values(total, self.kubernetes)
         return total
 
     async def run(self, *, watch: bool) -> int:

@@ -8,6 +8,7 @@ worker and are replayed to a worker that replaces one.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import structlog
@@ -17,8 +18,10 @@ from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.metrics import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.kube_mode import KubeMode
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
+from lbd.sources.kubernetes import KubernetesSource
 
 log = structlog.get_logger("lbd.process.supervisor")
 
@@ -62,10 +65,23 @@ class SupervisorBackend:
 
 
 async def serve_supervised(
-    supervisor: Supervisor, *, watch: bool, restart: Restart | None = None
+    supervisor: Supervisor,
+    *,
+    watch: bool,
+    restart: Restart | None = None,
+    kubernetes: KubernetesSource | None = None,
 ) -> int:
-    """Start the workers and the admin API, serve until stopped; returns the exit code."""
+    """Start the workers and the admin API, serve until stopped; returns the exit code.
+    With ``kubernetes`` the services come from that source, applied through the fan-out."""
     config = supervisor.config
+    if kubernetes is not None:
+
+        def count_failure() -> None:
+            supervisor.reloads_failed += 1
+
+        kube = KubeMode(kubernetes, supervisor.reload, supervisor.options, count_failure)
+        supervisor.file_reload = kube.reload
+        supervisor.kubernetes = kubernetes.stats
     restart = restart or Restart(None)
     admin: AdminServer | None = None
     if config.admin.enabled:
@@ -96,7 +112,13 @@ async def serve_supervised(
             return handed
 
         restart.serving(sockets, supervisor.stopping.set)
-        return await supervisor.run(watch=watch)
+        following = asyncio.create_task(kubernetes.run()) if kubernetes is not None else None
+        try:
+            return await supervisor.run(watch=watch)
+        finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
     finally:
         restart.close()
         if admin is not None:

@@ -36,9 +36,9 @@ from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_proxy import UdpListener
 from lbd.observability.metrics import Snapshot
-from lbd.observability.stats import ProcessStats
+from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
-from lbd.runtime.snapshot import runtime_snapshot
+from lbd.runtime.snapshot import kubernetes_values, runtime_snapshot
 from lbd.shm.counts import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime.runtime")
@@ -139,6 +139,8 @@ class Runtime:
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
+        # lbd run --kubernetes: the API source's counters, and whether it has synced once
+        self.kubernetes: KubernetesStats | None = None
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -296,7 +298,7 @@ class Runtime:
         raise KeyError((service, port_index, kind))
 
     def metrics_snapshot(self) -> Snapshot:
-        return runtime_snapshot(
+        snapshot = runtime_snapshot(
             self.routes.values(),
             self.connections,
             self.process,
@@ -304,6 +306,9 @@ class Runtime:
             __version__,
             self.health.stats,
         )
+        if self.kubernetes is not None:
+            kubernetes_values(snapshot, self.kubernetes)
+        return snapshot
 
     def sync_health(self) -> None:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``

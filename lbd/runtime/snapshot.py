@@ -10,7 +10,7 @@ from lbd.endpoints.route import Route
 from lbd.health.registry import HealthStats
 from lbd.net.tcp_proxy import Downstream
 from lbd.observability.metrics import Labels, Snapshot
-from lbd.observability.stats import ProcessStats, RouteStats
+from lbd.observability.stats import KubernetesStats, ProcessStats, RouteStats
 
 
 def runtime_snapshot(
@@ -134,3 +134,23 @@ def _udp_values(snap: Snapshot, labels: Labels, stats: RouteStats) -> None:
         ("upstream_icmp", stats.udp_upstream_icmp_errors),
     ):
         add("lbd_udp_errors_total", (*labels, where), value)
+
+
+def kubernetes_values(snap: Snapshot, stats: KubernetesStats) -> None:
+    """The Kubernetes API source's counters (``lbd run --kubernetes``)."""
+    for (kind, kind_type), value in stats.events.items():
+        snap.add("lbd_kubernetes_watch_events_total", (kind, kind_type), value)
+    for kind, value in stats.relists.items():
+        snap.add("lbd_kubernetes_relists_total", (kind,), value)
+    for kind, value in stats.errors.items():
+        snap.add("lbd_kubernetes_errors_total", (kind,), value)
+    for result, value in stats.syncs.items():
+        snap.add("lbd_kubernetes_syncs_total", (result,), value)
+    snap.add("lbd_kubernetes_connected", (), 1 if stats.connected else 0)
+    snap.add("lbd_kubernetes_last_sync_timestamp_seconds", (), stats.last_sync_time)
+    snap.add("lbd_kubernetes_services_rejected_total", (), stats.services_rejected)
+    snap.add("lbd_kubernetes_service_ips_skipped_total", (), stats.service_ips_skipped)
+    latency = stats.network_programming_seconds
+    snap.set_histogram(
+        "lbd_network_programming_duration_seconds", (), latency.counts, latency.total
+    )
