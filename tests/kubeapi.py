@@ -96,6 +96,7 @@ class FakeApiServer:
         self.version = 1000
         self.watchers: set[Watcher] = set()
         self.calls: list[tuple[str, str, str]] = []  # (apiGroup, resource, verb)
+        self.tokens_seen: set[str] = set()
         self.lists: dict[str, int] = {kind: 0 for kind in COLLECTIONS}
         self.pages: dict[str, list[Obj]] = {}  # continue token -> the rest of a list
         self.held: dict[str, asyncio.Event] = {}  # kind -> lists of it wait until it is set
@@ -193,6 +194,7 @@ class FakeApiServer:
                 await asyncio.sleep(self.delay)
             if self.tokens is not None:
                 given = request.headers.get("Authorization", "").removeprefix("Bearer ")
+                self.tokens_seen.add(given)
                 if given not in self.tokens:
                     body = _status(401, "Unauthorized", "Unauthorized")
                     return web.json_response(body, status=401)

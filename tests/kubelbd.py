@@ -21,7 +21,16 @@ from lbd.runtime.runtime import Runtime
 from lbd.sources.kubernetes import KubernetesSource
 from tests import kubeobjects as k
 from tests.kubeapi import FakeApiServer, fake_api_server, kubeconfig
-from tests.support import echo_backend, fresh_ip, read_name, settle
+from tests.support import (
+    BackendStats,
+    NamedEcho,
+    close_transports,
+    echo_backend,
+    fresh_ip,
+    read_name,
+    settle,
+    tcp_server,
+)
 
 NODE = "node-a"
 HTTP = [{"name": "http", "port": 0, "targetPort": "http"}]
@@ -54,19 +63,22 @@ async def kube_lbd(
     *,
     min_sync_period: str = "50ms",
     allowed_service_ips: str | None = None,
+    in_cluster: bool = False,
     **options: Any,
 ) -> AsyncIterator[KubeLbd]:
     """``base`` adds lines to the ``source: kubernetes`` file; ``options`` replace fields of
-    ``KubernetesOptions`` (backoff, page_size, ...; test-sized defaults)."""
+    ``KubernetesOptions`` (backoff, page_size, ...; test-sized defaults). ``in_cluster``: no
+    kubeconfig (the caller sets KUBERNETES_SERVICE_HOST and ``service_account_dir``)."""
     config_file = tmp_path / "kubeconfig.json"
     config_file.write_text(kubeconfig(server))
+    kubeconfig_path = None if in_cluster else str(config_file)
     path = tmp_path / "lbd.yaml"
     path.write_text(
         f"apiVersion: lbd/v1\nsource: kubernetes\nadmin: {{address: '{fresh_ip()}:0'}}\n{base}"
     )
     load = LoadOptions(NODE)
     config, initial, source = kubernetes_source(
-        path.read_bytes(), str(path), load, str(config_file), min_sync_period, allowed_service_ips
+        path.read_bytes(), str(path), load, kubeconfig_path, min_sync_period, allowed_service_ips
     )
     source.options = dataclasses.replace(
         source.options, **{"backoff": (0.05, 0.5), "read_timeout_s": 5.0, **options}
@@ -157,3 +169,24 @@ async def refused(address: tuple[str, int]) -> bool:
     except OSError:
         return True
     return False
+
+
+@contextlib.asynccontextmanager
+async def same_port_backends(count: int) -> AsyncIterator[tuple[list[str], int]]:
+    """``count`` named echo backends ("backend-i") on fresh 127.x addresses and one port number,
+    as the pods of one EndpointSlice share its port."""
+    stats = BackendStats()
+    hosts: list[str] = []
+    port = 0
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for index in range(count):
+
+                def factory(name: str = f"backend-{index}") -> NamedEcho:
+                    return NamedEcho(name, stats)
+
+                host, port, _ = await stack.enter_async_context(tcp_server(factory, port=port))
+                hosts.append(host)
+            yield hosts, port
+    finally:
+        await close_transports(stats.transports)

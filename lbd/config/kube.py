@@ -144,8 +144,11 @@ def slice_owner(obj: dict[str, Any]) -> str:
     return f"{meta.get('namespace', 'default')}/{owner}"
 
 
-def node_fields(obj: dict[str, Any]) -> Document:
-    """``node.zone`` and ``node.addresses`` from a v1 Node (kube-proxy reads its own)."""
+def node_fields(
+    obj: dict[str, Any], address_types: tuple[str, ...] = ("InternalIP", "ExternalIP")
+) -> Document:
+    """``node.zone`` and ``node.addresses`` (of ``address_types``) from a v1 Node (kube-proxy
+    reads its own)."""
     node: Document = {}
     labels = _meta(obj).get("labels") or {}
     if isinstance(labels, dict) and ZONE_LABEL in labels:
@@ -154,7 +157,7 @@ def node_fields(obj: dict[str, Any]) -> Document:
     addresses = [
         item["address"]
         for item in (status.get("addresses") or [] if isinstance(status, dict) else [])
-        if isinstance(item, dict) and item.get("type") in ("InternalIP", "ExternalIP")
+        if isinstance(item, dict) and item.get("type") in address_types
     ]
     if addresses:
         node["addresses"] = addresses

@@ -162,7 +162,9 @@ class ClusterState:
 
     def _set_node(self, obj: Obj | None) -> bool:
         self.node = obj
-        found = node_fields(obj) if obj is not None else {}
+        # InternalIP only: a cloud's ExternalIP is usually not an address of the host (NAT),
+        # and a NodePort listener cannot bind it.
+        found = node_fields(obj, ("InternalIP",)) if obj is not None else {}
         changed, self._node_fields = found != self._node_fields, found
         return changed
 
