@@ -183,3 +183,11 @@ async def test_the_bounded_runner_coalesces_bursts_and_keeps_its_interval() -> N
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def test_the_file_proxy_name_selects_services_labelled_for_this_proxy() -> None:
+    label = {"service.kubernetes.io/service-proxy-name": "lbd"}
+    mine = k.service("mine", "127.0.0.10", labels=label)
+    cluster = listed(state({"node": {"name": "node-a", "proxyName": "lbd"}}), mine)
+    assert list(services(cluster)) == ["default/mine"]
+    assert list(services(listed(state(), mine))) == []  # another proxy's, for a default lbd

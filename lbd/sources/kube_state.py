@@ -69,6 +69,7 @@ class _Entry:
     good: Obj | None = None  # the last form that validated alone: what goes into the document
     applied: Obj | None = None  # the form in the last document that was applied
     dirty: bool = True
+    not_proxied: str | None = None  # why lbd leaves it alone (logged when this changes)
 
 
 class ClusterState:
@@ -92,6 +93,16 @@ class ClusterState:
         self.node: Obj | None = None
         self._node_fields: Obj = {}
         self.changed_at: dict[str, float] = {}  # service -> first slice change not applied
+
+    @property
+    def proxy_name(self) -> str:
+        """--proxy-name, else the file's node.proxyName (services labelled for another proxy
+        are left alone)."""
+        if self.options.proxy_name is not None:
+            return self.options.proxy_name
+        node = self.base.get("node")
+        name = node.get("proxyName") if isinstance(node, dict) else None
+        return name if isinstance(name, str) else ""
 
     @property
     def complete(self) -> bool:
@@ -209,10 +220,12 @@ class ClusterState:
         except Exception as error:  # hostile input must not stop the source: reject it
             self._reject(key, entry, [f"cannot convert: {type(error).__name__}: {error}"[:300]])
             return
-        reason = _not_proxied(document, self.options.proxy_name or "")
-        if reason is not None:
-            if entry.good is not None or entry.applied is None:
+        reason = _not_proxied(document, self.proxy_name)
+        if reason != entry.not_proxied:
+            entry.not_proxied = reason
+            if reason is not None:
                 log.info("service not proxied", service=key, reason=reason)
+        if reason is not None:
             entry.good = None
             return
         if not problems.items:
