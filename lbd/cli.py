@@ -9,10 +9,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from lbd import __version__
 from lbd.config import Config, ConfigError, listeners_of, load_text
+from lbd.config.kubesource import kubernetes_arguments
 from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
 from lbd.net.loops import LOOP_FACTORIES, LoopName
@@ -53,22 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(default: node.proxyName; unlabelled services are always served)",
         )
 
-    def with_kubernetes_options(sub: argparse.ArgumentParser) -> None:
-        kube = sub.add_argument_group("services from the Kubernetes API (docs/kubernetes.md)")
-        kube.add_argument("--kubernetes", action="store_true", help="as `source: kubernetes`")
-        kube.add_argument("--kubeconfig", metavar="PATH", help="default: $KUBECONFIG, in-cluster")
-        kube.add_argument("--min-sync-period", metavar="DURATION", help="default 1s")
-        kube.add_argument("--allowed-service-ips", metavar="CIDR,...", help="default: none")
-
     run = commands.add_parser("run", help="serve the services of a config file")
-    run.add_argument(
-        "config",
-        nargs="?",
-        help="path to the lbd/v1 YAML config or Kubernetes manifests (optional with "
-        "--kubernetes: then it supplies node, admin, defaults, workers)",
-    )
+    run.add_argument("config", nargs="?", help="lbd/v1 config or manifests (or --kubernetes)")
     with_node_options(run)
-    with_kubernetes_options(run)
+    kubernetes_arguments(run)
     run.add_argument("--pid-file", help="write the process id here (for `lbd reload`)")
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
@@ -178,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "endpoint" and (args.weight is None) == (args.action == "weight"):
         parser.error("a weight is given with 'weight', and only with it")
+    if args.command == "run" and args.config is None and not args.kubernetes:
+        parser.error("give a config file, or --kubernetes")
     options = LoadOptions(getattr(args, "node_name", None), getattr(args, "proxy_name", None))
     if args.command == "convert":
         return convert(args.config, options)
@@ -203,23 +194,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(path: str, options: LoadOptions | None = None) -> Config | None:
-    loaded = _load_with_bytes(path, options)
-    return loaded[0] if loaded else None
-
-
-def _load_with_bytes(path: str, options: LoadOptions | None = None) -> tuple[Config, bytes] | None:
     try:
-        data = read_config_file(path)
-        return load_text(data, path, options), data
+        return load_text(read_config_file(path), path, options)
     except ConfigError as error:
         _print_problems(path, error)
         return None
 
 
 def _print_problems(label: str, error: ConfigError) -> int:
-    print(f"{label}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
-    for problem in error.problems:
-        print(str(problem), file=sys.stderr)
+    heading = f"{label}: {_plural(len(error.problems), 'problem')}"
+    print(heading, *map(str, error.problems), sep="\n", file=sys.stderr)
     return EXIT_CONFIG
 
 
@@ -319,29 +303,19 @@ def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
 
 def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.admin.server import AdminError
-    from lbd.config.loader import workers_count
+    from lbd.config.admin import workers_count
     from lbd.process.handoff import HandoffError
+    from lbd.process.kube_mode import SourceError, kubernetes_mode
     from lbd.process.supervisor import StartError
     from lbd.runtime.runtime import ListenerError
-    from lbd.sources.kube_client import SourceError
 
     path, loop, pid_file = args.config, args.loop, args.pid_file
-    if path is None and not args.kubernetes:
-        print("lbd run: give a config file, or --kubernetes", file=sys.stderr)
-        return EXIT_USAGE
-    loaded = _load_with_bytes(path, options) if path is not None else None
-    if loaded is None and path is not None:
-        return EXIT_CONFIG
-    config, data = loaded if loaded is not None else (None, None)
-    if args.kubernetes or (config is not None and config.source == "kubernetes"):
-        from lbd.process.kube_mode import kubernetes_source
-
-        flags = (args.kubeconfig, args.min_sync_period, args.allowed_service_ips)
-        try:
-            config, data, args.source = kubernetes_source(data, path, options, *flags)
-        except ConfigError as error:
-            return _print_problems(path or "lbd run --kubernetes", error)
-    assert config is not None and data is not None
+    try:  # a file, or lbd run --kubernetes, or a file with source: kubernetes
+        data = read_config_file(path) if path is not None else None
+        loaded = load_text(data, path, options) if data is not None else None
+        config, data, args.source = kubernetes_mode(args, loaded, data, options)
+    except ConfigError as error:
+        return _print_problems(path or "lbd run --kubernetes", error)
     workers = config.workers
     if args.workers is not None:
         try:
@@ -354,12 +328,9 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
             return runner.run(_serve(args, config, data, workers, options))
-    except (ListenerError, AdminError, StartError, HandoffError) as error:
-        print(f"{path}: {error}", file=sys.stderr)
+    except (ListenerError, AdminError, StartError, HandoffError, SourceError) as error:
+        print(f"{path or 'lbd run --kubernetes'}: {error}", file=sys.stderr)
         return EXIT_START
-    except SourceError as error:
-        print(f"lbd run --kubernetes: {error}", file=sys.stderr)
-        return EXIT_CONFIG
     finally:
         if pid_file:
             _remove_pid_file(Path(pid_file))
@@ -383,10 +354,8 @@ async def _serve(
 ) -> int:
     from lbd.process.handoff import Restart, take_over
 
-    kubernetes = getattr(args, "source", None)
+    kubernetes = args.source  # lbd run --kubernetes: opened by serve()
     source, watch = (args.config or "<kubernetes>", data), not args.no_watch and args.config
-    if kubernetes is not None:
-        await kubernetes.open()
     restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
     takeover = await take_over(args.takeover) if args.takeover else None
     restart = Restart(restart_path, takeover)
@@ -394,14 +363,8 @@ async def _serve(
         if workers == 1:
             from lbd.process.worker import serve
 
-            return await serve(
-                config,
-                source=source,
-                watch=watch,
-                restart=restart,
-                options=options,
-                kubernetes=kubernetes,
-            )
+            more: dict[str, Any] = {"restart": restart, "kubernetes": kubernetes}
+            return await serve(config, source=source, watch=watch, options=options, **more)
         from lbd.process.supervisor import Supervisor
         from lbd.process.supervisor_admin import serve_supervised
 

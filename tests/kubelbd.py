@@ -14,6 +14,7 @@ from typing import Any
 from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer
 from lbd.config.loader import LoadOptions
+from lbd.observability.stats import KubernetesStats
 from lbd.process.kube_mode import KubeMode, kubernetes_source
 from lbd.process.worker import admin_reload
 from lbd.runtime.reload import Reloader
@@ -45,7 +46,7 @@ class KubeLbd:
     config_path: Path
 
     @property
-    def stats(self) -> Any:
+    def stats(self) -> KubernetesStats:
         return self.source.stats
 
     def address(self, service: str, index: int = 0, kind: str = "clusterIP") -> tuple[str, int]:
@@ -190,3 +191,21 @@ async def same_port_backends(count: int) -> AsyncIterator[tuple[list[str], int]]
             yield hosts, port
     finally:
         await close_transports(stats.transports)
+
+
+def relists(stats: KubernetesStats, kind: str | None = None) -> int:
+    return sum(s.kubernetes_relists_total for k, s in stats.kinds.items() if kind in (None, k))
+
+
+def errors(stats: KubernetesStats) -> int:
+    return sum(s.kubernetes_errors_total for s in stats.kinds.values())
+
+
+def events(stats: KubernetesStats, kind: str, kind_type: str) -> int:
+    found = stats.kinds.get(kind)
+    return getattr(found.kubernetes_watch_events_total, kind_type) if found else 0
+
+
+def syncs(stats: KubernetesStats) -> int:
+    done = stats.kubernetes_syncs_total
+    return done.applied + done.unchanged + done.failed

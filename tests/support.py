@@ -16,7 +16,7 @@ from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config import Config, load_text
 from lbd.endpoints.route import Route
-from lbd.observability.stats import RouteStats
+from lbd.observability.stats import EndpointStats, RouteStats
 from lbd.runtime.runtime import Runtime
 
 _addresses = itertools.count(1)
@@ -88,6 +88,16 @@ async def running(cfg: Config) -> AsyncIterator[Runtime]:
         runtime.close_all("test_teardown")
         await runtime.health.wait_closed()
         await settle()
+
+
+def upstream_totals(route: Route) -> EndpointStats:
+    """The counters of every endpoint of ``route`` (present and draining), summed."""
+    total = EndpointStats()
+    for endpoint in (*route.pool.members, *route.pool.draining):
+        for name in ("upstream_cx_total", "upstream_cx_connect_fail_total"):
+            setattr(total, name, getattr(total, name) + getattr(endpoint.stats, name))
+        total.upstream_cx_connect_timeout_total += endpoint.stats.upstream_cx_connect_timeout_total
+    return total
 
 
 def route_of(runtime: Runtime) -> Route:
@@ -443,7 +453,10 @@ async def bulk_exchange(up: int, down: int, extra: str = "", block_size: int = 6
             writer.close()
             stats = route_of(rt).stats
             await until(lambda: not rt.connections, 20)
-            assert stats.downstream_bytes_received == up and stats.upstream_bytes_received == down
+            assert (
+                stats.downstream_bytes_received_total == up
+                and stats.downstream_bytes_sent_total == down
+            )
     assert received == (results["backend_sent"], down)
     assert results["backend_received"] == (sent, up)
     return stats

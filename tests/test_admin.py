@@ -124,7 +124,7 @@ async def test_services_shows_a_udp_ports_sessions() -> None:
                 assert await first.ask(b"x") == b"u x"
                 second.send(b"y")  # beyond maxUdpSessions: dropped, counted
                 route = runtime.listener_for("default/svc").route
-                await until(lambda: route.stats.udp_sess_overflow == 1)
+                await until(lambda: route.stats.udp_sess_dropped_total.overflow == 1)
                 code, body = await call(target, "/services")
     assert code == 200
     sessions = body["services"][0]["sessions"]

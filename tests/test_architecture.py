@@ -78,9 +78,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_every_module_belongs_to_a_layer() -> None:
-    strays = [
-        m for m in modules() if m != "lbd" and m.split(".")[1] not in (*LAYERS, *ROOT_ONLY)
-    ]
+    strays = [m for m in modules() if m != "lbd" and m.split(".")[1] not in (*LAYERS, *ROOT_ONLY)]
     assert strays == []
 
 
@@ -89,9 +87,7 @@ def test_imports_flow_down_the_layers() -> None:
         f"{module} -> {target}"
         for module, targets in graph().items()
         for target in targets
-        if (low := layer(module)) is not None
-        and (high := layer(target)) is not None
-        and high > low
+        if (low := layer(module)) is not None and (high := layer(target)) is not None and high > low
     ]
     assert upward == []
 

@@ -69,10 +69,11 @@ def test_good_config_is_typed_and_merged_with_defaults() -> None:
     web, db = config.services
     assert config.node.name == "node-a" and config.node.addresses == ("127.0.0.5",)
     assert web.key == "shop/web" and web.type == "LoadBalancer"
-    assert web.strategy == "least-connection"
-    assert db.strategy == "random"  # from defaults
-    assert web.timeouts.connect == 0.25 and web.timeouts.idle == 5400 and web.timeouts.drain == 5
-    assert web.access_log is True
+    assert web.tunables.strategy == "least-connection"
+    assert db.tunables.strategy == "random"  # from defaults
+    tun = web.tunables
+    assert tun.connect_timeout == 0.25 and tun.idle_timeout == 5400 and tun.drain_timeout == 5
+    assert web.tunables.access_log is True
     assert web.ports[0].target_port == "http" and web.ports[0].node_port == 30080
     assert web.ports[1].target_port == 81  # default: the port itself
     assert 30000 <= (web.ports[1].node_port or 0) <= 32767  # allocated
@@ -90,8 +91,12 @@ def test_defaults_when_optional_sections_are_missing() -> None:
     assert config.node.addresses == ("0.0.0.0",)
     assert config.node.node_port_range == (30000, 32767)
     service = config.services[0]
-    assert service.strategy == "round-robin" and service.type == "ClusterIP"
-    assert (service.timeouts.connect, service.timeouts.idle, service.timeouts.drain) == (
+    assert service.tunables.strategy == "round-robin" and service.type == "ClusterIP"
+    assert (
+        service.tunables.connect_timeout,
+        service.tunables.idle_timeout,
+        service.tunables.drain_timeout,
+    ) == (
         1,
         3600,
         30,
@@ -444,12 +449,13 @@ def test_udp_tunables_default_and_merge() -> None:
     )
     a, b = config.services
     assert a.ports[0].protocol == "UDP"
-    assert (a.timeouts.udp_idle, a.max_udp_sessions) == (10, 100)
-    assert (b.timeouts.udp_idle, b.max_udp_sessions) == (120, 7)
+    assert (a.tunables.udp_idle_timeout, a.tunables.max_udp_sessions) == (10, 100)
+    assert (b.tunables.udp_idle_timeout, b.tunables.max_udp_sessions) == (120, 7)
     bare = load_text(
         "apiVersion: lbd/v1\nservices: [{name: a, clusterIP: 127.0.0.9, ports: [{port: 1}]}]"
     )
-    assert (bare.services[0].timeouts.udp_idle, bare.services[0].max_udp_sessions) == (30, 65536)
+    bare_tunables = bare.services[0].tunables
+    assert (bare_tunables.udp_idle_timeout, bare_tunables.max_udp_sessions) == (30, 65536)
 
 
 def test_bad_udp_idle_timeout() -> None:

@@ -7,20 +7,20 @@ import textwrap
 import pytest
 
 from lbd.config import ConfigError, load_text
-from lbd.config.model import HealthCheck, Limits, OutlierDetection, ProxyProtocol
+from lbd.config.model import HealthCheck, OutlierDetection, Tunables
 
 HEAD = "apiVersion: lbd/v1\n"
 SERVICE = "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 1}]\n"
 
 
-def load(defaults: str = "", service: str = "") -> object:
+def load(defaults: str = "", service: str = "") -> Tunables:
     text = HEAD
     if defaults:
         text += "defaults:\n" + textwrap.indent(textwrap.dedent(defaults), "  ")
     text += "services:\n" + textwrap.indent(
         SERVICE + textwrap.indent(textwrap.dedent(service), "  "), "  "
     )
-    return load_text(text, "<test>").services[0]
+    return load_text(text, "<test>").services[0].tunables
 
 
 def problems(defaults: str = "", service: str = "") -> list[str]:
@@ -31,10 +31,11 @@ def problems(defaults: str = "", service: str = "") -> list[str]:
 
 def test_everything_is_off_by_default() -> None:
     service = load()
-    assert service.health_check is None and service.outlier_detection is None  # type: ignore[attr-defined]
-    assert service.slow_start == 0.0 and service.limits == Limits()  # type: ignore[attr-defined]
-    assert service.proxy_protocol == ProxyProtocol()  # type: ignore[attr-defined]
-    assert service.timeouts.half_closed == 60.0 and service.timeouts.max_duration is None  # type: ignore[attr-defined]
+    assert service.health_check is None and service.outlier_detection is None
+    assert service.slow_start == 0.0 and not service.limited and service.max_queue == 0
+    assert service.proxy_protocol is None and service.accept_proxy_protocol_from == ()
+    assert service.half_closed_timeout == 60.0 and service.max_connection_duration is None
+    assert service == Tunables()
 
 
 def test_full_keys_parse_and_merge_over_defaults() -> None:
@@ -57,7 +58,7 @@ def test_full_keys_parse_and_merge_over_defaults() -> None:
         maxConnectionDuration: 1h
         """,
     )
-    assert service.health_check == HealthCheck(  # type: ignore[attr-defined]
+    assert service.health_check == HealthCheck(
         type="http",
         interval=2.0,
         timeout=0.5,
@@ -66,13 +67,15 @@ def test_full_keys_parse_and_merge_over_defaults() -> None:
         expect_status=(200, 299),
         unhealthy_threshold=2,
     )
-    assert service.outlier_detection == OutlierDetection(  # type: ignore[attr-defined]
+    assert service.outlier_detection == OutlierDetection(
         consecutive_failures=3, base_ejection_time=10.0, max_ejection_percent=50
     )
-    assert service.slow_start == 30.0  # type: ignore[attr-defined]
-    assert service.limits == Limits(100, 5, 20, 2.0)  # type: ignore[attr-defined]
-    assert service.timeouts.half_closed == 10.0 and service.timeouts.max_duration == 3600.0  # type: ignore[attr-defined]
-    assert service.proxy_protocol == ProxyProtocol("v2", ("127.0.0.0/8", "::1/128"))  # type: ignore[attr-defined]
+    assert service.slow_start == 30.0
+    limits = (service.max_connections, service.max_connections_per_endpoint, service.max_queue)
+    assert limits == (100, 5, 20) and service.queue_timeout == 2.0
+    assert service.half_closed_timeout == 10.0 and service.max_connection_duration == 3600.0
+    assert service.proxy_protocol == "v2"
+    assert service.accept_proxy_protocol_from == ("127.0.0.0/8", "::1/128")
 
 
 def test_a_service_can_switch_inherited_features_off() -> None:
@@ -81,12 +84,12 @@ def test_a_service_can_switch_inherited_features_off() -> None:
         service="healthCheck: {enabled: false}\noutlierDetection: {enabled: false}\n"
         "proxyProtocol: none\n",
     )
-    assert service.health_check is None and service.outlier_detection is None  # type: ignore[attr-defined]
-    assert service.proxy_protocol.send is None  # type: ignore[attr-defined]
+    assert service.health_check is None and service.outlier_detection is None
+    assert service.proxy_protocol is None
 
 
 def test_tcp_send_expect() -> None:
-    check = load(service="healthCheck: {send: PING, expect: PONG}\n").health_check  # type: ignore[attr-defined]
+    check = load(service="healthCheck: {send: PING, expect: PONG}\n").health_check
     assert check == HealthCheck(type="tcp", send=b"PING", expect=b"PONG")
 
 
@@ -182,9 +185,9 @@ def test_proxy_protocol_values() -> None:
 
 
 def test_splice_mode_inherits_and_rejects_other_values() -> None:
-    assert load().splice == "auto"  # type: ignore[attr-defined]
-    assert load(defaults="splice: off\n").splice == "off"  # type: ignore[attr-defined]
-    assert load(defaults="splice: 'off'\n", service="splice: auto\n").splice == "auto"  # type: ignore[attr-defined]
+    assert load().splice == "auto"
+    assert load(defaults="splice: off\n").splice == "off"
+    assert load(defaults="splice: 'off'\n", service="splice: auto\n").splice == "auto"
     assert problems(service="splice: always\n") == [
         "services[0].splice: must be one of auto, off, got 'always'"
     ]

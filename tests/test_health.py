@@ -44,9 +44,9 @@ def test_only_threshold_crossings_change_state() -> None:
         states.append(pool.members[0].healthy)
     # fall 3: down on the 3rd failure in a row; rise 2: up on the 2nd success in a row.
     assert states == [True, True, True, True, True, False, False, True]
-    assert checker.stats.transitions_unhealthy_total == 1
-    assert checker.stats.transitions_healthy_total == 1
-    assert checker.stats.check_failures_total == 5 and checker.stats.checks_total == 8
+    assert checker.stats.health_transitions_total.unhealthy == 1
+    assert checker.stats.health_transitions_total.healthy == 1
+    assert checker.stats.health_check_failures_total == 5 and checker.stats.health_checks_total == 8
     assert [m.address for m in pool.eligible()] == ["127.0.0.1", "127.0.0.2"]
 
 
@@ -69,7 +69,7 @@ async def test_ports_sharing_an_endpoint_share_one_checker_and_removal_stops_it(
     b.update([("127.0.0.1", 9, 1)])
     registry.sync(a, check)
     registry.sync(b, check)
-    assert len(registry) == 2 and registry.stats.checkers_active == 2
+    assert len(registry) == 2 and registry.stats.health_checkers_active == 2
     shared = registry.checker("127.0.0.1", 9, check)
     assert shared is not None and shared.subscribers == {a, b}
     a.update([("127.0.0.2", 9, 1)])  # a reload drops the shared endpoint from a
@@ -79,7 +79,7 @@ async def test_ports_sharing_an_endpoint_share_one_checker_and_removal_stops_it(
     assert len(registry) == 1 and shared.task is not None and shared.task.cancelling()
     registry.close()
     await registry.wait_closed()
-    assert len(registry) == 0 and registry.stats.checkers_active == 0
+    assert len(registry) == 0 and registry.stats.health_checkers_active == 0
 
 
 async def test_a_pool_joining_a_down_endpoint_learns_it_at_once() -> None:
@@ -149,8 +149,8 @@ async def test_kill_a_backend_under_load_then_restart_it() -> None:
     assert took_up <= INTERVAL * RISE + TIMEOUT + MARGIN
     failures = [r for r in results if r.startswith("failed")]
     assert failures == [] and len(results) > 20
-    assert runtime.health.stats.transitions_unhealthy_total == 1
-    assert runtime.health.stats.transitions_healthy_total == 1
+    assert runtime.health.stats.health_transitions_total.unhealthy == 1
+    assert runtime.health.stats.health_transitions_total.healthy == 1
 
 
 async def test_all_backends_down_is_panic_mode_and_logged() -> None:
@@ -232,4 +232,4 @@ async def test_reload_starts_and_stops_checkers_with_the_endpoints() -> None:
             await runtime.apply(cfg([(h1, p1), (h2, p2)]))  # type: ignore[arg-type]
             assert keys() == {(h1, p1), (h2, p2)}
             await runtime.apply(cfg([(h1, p1), (h2, p2)], defaults=""))  # type: ignore[arg-type]
-            assert keys() == set() and runtime.health.stats.checkers_active == 0
+            assert keys() == set() and runtime.health.stats.health_checkers_active == 0

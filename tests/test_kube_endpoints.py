@@ -136,11 +136,12 @@ def test_annotations_set_lbd_keys_of_the_service() -> None:
     }
     text = manifests(k.service("svc", fresh_ip(), annotations=annotations))
     [service] = load_text(text, "<manifests>").services
-    assert service.strategy == "least-connection"
-    assert service.timeouts.connect == 2.0
-    assert service.limits.max_connections == 100
-    assert service.health_check is not None and service.health_check.path == "/healthz"
-    assert service.proxy_protocol.send == "v2"
+    tunables = service.tunables
+    assert tunables.strategy == "least-connection"
+    assert tunables.connect_timeout == 2.0
+    assert tunables.max_connections == 100
+    assert tunables.health_check is not None and tunables.health_check.path == "/healthz"
+    assert tunables.proxy_protocol == "v2"
 
 
 @pytest.mark.parametrize(

@@ -97,7 +97,7 @@ def test_headless_external_name_and_other_proxies_services_are_left_out() -> Non
         ),
     )
     assert list(services(cluster)) == ["default/plain"]
-    assert cluster.stats.services_rejected == 0
+    assert cluster.stats.kubernetes_services_rejected_total == 0
 
 
 def test_only_allowed_external_and_load_balancer_ips_are_kept() -> None:
@@ -109,7 +109,7 @@ def test_only_allowed_external_and_load_balancer_ips_are_kept() -> None:
     [service] = json.loads(data)["services"]
     assert service["externalIPs"] == ["127.1.0.1"]
     assert service["loadBalancerIPs"] == ["127.1.0.2"]
-    assert cluster.stats.service_ips_skipped == 2
+    assert cluster.stats.kubernetes_service_ips_skipped_total == 2
 
 
 def test_an_invalid_update_keeps_the_last_good_form_and_names_the_annotation() -> None:
@@ -120,7 +120,7 @@ def test_an_invalid_update_keeps_the_last_good_form_and_names_the_annotation() -
     cluster.event(SERVICE, "MODIFIED", _versioned(bad))
     [service] = json.loads(cluster.document()[0])["services"]
     assert service["strategy"] == "random" and "maxConnections" not in service
-    assert cluster.stats.services_rejected == 1
+    assert cluster.stats.kubernetes_services_rejected_total == 1
     assert cluster.services["default/a"].converted.annotations == {  # type: ignore[union-attr]
         "maxConnections": "lbd.io/maxConnections"
     }

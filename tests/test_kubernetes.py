@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from lbd.net.tcp_listener import TcpListener
 from lbd.runtime.runtime import Runtime
 from tests.support import (
     config,
@@ -270,7 +271,7 @@ async def test_should_only_allow_access_from_service_loadbalancer_source_ranges(
             with pytest.raises(ConnectionResetError):
                 await name_via(lb, denied)
             route = next(iter(runtime.routes.values()))
-            assert route.stats.downstream_cx_refused_source_range == 1
+            assert route.stats.downstream_cx_refused_total.source_range == 1
             # NodePorts are not subject to the ranges, as in Kubernetes.
             assert await name_via(at(runtime, "nodePort"), denied) == "backend-0"
 
@@ -303,7 +304,7 @@ async def test_source_ranges_apply_to_the_client_a_trusted_proxy_header_names() 
             with pytest.raises(ConnectionResetError):
                 await via_proxy(denied)
             route = next(iter(runtime.routes.values()))
-            assert route.stats.downstream_cx_refused_source_range == 1
+            assert route.stats.downstream_cx_refused_total.source_range == 1
 
 
 # -- 6. healthCheckNodePort --------------------------------------------------------------------
@@ -394,8 +395,9 @@ async def test_should_be_rejected_and_then_served_when_an_endpoint_becomes_ready
             assert await refused(target)
             await runtime.apply(text(True))
             listener = runtime.listener_for("default/svc")
-            assert listener.tcp is not None
-            await until(lambda: listener.tcp is not None and listener.tcp.listening)
+            assert isinstance(listener.net, TcpListener)
+            tcp = listener.net
+            await until(lambda: tcp.server is not None)
             assert at(runtime) == target  # the same address and port, port 0 resolved once
             assert await name_via(target) == "backend-0"
             await runtime.apply(text(False))

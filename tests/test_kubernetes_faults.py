@@ -15,7 +15,7 @@ import pytest
 from lbd.admin.client import call
 from tests import kubeobjects as k
 from tests.kubeapi import fake_api_server
-from tests.kubelbd import NODE, answers, kube_lbd, web, web_cluster
+from tests.kubelbd import NODE, answers, errors, events, kube_lbd, relists, syncs, web, web_cluster
 from tests.support import echo_backend, fresh_ip, until
 
 
@@ -37,13 +37,12 @@ async def test_api_server_down_for_10_seconds_keeps_serving_then_catches_up(
             await asyncio.sleep(1)
         assert lbd.stats.last_sync_time == synced_at  # how stale the state is
         assert lbd.runtime.metrics_snapshot().value("lbd_kubernetes_connected") == 0
-        errors = sum(lbd.stats.errors.values())
-        assert errors >= 3  # each kind failed at least once (then backed off, capped at 1 s)
+        assert errors(lbd.stats) >= 3  # each kind failed at least once (then backed off, capped at 1 s)
         await api.start()
         await answers(lbd, "default/web", {"b"})  # caught up from where it was
         await until(lambda: lbd.stats.connected)
         assert lbd.stats.last_sync_time > synced_at
-        assert sum(lbd.stats.relists.values()) == 0  # resumed from its resourceVersion
+        assert relists(lbd.stats) == 0  # resumed from its resourceVersion
 
 
 async def test_a_burst_of_500_slice_updates_is_applied_in_at_most_2_applies(
@@ -52,16 +51,16 @@ async def test_a_burst_of_500_slice_updates_is_applied_in_at_most_2_applies(
     async with web_cluster(tmp_path, min_sync_period="1s") as cluster:
         api, lbd, endpoints = cluster.api, cluster.lbd, cluster.slice
         await asyncio.sleep(1.1)  # a quiet spell: the first event of the burst applies at once
-        syncs = sum(lbd.stats.syncs.values())
+        before = syncs(lbd.stats)
         for i in range(499):  # zone flips: each one a real change of the slice
             endpoints["endpoints"][0]["zone"] = f"zone-{i % 2}"
             api.put(endpoints)
         cluster.move_to_b()  # the 500th
-        await until(lambda: lbd.stats.events.get(("EndpointSlice", "MODIFIED"), 0) == 500, 10)
+        await until(lambda: events(lbd.stats, "EndpointSlice", "MODIFIED") == 500, 10)
         await answers(lbd, "default/web", {"b"})
         await asyncio.sleep(1.2)  # a minSyncPeriod for any late apply
-        applies = sum(lbd.stats.syncs.values()) - syncs
-        assert 1 <= applies <= 2, lbd.stats.syncs
+        applies = syncs(lbd.stats) - before
+        assert 1 <= applies <= 2, lbd.stats.kubernetes_syncs_total
 
 
 def _certificate(directory: Path, host: str) -> tuple[Path, Path]:

@@ -85,7 +85,7 @@ async def test_external_name_resolves_balances_follows_ttl_and_keeps_the_last_an
             server.failing = True
             seen = server.queries
             await until(lambda: server.queries > seen + 1)  # re-resolved on the TTL
-            assert runtime.process.dns_resolutions_failed >= 1
+            assert runtime.process.dns_resolutions_total.failure >= 1
             assert await name_via(at(runtime)) == "first"  # the last good answer is kept
 
 
@@ -345,7 +345,7 @@ def test_explain_reports_not_ready_terminating_other_node_other_zone_affinity_so
         node="{name: node-a, zone: zone-1, nodePortRange: 30000-30100}",
     )
     [spec] = route_specs(load_text(text)).values()
-    route = Route.from_spec(spec)
+    route = Route(spec)
 
     def reasons(client: str = "", **kind: bool) -> list[str | None]:
         return [v.reason for v in explain(route, client, now=0.0, **kind)]

@@ -112,12 +112,10 @@ async def test_with_workers_every_worker_applies_the_same_state(tmp_path: Path) 
 
 
 async def test_run_kubernetes_refuses_what_it_cannot_use(tmp_path: Path) -> None:
-    env_free = tmp_path / "home"
-    env_free.mkdir()
     code, _, err = await run_cli("run", "--kubernetes", "--kubeconfig", str(tmp_path / "none"))
-    assert code == 1 and "lbd run --kubernetes: cannot use" in err, err
+    assert code == 3 and "lbd run --kubernetes: cannot use" in err, err
     code, _, err = await run_cli("run")
-    assert code == 2 and "give a config file, or --kubernetes" in err
+    assert code == 2 and "give a config file, or --kubernetes" in err, err
     code, _, err = await run_cli("run", "--kubernetes", "--allowed-service-ips", "10.0.0.0/33")
     assert code == 1 and "--allowed-service-ips: expected a CIDR" in err, err
     config = tmp_path / "lbd.yaml"

@@ -11,7 +11,18 @@ from lbd.admin.client import call
 from lbd.sources.kube_client import API_CALLS
 from tests import kubeobjects as k
 from tests.kubeapi import fake_api_server
-from tests.kubelbd import HTTP, NODE, answers, kube_lbd, refused, web, web_cluster
+from tests.kubelbd import (
+    HTTP,
+    NODE,
+    answers,
+    errors,
+    events,
+    kube_lbd,
+    refused,
+    relists,
+    web,
+    web_cluster,
+)
 from tests.support import echo_backend, fresh_ip, read_name, until
 
 
@@ -29,7 +40,7 @@ async def test_nothing_is_applied_until_every_kind_is_listed_then_it_serves(
             api.held["Node"].set()
             await answers(lbd, "default/web", {"a"})
             assert await call(lbd.admin, "/readyz") == (200, {"status": "ready"})
-            assert lbd.stats.connected and lbd.stats.syncs.get("applied", 0) >= 1
+            assert lbd.stats.connected and lbd.stats.kubernetes_syncs_total.applied >= 1
     # lbd made only the calls it declares (the ClusterRole grants exactly these)
     assert set(api.calls) <= set(API_CALLS) and len(set(api.calls)) == len(API_CALLS)
 
@@ -77,8 +88,8 @@ async def test_endpoint_slices_are_added_updated_deleted_and_merged(tmp_path: Pa
         await answers(lbd, "default/web", {"b"})
         api.delete(slice_b)  # deleted: only the terminating one is left; it serves
         await answers(lbd, "default/web", {"a"})
-        assert lbd.stats.network_programming_seconds.counts[-1] == 0  # all under 60 s
-        assert sum(lbd.stats.network_programming_seconds.counts) >= 3
+        assert lbd.stats.network_programming_duration_seconds.counts[-1] == 0  # all under 60 s
+        assert sum(lbd.stats.network_programming_duration_seconds.counts) >= 3
 
 
 async def test_a_slice_moving_to_another_service(tmp_path: Path) -> None:
@@ -129,13 +140,13 @@ async def test_410_gone_mid_watch_lists_again_and_catches_up(tmp_path: Path) -> 
         api.history.clear()
         await api.send_error("EndpointSlice", 410)
         await answers(lbd, "default/web", {"b"})
-        assert lbd.stats.relists.get("EndpointSlice", 0) >= 1
-        assert lbd.stats.events[("EndpointSlice", "ERROR")] == 1
+        assert relists(lbd.stats, "EndpointSlice") >= 1
+        assert events(lbd.stats, "EndpointSlice", "ERROR") == 1
         # A watch that resumes from a compacted version gets HTTP 410: list again too.
-        relists = lbd.stats.relists.get("Service", 0)
+        listed = relists(lbd.stats, "Service")
         api.expire()
         api.drop_watches()
-        await until(lambda: lbd.stats.relists.get("Service", 0) > relists)
+        await until(lambda: relists(lbd.stats, "Service") > listed)
         host, port = cluster.a
         api.put(k.endpoint_slice("web-x2", "web", [host], [{"name": "http", "port": port}]))
         await answers(lbd, "default/web", {"a", "b"})
@@ -152,7 +163,7 @@ async def test_a_watch_that_ends_with_an_error_event_as_its_first_line(tmp_path:
             api.expire()
             api.drop_watches()
             await until(lambda: all(api.lists[kind] > lists[kind] for kind in lists))
-            assert lbd.stats.events.get(("Service", "ERROR"), 0) >= 1
+            assert events(lbd.stats, "Service", "ERROR") >= 1
             await answers(lbd, "default/web", {"a"})
 
 
@@ -181,12 +192,12 @@ async def test_slow_responses_and_dropped_connections(tmp_path: Path) -> None:
         api, lbd = cluster.api, cluster.lbd
         api.delay = 0.3  # every answer takes 300 ms from now on
         await until(lambda: len(api.watchers) == 3)
-        errors = sum(lbd.stats.errors.values())
+        failed = errors(lbd.stats)
         api.drop_watches()  # cut mid-stream: resumed from the last version
         cluster.move_to_b()
         await answers(lbd, "default/web", {"b"})
-        assert sum(lbd.stats.errors.values()) > errors
-        assert sum(lbd.stats.relists.values()) == 0  # resumed, not listed again
+        assert errors(lbd.stats) > failed
+        assert relists(lbd.stats) == 0  # resumed, not listed again
 
 
 async def test_an_invalid_annotation_keeps_the_last_good_form_and_the_rest_apply(
@@ -201,18 +212,18 @@ async def test_an_invalid_annotation_keeps_the_last_good_form_and_the_rest_apply
         api.put(svc, slice_a, k.node(NODE, [fresh_ip()]))
         async with kube_lbd(api, tmp_path) as lbd:
             await answers(lbd, "default/web", {"a"})
-            assert lbd.runtime.config.services[0].strategy == "least-connection"
+            assert lbd.runtime.config.services[0].tunables.strategy == "least-connection"
             svc["metadata"]["annotations"]["lbd.io/connectTimeout"] = "soon"
             api.put(svc, *web("other", hb, pb))
             await answers(lbd, "default/other", {"b"})  # the rest applied
-            assert lbd.stats.services_rejected == 1
+            assert lbd.stats.kubernetes_services_rejected_total == 1
             [web_now] = [s for s in lbd.runtime.config.services if s.name == "web"]
-            assert web_now.strategy == "least-connection"  # its last good form
-            assert web_now.timeouts.connect == 1.0
+            assert web_now.tunables.strategy == "least-connection"  # its last good form
+            assert web_now.tunables.connect_timeout == 1.0
             del svc["metadata"]["annotations"]["lbd.io/connectTimeout"]
             svc["metadata"]["annotations"]["lbd.io/strategy"] = "random"
             api.put(svc)  # fixed: applies
-            await until(lambda: lbd.runtime.config.services[-1].strategy == "random")
+            await until(lambda: lbd.runtime.config.services[-1].tunables.strategy == "random")
 
 
 async def test_external_ips_outside_the_allow_list_are_skipped_and_counted(
@@ -226,7 +237,7 @@ async def test_external_ips_outside_the_allow_list_are_skipped_and_counted(
             await until(lambda: lbd.stats.synced)
             [service] = lbd.runtime.config.services
             assert service.external_ips == (allowed,)
-            assert lbd.stats.service_ips_skipped == 1
+            assert lbd.stats.kubernetes_service_ips_skipped_total == 1
             assert await read_name(*lbd.address("default/web", 0, "externalIP")) == "a"
 
 
@@ -247,7 +258,7 @@ async def test_a_listener_conflict_rejects_the_later_service_only(tmp_path: Path
             api.put(*two, *web("three", hb, pb))
             await answers(lbd, "default/three", {"b"})
             assert not lbd.has("default/two") and lbd.has("default/one")
-            assert lbd.stats.services_rejected >= 1
+            assert lbd.stats.kubernetes_services_rejected_total >= 1
 
 
 async def test_the_file_settings_reload_on_sighup_style_requests(tmp_path: Path) -> None:
@@ -259,11 +270,11 @@ async def test_the_file_settings_reload_on_sighup_style_requests(tmp_path: Path)
             lbd.config_path.write_text(text + "defaults: {strategy: random}\n")
             result = await lbd.mode.reload("SIGHUP")
             assert result.outcome == "applied"
-            assert lbd.runtime.config.services[0].strategy == "random"
+            assert lbd.runtime.config.services[0].tunables.strategy == "random"
             lbd.config_path.write_text(text + "defaults: {strategy: fastest}\n")
             result = await lbd.mode.reload("SIGHUP")
             assert result.outcome == "failed" and "defaults.strategy" in result.problems[0]
-            assert lbd.runtime.config.services[0].strategy == "random"
+            assert lbd.runtime.config.services[0].tunables.strategy == "random"
 
 
 async def test_metrics_name_events_relists_errors_and_latency(tmp_path: Path) -> None:
@@ -271,7 +282,7 @@ async def test_metrics_name_events_relists_errors_and_latency(tmp_path: Path) ->
         lbd = cluster.lbd
         cluster.move_to_b()
         await answers(lbd, "default/web", {"b"})
-        await until(lambda: sum(lbd.stats.network_programming_seconds.counts) >= 2)
+        await until(lambda: sum(lbd.stats.network_programming_duration_seconds.counts) >= 2)
         snap = lbd.runtime.metrics_snapshot()
         assert snap.value("lbd_kubernetes_watch_events_total", "EndpointSlice", "MODIFIED") == 1
         assert snap.value("lbd_kubernetes_connected") == 1

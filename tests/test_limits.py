@@ -56,10 +56,10 @@ async def test_max_connections_queue_then_admit_refuse_and_time_out() -> None:
             for conn in held:
                 assert await asyncio.wait_for(conn[0].readline(), 5) == b"b\n"
             waiting = await connect(host, port)
-            await until(lambda: stats.downstream_cx_queued == 1, 5)
+            await until(lambda: stats.downstream_cx_queued_total == 1, 5)
             refused = await connect(host, port)
             assert await ended(refused) == b""  # queue full: reset at once
-            assert stats.downstream_cx_overflow == 1
+            assert stats.downstream_cx_refused_total.overflow == 1
             await close(held.pop())  # a slot frees: the queued one goes on
             assert await asyncio.wait_for(waiting[0].readline(), 5) == b"b\n"
 
@@ -68,7 +68,10 @@ async def test_max_connections_queue_then_admit_refuse_and_time_out() -> None:
             start = loop.time()
             assert await ended(timed_out) == b""
             assert abs(loop.time() - start - 1.0) <= MARGIN
-            assert stats.downstream_cx_queue_timeout == 1 and stats.downstream_cx_queued == 2
+            assert (
+                stats.downstream_cx_refused_total.queue_timeout == 1
+                and stats.downstream_cx_queued_total == 2
+            )
             for conn in (*held, waiting, refused, timed_out):
                 await close(conn)
 
@@ -92,7 +95,7 @@ async def test_limits_a_reload_turns_on_count_the_connections_already_open() -> 
             assert route.admission is not None and route.admission.active == 2
             refused = await connect(host, port)
             assert await ended(refused) == b""  # 2 open, no queue: reset at once
-            assert route.stats.downstream_cx_overflow == 1
+            assert route.stats.downstream_cx_refused_total.overflow == 1
             await close(held.pop())
             await until(lambda: route.admission is not None and route.admission.active == 1, 5)
             fresh = await connect(host, port)
@@ -120,7 +123,7 @@ async def test_over_the_endpoint_limit_goes_to_another_endpoint() -> None:
             assert names == {b"backend-0\n", b"backend-1\n"}
             third = await connect(host, port)  # both full, no queue: refused
             assert await ended(third) == b""
-            assert route_of(runtime).stats.downstream_cx_overflow == 1
+            assert route_of(runtime).stats.downstream_cx_refused_total.overflow == 1
             for conn in (first, second, third):
                 await close(conn)
 
@@ -146,9 +149,9 @@ class Silent(asyncio.Protocol):
 @pytest.mark.parametrize(
     ("key", "counter"),
     [
-        ("idleTimeout", "idle_timeouts"),
-        ("halfClosedTimeout", "half_closed_timeouts"),
-        ("maxConnectionDuration", "max_duration_timeouts"),
+        ("idleTimeout", "downstream_cx_idle_timeout_total"),
+        ("halfClosedTimeout", "downstream_cx_half_closed_timeout_total"),
+        ("maxConnectionDuration", "downstream_cx_max_duration_reached_total"),
     ],
 )
 async def test_each_timeout_closes_within_half_a_second(key: str, counter: str) -> None:

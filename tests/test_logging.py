@@ -26,6 +26,7 @@ from tests.support import (
     route_of,
     running,
     service_yaml,
+    upstream_totals,
 )
 
 
@@ -68,10 +69,10 @@ async def test_connect_failures_log_once_a_second_per_endpoint_and_count_all() -
                 began = time.monotonic()
                 names = [await read_name(host, port) for _ in range(20)]
                 elapsed = time.monotonic() - began
-                stats = route_of(runtime).stats
+                totals = upstream_totals(route_of(runtime))
     finally:
         configure_logging("json", "error")
-    assert names == ["alive"] * 20 and stats.upstream_cx_connect_fail == 10
+    assert names == ["alive"] * 20 and totals.upstream_cx_connect_fail_total == 10
     lines = [json.loads(line) for line in stream.writes]
     failed = [line for line in lines if line["event"] == "upstream connect failed"]
     # One line a second at most; each line says how many it stands for.

@@ -14,8 +14,25 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbd.admin.client import AdminTarget
-from lbd.observability.metrics import METRICS, Snapshot, SnapshotCollector, WorkerSnapshots, merge
-from lbd.observability.stats import CX_LENGTH_SECONDS_BUCKETS, Buckets
+from lbd.observability.metrics import METRICS, SCOPE_LABELS
+from lbd.observability.snapshot import (
+    Snapshot,
+    SnapshotCollector,
+    WorkerSnapshots,
+    merge,
+    read_stats,
+)
+from lbd.observability.stats import (
+    CX_LENGTH_SECONDS_BUCKETS,
+    Buckets,
+    EndpointStats,
+    HealthStats,
+    KubernetesKindStats,
+    KubernetesStats,
+    ProcessStats,
+    RouteStats,
+    SupervisorStats,
+)
 from tests.support import (
     admin_running,
     config,
@@ -165,6 +182,45 @@ def test_names_follow_prometheus_conventions() -> None:
         "lbd_downstream_bytes_received_total",
     ):
         assert name in METRICS
+
+
+SCOPE_STATS = {
+    "route": RouteStats,
+    "endpoint": EndpointStats,
+    "health": HealthStats,
+    "process": ProcessStats,
+    "supervisor": SupervisorStats,
+    "kubernetes": KubernetesStats,
+    "kubernetes_kind": KubernetesKindStats,
+}
+
+
+def test_every_metric_is_named_after_the_stats_field_it_reads() -> None:
+    """The name is generated from the field (lbd_ + field), the field exists on its scope's
+    stats object, and a labelled metric's label values are the fields of its family."""
+    for spec in METRICS.values():
+        stats = SCOPE_STATS[spec.scope]()
+        assert spec.name == f"lbd_{spec.field}"
+        value = getattr(stats, spec.field)  # AttributeError: a metric reads no stats field
+        if spec.label is not None:
+            assert dataclasses.is_dataclass(value), spec.name
+            assert all(isinstance(getattr(value, f.name), int) for f in dataclasses.fields(value))
+        elif spec.kind == "histogram":
+            assert isinstance(value, Buckets) and value.bounds == spec.buckets, spec.name
+        elif spec.kind == "info":
+            assert isinstance(value, tuple) and len(value) == len(spec.info), spec.name
+        else:
+            assert isinstance(value, int | float), spec.name
+
+
+def test_a_snapshot_exports_exactly_the_table() -> None:
+    """Reading every scope's stats gives one series name per metric, and every name read is
+    in the table: no metric is built by hand anywhere else."""
+    snap = Snapshot()
+    for scope, stats in SCOPE_STATS.items():
+        labels = ("a",) * len(SCOPE_LABELS[scope])  # type: ignore[index]
+        read_stats(snap, scope, stats(), labels, udp=True)  # type: ignore[arg-type]
+    assert set(snap.values) | set(snap.histograms) == set(METRICS)
 
 
 def test_merge_sums_counts_and_takes_the_max_of_state() -> None:

@@ -31,6 +31,7 @@ from tests.support import (
     service_yaml,
     tcp_server,
     until,
+    upstream_totals,
 )
 
 # -- pure ----------------------------------------------------------------------------------------
@@ -238,5 +239,6 @@ async def test_a_trusted_source_without_a_valid_header_is_closed(data: bytes) ->
                 assert await asyncio.wait_for(reader.read(), 5) == b""
             await closed(writer)
             stats = route_of(runtime).stats
-            assert stats.downstream_cx_proxy_header_invalid == 1 and stats.upstream_cx_total == 0
+            assert stats.downstream_cx_refused_total.proxy_header_invalid == 1
+            assert upstream_totals(route_of(runtime)).upstream_cx_total == 0
     assert seen == b""

@@ -104,7 +104,7 @@ async def test_failed_apply_changes_nothing() -> None:
                 assert runtime.routes == routes_before and runtime.listeners == listeners_before
                 assert [m.address for m in route_of(runtime).pool.members] == [a[0]]
                 assert await read_name(*address_of(runtime)) == "backend-0"
-                assert runtime.process.listener_bind_failures == 1
+                assert runtime.process.listener_bind_failures_total == 1
     finally:
         blocker.close()
 
@@ -244,7 +244,7 @@ async def test_50_reloads_under_load_lose_nothing(tmp_path: Path) -> None:
             stop.set()
             await asyncio.wait_for(asyncio.gather(*workers), 10)
             assert failures == []
-            assert runtime.process.reloads_ok == 50
+            assert runtime.process.config_reloads_total.success == 50
             assert sum(short_done.values()) > 50
             final = {await read_name(host, port) for _ in range(10)}
             assert final == {"backend-0", "backend-1"}  # texts[50] uses sets[0] = [a, b]
@@ -274,13 +274,13 @@ async def test_bad_files_are_rejected_and_traffic_continues(tmp_path: Path) -> N
                 path.write_text(bad)
                 result = await reloader.reload("test")
                 assert result.outcome == "failed" and result.problems
-                assert runtime.process.reloads_failed == n
+                assert runtime.process.config_reloads_total.failure == n
                 assert await read_name(host, port) == "alive"
             path.unlink()
             assert (await reloader.reload("test")).problems[0].endswith("No such file or directory")
             path.write_text(good.replace("round-robin", "random"))
             assert (await reloader.reload("test")).outcome == "applied"
-            assert route_of(runtime).strategy == "random"
+            assert route_of(runtime).tunables.strategy == "random"
             assert len(runtime.listeners) == 1  # nothing of the failed reloads was left bound
     blocker.close()
 
@@ -296,11 +296,13 @@ async def test_file_watcher_picks_up_an_editor_style_write_once(tmp_path: Path) 
             started = time.monotonic()
             with open(path, "w") as handle:  # truncate, then write: an editor's save
                 handle.write(document(svc([b], ip)))
-            await until(lambda: runtime.process.reloads_ok == 1, what="one reload")
+            await until(
+                lambda: runtime.process.config_reloads_total.success == 1, what="one reload"
+            )
             latency = time.monotonic() - started
             await asyncio.sleep(0.4)  # nothing more may follow
-            assert runtime.process.reloads_ok == 1
-            assert runtime.process.reloads_failed == 0
+            assert runtime.process.config_reloads_total.success == 1
+            assert runtime.process.config_reloads_total.failure == 0
             assert {await read_name(*address_of(runtime)) for _ in range(3)} == {"backend-1"}
     assert latency < 1.0
 
@@ -322,5 +324,7 @@ async def test_file_watcher_follows_a_configmap_symlink_swap(tmp_path: Path) -> 
             (second / "config.yaml").write_text(document(svc([b], ip)))
             (tmp_path / "..data_tmp").symlink_to(second.name)
             os.rename(tmp_path / "..data_tmp", tmp_path / "..data")  # the atomic swap
-            await until(lambda: runtime.process.reloads_ok == 1, what="reload after swap")
+            await until(
+                lambda: runtime.process.config_reloads_total.success == 1, what="reload after swap"
+            )
             assert {await read_name(*address_of(runtime)) for _ in range(3)} == {"backend-1"}

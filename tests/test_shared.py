@@ -16,7 +16,7 @@ from lbd.endpoints.affinity import SharedAffinityTable
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
 from lbd.process import channel as ipc
-from lbd.process.channel import Channel, Message
+from lbd.process.channel import Channel
 from lbd.shm.affinity_rows import ENTRIES, PROBES, client_key
 from lbd.shm.counts import EndpointSlots, SharedCounts, SlotAllocator, admission_key
 from tests.support import config, service_yaml, until
@@ -89,10 +89,10 @@ def test_slots_are_stable_and_freed_only_when_nobody_counts_on_them() -> None:
 
 async def test_channel_carries_messages_and_sockets() -> None:
     left, right = socket.socketpair()
-    got: list[tuple[Message, list[socket.socket]]] = []
+    got: list[tuple[object, list[socket.socket]]] = []
     closed = asyncio.Event()
 
-    def on_message(message: Message, socks: list[socket.socket]) -> None:
+    def on_message(message: object, socks: list[socket.socket]) -> None:
         got.append((message, socks))
 
     sender = Channel(left, lambda m, s: None, lambda: None)
@@ -130,7 +130,7 @@ async def test_channel_delivers_every_frame_then_the_close_after_a_reset(
         body = pickle.dumps(frame)
         theirs.sendall(ipc.HEADER.pack(len(body), 0) + body)
     theirs.close()
-    got: list[Message] = []
+    got: list[object] = []
     closed = asyncio.Event()
     channel = Channel(ours, lambda message, _socks: got.append(message), closed.set)
     try:
@@ -146,7 +146,7 @@ def _worker_route(region: SharedCounts, worker: int, text: str) -> Route:
     [spec] = route_specs(cfg).values()
     table = SlotAllocator(slots=8).assign(cfg)
     view = SharedCounts(region.fd, 2, 8, worker=worker)
-    return Route.from_spec(spec, random.Random(worker), EndpointSlots(view, table))
+    return Route(spec, random.Random(worker), EndpointSlots(view, table))
 
 
 class _Waiter:

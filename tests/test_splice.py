@@ -39,7 +39,7 @@ def _block(seed: bytes) -> bytes:
 
 async def _exchange(up: int, down: int, extra: str = "") -> tuple[int, int]:
     stats = await bulk_exchange(up, down, extra, block_size=BULK)
-    return stats.splice_switches, stats.splice_bytes
+    return stats.splice_switches_total, stats.splice_bytes_total
 
 
 async def test_bulk_each_way_moves_by_splice_byte_exact() -> None:
@@ -82,7 +82,7 @@ async def test_no_pipe_left_falls_back_to_copying(monkeypatch: pytest.MonkeyPatc
             assert await asyncio.wait_for(reader.read(), 10) == b""
             writer.close()
             stats = route_of(runtime).stats
-            assert stats.splice_switches == 0 and stats.splice_fallbacks >= 1
+            assert stats.splice_switches_total == 0 and stats.splice_fallbacks_total >= 1
     assert results["received"] == 16 * MiB
 
 
@@ -120,7 +120,7 @@ async def test_spliced_direction_keeps_backpressure_bounded() -> None:
                 while got < 4 * MiB:
                     got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
                 await asyncio.wait_for(stuck.wait(), 30)
-                assert route_of(runtime).stats.splice_switches == 1
+                assert route_of(runtime).stats.splice_switches_total == 1
     # Socket buffers on both hops (a few MiB at most with autotuning) plus one 256 KiB pipe.
     assert pushed - got < 32 * MiB, pushed - got
 
@@ -155,7 +155,7 @@ async def test_reset_mid_splice_reaches_the_other_side(who: str) -> None:
                 got = 0
                 while got < 4 * MiB:
                     got += len(await asyncio.wait_for(loop.sock_recv(sock, MiB), 5))
-                assert route_of(runtime).stats.splice_switches == 1
+                assert route_of(runtime).stats.splice_switches_total == 1
                 spliced.set()
                 if who == "client":
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -33,6 +33,7 @@ from tests.support import (
     service_yaml,
     stream_backend,
     until,
+    upstream_totals,
 )
 
 MiB = 1024 * 1024
@@ -102,10 +103,13 @@ async def test_retry_past_a_dead_endpoint_is_invisible_to_clients() -> None:
         async with running(cfg) as runtime:
             host, port = address_of(runtime)
             names = [await read_name(host, port) for _ in range(20)]
-            route_stats = route_of(runtime).stats
+            route = route_of(runtime)
+            route_stats = route.stats
     assert names == ["alive"] * 20
-    assert route_stats.upstream_cx_connect_fail == 10  # round-robin sent every other try there
-    assert route_stats.upstream_cx_retries == 10
+    assert (
+        upstream_totals(route).upstream_cx_connect_fail_total == 10
+    )  # round-robin sent every other try there
+    assert route_stats.upstream_cx_retries_total == 10
     assert stats.connections == 20
 
 
@@ -119,8 +123,10 @@ async def test_all_endpoints_dead_resets_the_client() -> None:
             await asyncio.wait_for(reader.read(), 5)
         writer.close()
         stats = route_of(runtime).stats
-        assert stats.upstream_cx_connect_fail == 2  # each endpoint tried once
-        assert stats.upstream_cx_none_succeeded == 1
+        assert (
+            upstream_totals(route_of(runtime)).upstream_cx_connect_fail_total == 2
+        )  # each endpoint tried once
+        assert stats.upstream_cx_connect_attempts_exceeded_total == 1
 
 
 async def _connect_and_read(host: str, port: int) -> bytes:
@@ -175,11 +181,11 @@ async def test_connect_timeout_moves_on_to_the_next_endpoint() -> None:
                 started = time.monotonic()
                 names = [await read_name(host, port) for _ in range(2)]
                 elapsed = time.monotonic() - started
-                stats = route_of(runtime).stats
+                totals = upstream_totals(route_of(runtime))
         for sock in filler:
             sock.close()
     assert names == ["alive", "alive"]
-    assert stats.upstream_cx_connect_timeout == 1
+    assert totals.upstream_cx_connect_timeout_total == 1
     # The first of two candidates gets a quarter of connectTimeout (escalating tries).
     assert 0.09 < elapsed < 0.4
 
@@ -216,9 +222,12 @@ async def test_a_connect_in_flight_is_no_task_and_a_drain_gives_it_up() -> None:
         assert await asyncio.wait_for(reader.read(1), 5) == b""  # closed, not connected
         await until(lambda: endpoint.active == 0, what="the endpoint to be released")
         writer.close()
-        stats = route.stats
-    assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
-    assert (stats.upstream_cx_total, stats.downstream_cx_active) == (1, 0)
+        stats, totals = route.stats, upstream_totals(route)
+    assert (totals.upstream_cx_connect_timeout_total, totals.upstream_cx_connect_fail_total) == (
+        0,
+        0,
+    )
+    assert (totals.upstream_cx_total, stats.downstream_cx_active) == (1, 0)
 
 
 async def test_a_client_reset_mid_connect_frees_the_connect_at_once() -> None:
@@ -233,9 +242,12 @@ async def test_a_client_reset_mid_connect_frees_the_connect_at_once() -> None:
         client.close()
         waited = await until(lambda: not runtime.connections, 5, what="the connection to end")
         await until(lambda: endpoint.active == 0, what="the endpoint to be released")
-        stats = route.stats
+        totals = upstream_totals(route)
     assert waited < 2  # not the 30 s connectTimeout
-    assert (stats.upstream_cx_connect_timeout, stats.upstream_cx_connect_fail) == (0, 0)
+    assert (totals.upstream_cx_connect_timeout_total, totals.upstream_cx_connect_fail_total) == (
+        0,
+        0,
+    )
 
 
 async def test_64_mib_each_way_at_once_with_half_close_is_byte_exact() -> None:
@@ -372,7 +384,7 @@ async def test_idle_timeout_closes_idle_connections_only() -> None:
             assert await asyncio.wait_for(busy_reader.readexactly(4), 1) == b"pong"
             for writer in (idle_writer, busy_writer):
                 writer.close()
-            assert route_of(runtime).stats.idle_timeouts == 1
+            assert route_of(runtime).stats.downstream_cx_idle_timeout_total == 1
     assert 0.25 < closed_after < 1.0
 
 

@@ -10,7 +10,8 @@ from collections import Counter
 
 import pytest
 
-from lbd.runtime.runtime import Runtime
+from lbd.net.udp_listener import UdpListener
+from lbd.runtime.runtime import Listener, Runtime
 from tests.support import (
     UdpClient,
     address_of,
@@ -29,6 +30,11 @@ from tests.support import (
 )
 
 
+def udp_of(listener: Listener) -> UdpListener:
+    assert isinstance(listener.net, UdpListener)
+    return listener.net
+
+
 def udp_service(endpoints: list[tuple[str, int]], extra: str = "", **kwargs: object) -> str:
     return document(service_yaml("svc", endpoints, protocol="UDP", extra=extra, **kwargs))  # type: ignore[arg-type]
 
@@ -38,7 +44,7 @@ def udp_route(runtime: Runtime):  # type: ignore[no-untyped-def]
 
 
 def sessions_of(runtime: Runtime) -> int:
-    udp = runtime.listener_for("default/svc").udp
+    udp = udp_of(runtime.listener_for("default/svc"))
     assert udp is not None
     return len(udp.sessions)
 
@@ -123,7 +129,7 @@ async def test_wildcard_node_address_replies_from_each_destination_address() -> 
             for destination in (fresh_ip(), fresh_ip()):
                 async with udp_client((destination, node_port), local_ip=source) as client:
                     assert await name_of(client) == "only"
-            udp = runtime.listener_for("default/svc", kind="nodePort").udp
+            udp = udp_of(runtime.listener_for("default/svc", kind="nodePort"))
             assert udp is not None and len(udp.sessions) == 2
 
 
@@ -146,7 +152,7 @@ async def test_ipv6_wildcard_node_address_replies_from_the_destination_address()
             assert address_of(runtime, kind="nodePort") == ("::", node_port)
             async with udp_client(("::1", node_port), local_ip="::1") as client:
                 assert await name_of(client) == "six"
-            udp = runtime.listener_for("default/svc", kind="nodePort").udp
+            udp = udp_of(runtime.listener_for("default/svc", kind="nodePort"))
             assert udp is not None and len(udp.sessions) == 1
 
 
@@ -208,8 +214,10 @@ async def test_idle_sessions_expire_and_active_ones_do_not() -> None:
                 for _ in range(8):  # 800 ms of traffic, every 100 ms: never idle for 300 ms
                     assert await name_of(client) == "b"
                     await asyncio.sleep(0.1)
-                assert route.stats.udp_sess_idle_timeout == 0 and sessions_of(runtime) == 1
-                await until(lambda: route.stats.udp_sess_idle_timeout == 1)
+                assert (
+                    route.stats.udp_sess_ended_total.idle_timeout == 0 and sessions_of(runtime) == 1
+                )
+                await until(lambda: route.stats.udp_sess_ended_total.idle_timeout == 1)
                 assert sessions_of(runtime) == 0
                 assert await name_of(client) == "b"  # a new session, a new upstream socket
             assert route.stats.udp_sess_total == 2 and len(stats.peers) == 2
@@ -229,7 +237,10 @@ async def test_removed_endpoint_sessions_move_on_the_next_datagram() -> None:
                 assert {gone, kept} == set(targets)
                 kept_host, kept_port, kept_stats = targets[kept]
                 route.pool.update([(kept_host, kept_port, 1)])
-                assert route.stats.udp_sess_endpoint_gone == 1 and sessions_of(runtime) == 1
+                assert (
+                    route.stats.udp_sess_ended_total.endpoint_gone == 1
+                    and sessions_of(runtime) == 1
+                )
                 assert await name_of(first) == kept
                 assert await name_of(second) == kept
             assert len(kept_stats.peers) == 2  # second kept its socket; first got a new one
@@ -275,7 +286,10 @@ async def test_no_endpoint_is_port_unreachable_and_the_first_endpoint_gets_the_n
                 route.pool.update([(bh, bp, 1)])
                 assert await name_of(client) == "late"  # the very next datagram
                 route.pool.update([])
-                assert route.stats.udp_sess_endpoint_gone == 1 and sessions_of(runtime) == 0
+                assert (
+                    route.stats.udp_sess_ended_total.endpoint_gone == 1
+                    and sessions_of(runtime) == 0
+                )
                 client.send(b"gone?")
                 with pytest.raises(ConnectionRefusedError):
                     await client.recv()
@@ -291,7 +305,7 @@ async def test_sessions_beyond_the_cap_are_dropped_and_counted() -> None:
             async with udp_client(target) as a, udp_client(target) as b, udp_client(target) as c:
                 assert await name_of(a) == "b" and await name_of(b) == "b"
                 c.send(b"third")
-                await until(lambda: route.stats.udp_sess_overflow == 1)
+                await until(lambda: route.stats.udp_sess_dropped_total.overflow == 1)
                 assert await name_of(a) == "b" and await name_of(b) == "b"
                 assert sessions_of(runtime) == 2
                 assert c.protocol.received.empty()
@@ -311,8 +325,8 @@ async def test_endpoint_icmp_error_ends_the_session_and_the_listener_serves_on()
                 clients = [await stack.enter_async_context(udp_client(target)) for _ in range(4)]
                 for client in clients:
                     client.send(b"hello")
-                await until(lambda: route.stats.udp_upstream_icmp_errors == 2)
-                udp = runtime.listener_for("default/svc").udp
+                await until(lambda: route.stats.udp_errors_total.upstream_icmp == 2)
+                udp = udp_of(runtime.listener_for("default/svc"))
                 assert udp is not None and len(udp.sessions) == 2
                 lucky = [c for c in clients if c.local in udp.sessions]
                 for client in lucky:

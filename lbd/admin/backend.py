@@ -8,7 +8,7 @@ from typing import Protocol
 
 from lbd.admin import views
 from lbd.config.model import Config
-from lbd.observability.metrics import Snapshot
+from lbd.observability.snapshot import Snapshot
 from lbd.runtime.runtime import Runtime
 
 

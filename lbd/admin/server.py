@@ -27,7 +27,7 @@ from lbd.admin import views
 from lbd.admin.backend import AdminBackend, LocalBackend
 from lbd.config.model import Admin
 from lbd.config.render import render_config
-from lbd.observability.metrics import SnapshotCollector
+from lbd.observability.snapshot import SnapshotCollector
 from lbd.runtime.runtime import Runtime
 
 log = structlog.get_logger("lbd.admin")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from dataclasses import asdict
 from typing import Any
 
 from lbd.endpoints.endpoint import UpstreamEndpoint, ineligible_reason
@@ -47,11 +48,11 @@ def services_view(runtime: Runtime) -> Json:
 
 def _route_view(route: Route, listeners: list[Json]) -> Json:
     stats = route.stats
-    refusals = {reason: n for reason, n in stats.refusals().items() if n}
+    refusals = {reason: n for reason, n in asdict(stats.downstream_cx_refused_total).items() if n}
     return {
         "service": f"{route.namespace}/{route.service}",
         "port": route.port_name,
-        "strategy": route.strategy,
+        "strategy": route.tunables.strategy,
         "listeners": listeners,
         "connections": {
             "active": stats.downstream_cx_active,
@@ -73,8 +74,8 @@ def _sessions_view(route: Route) -> Json:
     return {
         "active": stats.udp_sess_active,
         "total": stats.udp_sess_total,
-        "max": route.max_udp_sessions,
-        "droppedBy": {reason: n for reason, n in stats.udp_drops().items() if n},
+        "max": route.tunables.max_udp_sessions,
+        "droppedBy": {r: n for r, n in asdict(stats.udp_sess_dropped_total).items() if n},
     }
 
 
@@ -95,7 +96,7 @@ def _endpoint_view(route: Route, endpoint: UpstreamEndpoint) -> Json:
         "configWeight": endpoint.config_weight,
         "override": override or None,
         "active": endpoint.active,
-        "total": endpoint.stats.cx_total,
+        "total": endpoint.stats.upstream_cx_total,
         "health": _health(route, endpoint),
         "ejected": endpoint.ejected,  # by outlierDetection
     }
@@ -103,7 +104,7 @@ def _endpoint_view(route: Route, endpoint: UpstreamEndpoint) -> Json:
 
 def _health(route: Route, endpoint: UpstreamEndpoint) -> str:
     """What the active checks last said; "unchecked" when the port has no healthCheck."""
-    if route.health_check is None:
+    if route.tunables.health_check is None:
         return "unchecked"
     return "healthy" if endpoint.healthy else "unhealthy"
 
@@ -173,7 +174,7 @@ def explain_view(
         "port": route.port_name,
         "client": client or None,
         "kind": kind,
-        "strategy": route.strategy,
+        "strategy": route.tunables.strategy,
         "eligible": [str(v.endpoint) for v in verdicts if v.eligible],
         "endpoints": [
             {

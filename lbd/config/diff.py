@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 
 from lbd.config.model import Config, ListenerSpec, listeners_of
 from lbd.config.routes import RouteKey, RouteSpec, route_specs
+from lbd.config.tunables import changed_tunables
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,7 +20,7 @@ class RouteChange:
     endpoints_added: tuple[str, ...]
     endpoints_removed: tuple[str, ...]
     weights_changed: tuple[str, ...]  # or conditions (ready, serving, terminating, topology)
-    settings_changed: tuple[str, ...]  # names of RouteSpec fields other than targets
+    settings_changed: tuple[str, ...]  # tunables' lbd/v1 keys, other RouteSpec fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +141,10 @@ def _route_change(old: RouteSpec, new: RouteSpec) -> RouteChange | None:
     # Weight and conditions together: a change of either is "this endpoint changed".
     before = {(a, p): (w, state) for a, p, w, state in old.targets}
     after = {(a, p): (w, state) for a, p, w, state in new.targets}
-    settings = tuple(
+    settings = changed_tunables(old.tunables, new.tunables) + tuple(
         f.name
         for f in fields(RouteSpec)
-        if f.name != "targets" and getattr(old, f.name) != getattr(new, f.name)
+        if f.name not in ("targets", "tunables") and getattr(old, f.name) != getattr(new, f.name)
     )
     return RouteChange(
         key=new.key,

@@ -7,6 +7,8 @@ that section. ``lbd.sources.kubernetes`` does the watching.
 
 from __future__ import annotations
 
+import argparse
+
 from lbd.config import fields as f
 from lbd.config.durations import parse_duration
 from lbd.config.errors import FieldError
@@ -17,6 +19,15 @@ SOURCES: tuple[SourceKind, ...] = ("file", "kubernetes")
 SOURCE_KEYS = ("source", "kubernetes")  # top-level keys of an lbd/v1 document
 KUBERNETES_KEYS = ("kubeconfig", "minSyncPeriod", "allowedServiceIPs")
 DEFAULT_MIN_SYNC_PERIOD = KubernetesSettings().min_sync_period
+
+
+def kubernetes_arguments(run: argparse.ArgumentParser) -> None:
+    """``lbd run``'s flags for ``source: kubernetes`` (they override the file's section)."""
+    group = run.add_argument_group("services from the Kubernetes API (docs/kubernetes.md)")
+    group.add_argument("--kubernetes", action="store_true", help="as `source: kubernetes`")
+    group.add_argument("--kubeconfig", metavar="PATH", help="default: $KUBECONFIG, in-cluster")
+    group.add_argument("--min-sync-period", metavar="DURATION", help="default 1s")
+    group.add_argument("--allowed-service-ips", metavar="CIDR,...", help="default: none")
 
 
 def read_source(top: f.Section) -> tuple[SourceKind, KubernetesSettings]:

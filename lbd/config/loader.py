@@ -3,30 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from lbd.config import fields as f
+from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
 from lbd.config.endpoints import port_warnings, read_endpoints
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.kubesource import SOURCE_KEYS, read_source
 from lbd.config.model import (
     API_VERSION,
-    MAX_WORKERS,
     PROTOCOLS,
     SERVICE_TYPES,
-    Admin,
     Config,
-    Defaults,
     Node,
     Protocol,
     Service,
     ServicePort,
     ServiceType,
     Skipped,
+    Tunables,
 )
 from lbd.config.nodeports import allocate_node_ports
 from lbd.config.semantics import (
@@ -40,7 +38,6 @@ from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
 TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers", *SOURCE_KEYS)
-ADMIN_KEYS = ("enabled", "address", "socket", "tokenFile")
 NODE_KEYS = ("name", "zone", "addresses", "nodePortRange", "proxyName")
 SERVICE_KEYS = (
     "name",
@@ -116,7 +113,7 @@ def build_config(
         problems.add("apiVersion", f"must be {API_VERSION!r}, got {version!r}")
     node = _node(f.Section(top.raw("node"), "node", problems, NODE_KEYS), options)
     defaults = _defaults(f.Section(top.raw("defaults"), "defaults", problems, TUNABLE_KEYS))
-    admin = _admin(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
+    admin = admin_section(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
     workers = top.get("workers", workers_count, 1)
     source, kubernetes = read_source(top)
@@ -178,60 +175,11 @@ def _node(section: f.Section, options: LoadOptions) -> Node:
     )
 
 
-def _admin(section: f.Section) -> Admin:
-    base = Admin()
-    address, port = section.get("address", _host_port, (base.address, base.port))
-    socket_path = section.get("socket", _path, None)
-    if socket_path is not None and section.has("address"):
-        section.problems.add(
-            f.join(section.path, "socket"), "address and socket are alternatives; set one"
-        )
-    return Admin(
-        enabled=section.get("enabled", f.boolean, base.enabled),
-        address=address,
-        port=port,
-        socket=socket_path,
-        token_file=section.get("tokenFile", _path, None),
-    )
+def _defaults(section: f.Section) -> Tunables:
+    return read_tunables(section, Tunables())
 
 
-def workers_count(value: object) -> int:
-    """``workers``: a process count, or ``auto`` for one per CPU this process may run on."""
-    if value == "auto":
-        return len(os.sched_getaffinity(0)) or 1
-    if isinstance(value, str):
-        raise FieldError(f"expected a number of processes or 'auto', got {value!r}")
-    return _workers(value)
-
-
-_workers = f.int_between(1, MAX_WORKERS)
-
-
-def _host_port(value: object) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPv6]:PORT``, HOST an IP literal; port 0 lets the kernel pick."""
-    text = f.string(value)
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise FieldError(f"expected ADDRESS:PORT such as 127.0.0.1:9180, got {text!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise FieldError(f"write an IPv6 address in brackets, as [::1]:9180, got {text!r}")
-    return f.ip_address(host), _service_port_number(int(port_text))
-
-
-def _path(value: object) -> str:
-    text = f.string(value)
-    if not text or "\0" in text:
-        raise FieldError("expected a file path")
-    return text
-
-
-def _defaults(section: f.Section) -> Defaults:
-    return read_tunables(section, Defaults())
-
-
-def _service(section: f.Section, defaults: Defaults) -> Service | None:
+def _service(section: f.Section, defaults: Tunables) -> Service | None:
     problems_before = len(section.problems.items)
     kind: ServiceType = section.get("type", f.one_of(SERVICE_TYPES), "ClusterIP")
     lb_ips = _addresses(section, "loadBalancerIPs")
@@ -248,7 +196,7 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
     cluster_ip, cluster_ips = _cluster_ips(section)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
-    if tunables.proxy_protocol.send == "v1" and any(p.protocol == "UDP" for p in ports):
+    if tunables.proxy_protocol == "v1" and any(p.protocol == "UDP" for p in ports):
         section.problems.add(
             f.join(section.path, "proxyProtocol"),
             "v1 carries TCP only; a service with a UDP port needs v2 (or a separate service)",
@@ -262,18 +210,9 @@ def _service(section: f.Section, defaults: Defaults) -> Service | None:
         cluster_ips=cluster_ips,
         external_ips=external_ips,
         load_balancer_ips=lb_ips,
-        strategy=tunables.strategy,
-        timeouts=tunables.timeouts,
-        access_log=tunables.access_log,
-        splice=tunables.splice,
-        max_udp_sessions=tunables.max_udp_sessions,
         ports=ports,
         endpoints=endpoints,
-        health_check=tunables.health_check,
-        outlier_detection=tunables.outlier_detection,
-        slow_start=tunables.slow_start,
-        limits=tunables.limits,
-        proxy_protocol=tunables.proxy_protocol,
+        tunables=tunables,
         **semantics,
     )
     return service if len(section.problems.items) == problems_before else None

@@ -21,6 +21,7 @@ ListenerKind = Literal["clusterIP", "externalIP", "nodePort", "loadBalancerIP"]
 HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 SpliceMode = Literal["auto", "off"]
+HashOn = Literal["clientIP", "clientIPPort"]
 SourceKind = Literal["file", "kubernetes"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -36,6 +37,8 @@ DEFAULT_MAX_UDP_SESSIONS = 65536
 HEALTH_CHECK_TYPES: tuple[HealthCheckType, ...] = ("tcp", "http")
 PROXY_PROTOCOL_VERSIONS: tuple[ProxyProtocolVersion, ...] = ("v1", "v2")
 SPLICE_MODES: tuple[SpliceMode, ...] = ("auto", "off")
+HASH_ON: tuple[HashOn, ...] = ("clientIP", "clientIPPort")
+DEFAULT_MAGLEV_TABLE_SIZE = 65537
 MAX_WORKERS = 256
 
 
@@ -83,16 +86,6 @@ class ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float
-    idle: float
-    drain: float
-    udp_idle: float  # a UDP session with no datagram either way for this long ends
-    half_closed: float = 60.0  # after one side finished (sent its FIN)
-    max_duration: float | None = None  # any connection, however busy
-
-
-@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """An active probe of every endpoint (HAProxy's ``check``; rise/fall as thresholds).
 
@@ -123,19 +116,44 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """HAProxy's maxconn + queue, per service port and per endpoint. None is unlimited."""
+class Tunables:
+    """Every per-service setting that ``defaults`` may set too: one field per lbd/v1 key.
 
+    ``lbd.config.tunables.TUNABLES`` is the one table that maps each key to its field, parser
+    and rendering; the loader, ``render`` (``GET /config``, the config hash) and the reload
+    diff all go through it, so a setting cannot be read but left out of what lbd reports.
+    A service's value is already merged with ``defaults``; routes carry the same object.
+    """
+
+    strategy: StrategyName = "round-robin"
+    connect_timeout: float = 1.0
+    idle_timeout: float = 3600.0
+    drain_timeout: float = 30.0
+    udp_idle_timeout: float = 30.0  # a UDP session with no datagram either way for this long ends
+    max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS  # per UDP port; new clients past it dropped
+    half_closed_timeout: float = 60.0  # after one side finished (sent its FIN)
+    max_connection_duration: float | None = None  # any connection, however busy
+    access_log: bool = False
+    splice: SpliceMode = "auto"  # auto: bulk TCP directions move to splice(2); off: never
+    health_check: HealthCheck | None = None
+    outlier_detection: OutlierDetection | None = None
+    slow_start: float = 0.0
+    # HAProxy's maxconn + queue, per service port and per endpoint; None is unlimited.
     max_connections: int | None = None
     max_connections_per_endpoint: int | None = None
     max_queue: int = 0
     queue_timeout: float = 5.0
+    proxy_protocol: ProxyProtocolVersion | None = None  # header written to every endpoint
+    accept_proxy_protocol_from: tuple[str, ...] = ()  # CIDRs whose header is read and trusted
+    # Hash-based strategies (maglev, source-hash): what identifies a client, and Maglev's
+    # lookup table size (a prime).
+    hash_on: HashOn = "clientIP"
+    maglev_table_size: int = DEFAULT_MAGLEV_TABLE_SIZE
 
-
-@dataclass(frozen=True, slots=True)
-class ProxyProtocol:
-    send: ProxyProtocolVersion | None = None  # header written to every endpoint
-    accept_from: tuple[str, ...] = ()  # CIDRs whose header is read and trusted
+    @property
+    def limited(self) -> bool:
+        """Whether connections of the port go through admission (limits and queue)."""
+        return self.max_connections is not None or self.max_connections_per_endpoint is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,18 +164,9 @@ class Service:
     cluster_ip: str
     external_ips: tuple[str, ...]
     load_balancer_ips: tuple[str, ...]
-    strategy: StrategyName
-    timeouts: Timeouts
-    access_log: bool
-    max_udp_sessions: int  # per UDP service port; new clients beyond it are dropped
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
-    splice: SpliceMode = "auto"  # auto: bulk TCP directions move to splice(2); off: never
-    health_check: HealthCheck | None = None
-    outlier_detection: OutlierDetection | None = None
-    slow_start: float = 0.0
-    limits: Limits = field(default_factory=Limits)
-    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    tunables: Tunables = field(default_factory=Tunables)
     # Kubernetes Service semantics (docs/kubernetes.md); defaults are Kubernetes' own.
     affinity_timeout: int | None = None  # sessionAffinity ClientIP: seconds; None: no affinity
     internal_traffic_policy: TrafficPolicy = "Cluster"
@@ -184,22 +193,6 @@ class Node:
     addresses: tuple[str, ...]
     node_port_range: tuple[int, int]
     proxy_name: str = ""  # --proxy-name: serve services whose service-proxy-name label is this
-
-
-@dataclass(frozen=True, slots=True)
-class Defaults:
-    strategy: StrategyName = "round-robin"
-    timeouts: Timeouts = field(
-        default_factory=lambda: Timeouts(connect=1.0, idle=3600.0, drain=30.0, udp_idle=30.0)
-    )
-    access_log: bool = False
-    splice: SpliceMode = "auto"
-    max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS
-    health_check: HealthCheck | None = None
-    outlier_detection: OutlierDetection | None = None
-    slow_start: float = 0.0
-    limits: Limits = field(default_factory=Limits)
-    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +245,7 @@ class KubernetesSettings:
 @dataclass(frozen=True, slots=True)
 class Config:
     node: Node
-    defaults: Defaults
+    defaults: Tunables
     services: tuple[Service, ...]
     admin: Admin = field(default_factory=Admin)
     dns: Dns = field(default_factory=Dns)
@@ -304,6 +297,11 @@ class ListenerSpec:
     def external(self) -> bool:
         """Traffic from outside the cluster: subject to externalTrafficPolicy, not internal."""
         return self.kind != "clusterIP"
+
+    @property
+    def filtered(self) -> bool:
+        """loadBalancerSourceRanges apply (LoadBalancer IPs only, not NodePorts: Kubernetes)."""
+        return self.kind == "loadBalancerIP"
 
 
 def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:

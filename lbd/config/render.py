@@ -1,7 +1,8 @@
 """``Config`` → the effective config as a plain document (for ``GET /config``).
 
 The document uses the file's own vocabulary and is itself a valid ``lbd/v1`` config (YAML is a
-superset of JSON): defaults are merged into each service and omitted NodePorts appear as
+superset of JSON) that loads back to an equal model: every tunable of ``defaults`` and of each
+service is written out (``lbd.config.tunables.TUNABLES``), and omitted NodePorts appear as
 allocated, so what an operator reads is exactly what lbd runs. The admin token never appears,
 only the path of its file.
 """
@@ -13,6 +14,7 @@ import json
 from typing import Any
 
 from lbd.config.model import API_VERSION, READY, Admin, Config, Dns, Endpoint, Service, ServicePort
+from lbd.config.tunables import render_tunables
 
 Document = dict[str, Any]
 
@@ -29,6 +31,7 @@ def render_config(config: Config) -> Document:
             **({"proxyName": node.proxy_name} if node.proxy_name else {}),
         },
         "admin": _admin(config.admin),
+        "defaults": render_tunables(config.defaults),
         **({"dns": _dns(config.dns)} if config.dns != Dns() else {}),
         "workers": config.workers,
         "services": [_service(service) for service in config.services],
@@ -60,7 +63,6 @@ def _admin(admin: Admin) -> Document:
 
 
 def _service(service: Service) -> Document:
-    timeouts = service.timeouts
     document: Document = {
         "name": service.name,
         "namespace": service.namespace,
@@ -72,20 +74,9 @@ def _service(service: Service) -> Document:
         document["clusterIPs"] = list(service.cluster_ips)
     if service.type == "LoadBalancer":
         document["loadBalancerIPs"] = list(service.load_balancer_ips)
-    document.update(
-        {
-            "strategy": service.strategy,
-            "connectTimeout": timeouts.connect,
-            "idleTimeout": timeouts.idle,
-            "drainTimeout": timeouts.drain,
-            "udpIdleTimeout": timeouts.udp_idle,
-            "maxUdpSessions": service.max_udp_sessions,
-            "accessLog": service.access_log,
-            "splice": service.splice,
-            "ports": [_port(port) for port in service.ports],
-            "endpoints": [_endpoint(endpoint) for endpoint in service.endpoints],
-        }
-    )
+    document["ports"] = [_port(port) for port in service.ports]
+    document["endpoints"] = [_endpoint(endpoint) for endpoint in service.endpoints]
+    document.update(render_tunables(service.tunables))
     document.update(_semantics(service))
     return document
 

@@ -13,14 +13,11 @@ from lbd.config.model import (
     READY,
     Conditions,
     Config,
-    HealthCheck,
-    Limits,
     Node,
-    OutlierDetection,
-    ProxyProtocol,
+    Protocol,
     Service,
     ServicePort,
-    StrategyName,
+    Tunables,
     port_id,
 )
 
@@ -60,27 +57,13 @@ class RouteSpec:
     namespace: str
     service: str
     port_name: str
-    protocol: str
-    strategy: StrategyName
-    connect_timeout: float
-    idle_timeout: float
-    drain_timeout: float
-    access_log: bool
-    udp_idle_timeout: float
-    max_udp_sessions: int
+    protocol: Protocol
     targets: tuple[Target, ...]
-    health_check: HealthCheck | None = None
-    outlier_detection: OutlierDetection | None = None
-    slow_start: float = 0.0
-    limits: Limits = field(default_factory=Limits)
-    half_closed_timeout: float = 60.0
-    max_duration: float | None = None
-    proxy_protocol: ProxyProtocol = field(default_factory=ProxyProtocol)
+    tunables: Tunables = field(default_factory=Tunables)
     policy: TrafficPolicy = CLUSTER
     affinity_timeout: int | None = None  # sessionAffinity ClientIP, seconds
     source_ranges: tuple[str, ...] = ()  # loadBalancerSourceRanges (loadBalancerIP listeners)
     external_name: str | None = None  # targets come from resolving this name, not the config
-    splice: bool = True  # bulk TCP directions may move to splice(2)
 
     @property
     def key(self) -> RouteKey:
@@ -122,22 +105,8 @@ def route_spec(service: Service, port: ServicePort, node: Node) -> RouteSpec:
         service=service.name,
         port_name=port_id(port),
         protocol=port.protocol,
-        strategy=service.strategy,
-        connect_timeout=service.timeouts.connect,
-        idle_timeout=service.timeouts.idle,
-        drain_timeout=service.timeouts.drain,
-        access_log=service.access_log,
-        splice=service.splice == "auto",
-        udp_idle_timeout=service.timeouts.udp_idle,
-        max_udp_sessions=service.max_udp_sessions,
-        health_check=service.health_check,
-        outlier_detection=service.outlier_detection,
-        slow_start=service.slow_start,
-        limits=service.limits,
-        half_closed_timeout=service.timeouts.half_closed,
-        max_duration=service.timeouts.max_duration,
-        proxy_protocol=service.proxy_protocol,
         targets=endpoint_targets(service, port, node),
+        tunables=service.tunables,
         policy=TrafficPolicy(
             internal_local=service.internal_traffic_policy == "Local",
             external_local=service.external_traffic_policy == "Local",

@@ -1,87 +1,61 @@
-"""The per-service keys that ``defaults`` may set too: health, ejection, limits, PROXY.
+"""The per-service keys that ``defaults`` may set too, in one table: lbd/v1 key ↔ ``Tunables``
+field ↔ parser ↔ rendering.
 
 ``read_tunables`` reads them from a ``defaults`` or a ``services[i]`` section over a base (the
-built-in defaults, or the file's ``defaults``), so a service inherits every key it leaves out.
-A ``healthCheck`` or ``outlierDetection`` mapping is merged key by key over the base's one.
+built-in ``Tunables()``, or the file's ``defaults``), so a service inherits every key it leaves
+out; ``render_tunables`` writes every field back in the file's vocabulary, so ``GET /config``
+and the config hash cover every setting by construction. A ``healthCheck`` or
+``outlierDetection`` mapping is merged key by key over the base's one; ``none`` (or
+``enabled: false`` for the two mappings) switches an optional setting off over a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from lbd.config import fields as f
 from lbd.config.durations import parse_duration
 from lbd.config.errors import FieldError
+from lbd.config.health import (
+    HEALTH_CHECK_KEYS,
+    OUTLIER_KEYS,
+    positive_duration,
+    read_health_check,
+    read_outlier,
+    render_health_check,
+    render_outlier,
+)
 from lbd.config.model import (
-    HEALTH_CHECK_TYPES,
+    HASH_ON,
     PROXY_PROTOCOL_VERSIONS,
     SPLICE_MODES,
     STRATEGIES,
-    Defaults,
-    HealthCheck,
-    Limits,
-    OutlierDetection,
-    ProxyProtocol,
     SpliceMode,
-    Timeouts,
+    Tunables,
 )
 
-TUNABLE_KEYS = (
-    "strategy",
-    "connectTimeout",
-    "idleTimeout",
-    "drainTimeout",
-    "udpIdleTimeout",
-    "maxUdpSessions",
-    "halfClosedTimeout",
-    "maxConnectionDuration",
-    "accessLog",
-    "splice",
-    "healthCheck",
-    "outlierDetection",
-    "slowStart",
-    "maxConnections",
-    "maxConnectionsPerEndpoint",
-    "maxQueue",
-    "queueTimeout",
-    "proxyProtocol",
-    "acceptProxyProtocolFrom",
-)
-HEALTH_CHECK_KEYS = (
-    "enabled",
-    "type",
-    "interval",
-    "timeout",
-    "jitter",
-    "healthyThreshold",
-    "unhealthyThreshold",
-    "path",
-    "host",
-    "expectStatus",
-    "send",
-    "expect",
-)
-HTTP_ONLY_KEYS = ("path", "host", "expectStatus")
-TCP_ONLY_KEYS = ("send", "expect")
-OUTLIER_KEYS = (
-    "enabled",
-    "consecutiveFailures",
-    "baseEjectionTime",
-    "maxEjectionTime",
-    "maxEjectionPercent",
-)
+__all__ = ["HEALTH_CHECK_KEYS", "OUTLIER_KEYS", "TUNABLES", "TUNABLE_KEYS"]
 
-_threshold = f.int_between(1, 100)
+NONE = "none"  # spelling of "off" for an optional setting, e.g. maxConnections: none
+
 _connections = f.int_between(1, 10_000_000)
 _queue = f.int_between(0, 10_000_000)
-_percent = f.int_between(0, 100)
 # One session holds one socket (a file descriptor and an ephemeral port): a million is already
 # past what one host's port range can carry towards one endpoint address.
 _max_udp_sessions = f.int_between(1, 1_000_000)
-
-
 _splice_modes = f.one_of(SPLICE_MODES)
+MAGLEV_TABLE_MAX = 1_000_003
+
+
+def _optional(parse: f.Parser[Any]) -> f.Parser[Any]:
+    def parse_or_none(value: object) -> object:
+        return None if value == NONE else parse(value)
+
+    return parse_or_none
 
 
 def _splice_mode(value: object) -> SpliceMode:
@@ -92,127 +66,46 @@ def _splice_mode(value: object) -> SpliceMode:
     return mode
 
 
-def positive_duration(value: object) -> float:
-    seconds = parse_duration(value)
-    if seconds <= 0:
-        raise FieldError("must be greater than 0")
-    return seconds
+def _proxy_version(value: object) -> str | None:
+    version = str(f.one_of((*PROXY_PROTOCOL_VERSIONS, NONE))(value))
+    return None if version == NONE else version
 
 
-def read_tunables(section: f.Section, base: Defaults) -> Defaults:
-    inherited: str = base.proxy_protocol.send or "none"
-    proxy = section.get("proxyProtocol", _proxy_version, inherited)
-    accept = (
-        _cidrs(section, "acceptProxyProtocolFrom")
-        if section.has("acceptProxyProtocolFrom")
-        else base.proxy_protocol.accept_from
-    )
-    return Defaults(
-        strategy=section.get("strategy", f.one_of(STRATEGIES), base.strategy),
-        timeouts=_timeouts(section, base.timeouts),
-        access_log=section.get("accessLog", f.boolean, base.access_log),
-        splice=section.get("splice", _splice_mode, base.splice),
-        max_udp_sessions=section.get("maxUdpSessions", _max_udp_sessions, base.max_udp_sessions),
-        health_check=_health_check(section, base.health_check),
-        outlier_detection=_outlier(section, base.outlier_detection),
-        slow_start=section.get("slowStart", parse_duration, base.slow_start),
-        limits=_limits(section, base.limits),
-        proxy_protocol=ProxyProtocol(
-            send="v1" if proxy == "v1" else "v2" if proxy == "v2" else None, accept_from=accept
-        ),
-    )
+def _prime_table_size(value: object) -> int:
+    size = f.int_between(7, MAGLEV_TABLE_MAX)(value)
+    if any(size % d == 0 for d in range(2, int(size**0.5) + 1)):
+        raise FieldError(f"must be a prime number (65537 is the default), got {size}")
+    return size
 
 
-def _timeouts(section: f.Section, base: Timeouts) -> Timeouts:
-    return Timeouts(
-        connect=section.get("connectTimeout", positive_duration, base.connect),
-        idle=section.get("idleTimeout", positive_duration, base.idle),
-        drain=section.get("drainTimeout", parse_duration, base.drain),
-        udp_idle=section.get("udpIdleTimeout", positive_duration, base.udp_idle),
-        half_closed=section.get("halfClosedTimeout", positive_duration, base.half_closed),
-        max_duration=section.get("maxConnectionDuration", positive_duration, base.max_duration),
-    )
+def _seconds(value: float | None) -> object:
+    return NONE if value is None else value
 
 
-def _limits(section: f.Section, base: Limits) -> Limits:
-    return Limits(
-        max_connections=section.get("maxConnections", _connections, base.max_connections),
-        max_connections_per_endpoint=section.get(
-            "maxConnectionsPerEndpoint", _connections, base.max_connections_per_endpoint
-        ),
-        max_queue=section.get("maxQueue", _queue, base.max_queue),
-        queue_timeout=section.get("queueTimeout", positive_duration, base.queue_timeout),
-    )
+def _same(value: object) -> object:
+    return NONE if value is None else value
 
 
-def _health_check(parent: f.Section, base: HealthCheck | None) -> HealthCheck | None:
-    if not parent.has("healthCheck"):
+@dataclass(frozen=True, slots=True)
+class Tunable:
+    """One lbd/v1 key: how it is read from a section over a base value, and written back."""
+
+    key: str
+    field: str
+    parse: f.Parser[Any] | None = None  # a scalar parser; None: ``read`` is custom
+    render: Callable[[Any], object] = _same
+    read: Callable[[f.Section, str, Any], Any] | None = None  # (section, key, base) -> value
+
+    def value(self, section: f.Section, base: object) -> object:
+        if self.read is not None:
+            return self.read(section, self.key, base)
+        assert self.parse is not None
+        return section.get(self.key, self.parse, base)
+
+
+def _cidrs(section: f.Section, key: str, base: tuple[str, ...]) -> tuple[str, ...]:
+    if not section.has(key):
         return base
-    path = f.join(parent.path, "healthCheck")
-    section = f.Section(parent.raw("healthCheck"), path, parent.problems, HEALTH_CHECK_KEYS)
-    start = base or HealthCheck()
-    kind = section.get("type", f.one_of(HEALTH_CHECK_TYPES), start.type)
-    wrong = TCP_ONLY_KEYS if kind == "http" else HTTP_ONLY_KEYS
-    for key in wrong:
-        if section.has(key):
-            section.problems.add(f.join(path, key), f"not used by a {kind} check")
-    check = HealthCheck(
-        type=kind,
-        interval=section.get("interval", positive_duration, start.interval),
-        timeout=section.get("timeout", positive_duration, start.timeout),
-        jitter=section.get("jitter", parse_duration, start.jitter),
-        healthy_threshold=section.get("healthyThreshold", _threshold, start.healthy_threshold),
-        unhealthy_threshold=section.get(
-            "unhealthyThreshold", _threshold, start.unhealthy_threshold
-        ),
-        path=section.get("path", _http_path, start.path),
-        host=section.get("host", _header_value, start.host),
-        expect_status=section.get("expectStatus", _status_range, start.expect_status),
-        send=section.get("send", _text_bytes, start.send),
-        expect=section.get("expect", _text_bytes, start.expect),
-    )
-    if check.jitter >= check.interval:
-        section.problems.add(f.join(path, "jitter"), "must be less than interval")
-    if not section.get("enabled", f.boolean, True):
-        return None
-    return check
-
-
-def _outlier(parent: f.Section, base: OutlierDetection | None) -> OutlierDetection | None:
-    if not parent.has("outlierDetection"):
-        return base
-    path = f.join(parent.path, "outlierDetection")
-    section = f.Section(parent.raw("outlierDetection"), path, parent.problems, OUTLIER_KEYS)
-    start = base or OutlierDetection()
-    outlier = dataclasses.replace(
-        start,
-        consecutive_failures=section.get(
-            "consecutiveFailures", _threshold, start.consecutive_failures
-        ),
-        base_ejection_time=section.get(
-            "baseEjectionTime", positive_duration, start.base_ejection_time
-        ),
-        max_ejection_time=section.get(
-            "maxEjectionTime", positive_duration, start.max_ejection_time
-        ),
-        max_ejection_percent=section.get(
-            "maxEjectionPercent", _percent, start.max_ejection_percent
-        ),
-    )
-    if outlier.max_ejection_time < outlier.base_ejection_time:
-        section.problems.add(
-            f.join(path, "maxEjectionTime"), "must not be less than baseEjectionTime"
-        )
-    if not section.get("enabled", f.boolean, True):
-        return None
-    return outlier
-
-
-def _proxy_version(value: object) -> str:
-    return str(f.one_of((*PROXY_PROTOCOL_VERSIONS, "none"))(value))
-
-
-def _cidrs(section: f.Section, key: str) -> tuple[str, ...]:
     networks: list[str] = []
     for path, raw in section.items(key):
         try:
@@ -226,38 +119,45 @@ def _cidrs(section: f.Section, key: str) -> tuple[str, ...]:
     return tuple(networks)
 
 
-def _http_path(value: object) -> str:
-    text = f.string(value)
-    if not text.startswith("/") or any(c in text for c in " \r\n"):
-        raise FieldError(f"must start with / and hold no spaces or line breaks, got {text!r}")
-    return text
+T = Tunable
+TUNABLES: tuple[Tunable, ...] = (
+    T("strategy", "strategy", f.one_of(STRATEGIES)),
+    T("connectTimeout", "connect_timeout", positive_duration),
+    T("idleTimeout", "idle_timeout", positive_duration),
+    T("drainTimeout", "drain_timeout", parse_duration),
+    T("udpIdleTimeout", "udp_idle_timeout", positive_duration),
+    T("maxUdpSessions", "max_udp_sessions", _max_udp_sessions),
+    T("halfClosedTimeout", "half_closed_timeout", positive_duration),
+    T("maxConnectionDuration", "max_connection_duration", _optional(positive_duration), _seconds),
+    T("accessLog", "access_log", f.boolean),
+    T("splice", "splice", _splice_mode),
+    T("healthCheck", "health_check", read=read_health_check, render=render_health_check),
+    T("outlierDetection", "outlier_detection", read=read_outlier, render=render_outlier),
+    T("slowStart", "slow_start", parse_duration),
+    T("maxConnections", "max_connections", _optional(_connections)),
+    T("maxConnectionsPerEndpoint", "max_connections_per_endpoint", _optional(_connections)),
+    T("maxQueue", "max_queue", _queue),
+    T("queueTimeout", "queue_timeout", positive_duration),
+    T("proxyProtocol", "proxy_protocol", _proxy_version),
+    T("acceptProxyProtocolFrom", "accept_proxy_protocol_from", read=_cidrs, render=list),
+    T("hashOn", "hash_on", f.one_of(HASH_ON)),
+    T("maglevTableSize", "maglev_table_size", _prime_table_size),
+)
+del T
+TUNABLE_KEYS = tuple(tunable.key for tunable in TUNABLES)
 
 
-def _header_value(value: object) -> str:
-    text = f.string(value)
-    if not text or any(c in text for c in "\r\n"):
-        raise FieldError(f"must be one non-empty line, got {text!r}")
-    return text
+def read_tunables(section: f.Section, base: Tunables) -> Tunables:
+    """Every tunable of ``section``; a key it leaves out keeps ``base``'s value."""
+    values = {t.field: t.value(section, getattr(base, t.field)) for t in TUNABLES}
+    return dataclasses.replace(base, **values)  # type: ignore[arg-type]
 
 
-def _status_range(value: object) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        low = high = value
-    else:
-        text = f.string(value)
-        low_text, _, high_text = text.partition("-")
-        try:
-            low, high = int(low_text), int(high_text or low_text)
-        except ValueError:
-            message = f"expected a status or a range such as 200-399, got {text!r}"
-            raise FieldError(message) from None
-    if not 100 <= low <= high <= 599:
-        raise FieldError(f"expected 100 <= low <= high <= 599, got {value!r}")
-    return (low, high)
+def render_tunables(tunables: Tunables) -> dict[str, object]:
+    """Every tunable as its lbd/v1 key and value; reading it back gives ``tunables``."""
+    return {t.key: t.render(getattr(tunables, t.field)) for t in TUNABLES}
 
 
-def _text_bytes(value: object) -> bytes:
-    text = f.string(value)
-    if len(text) > 4096:
-        raise FieldError("at most 4096 characters")
-    return text.encode()
+def changed_tunables(old: Tunables, new: Tunables) -> tuple[str, ...]:
+    """The lbd/v1 keys whose values differ (for the reload diff)."""
+    return tuple(t.key for t in TUNABLES if getattr(old, t.field) != getattr(new, t.field))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Protocol
 
-from lbd.config.model import Limits
+from lbd.config.model import Tunables
 
 if TYPE_CHECKING:
     from lbd.endpoints.pool import Pool
@@ -41,10 +41,10 @@ class Waiter(Protocol):
 
 
 class Admission:
-    __slots__ = ("_queue", "_recheck", "active", "limits", "pool", "shared", "slot", "stats")
+    __slots__ = ("_queue", "_recheck", "active", "pool", "shared", "slot", "stats", "tunables")
 
-    def __init__(self, limits: Limits, pool: Pool, stats: RouteStats) -> None:
-        self.limits = limits
+    def __init__(self, tunables: Tunables, pool: Pool, stats: RouteStats) -> None:
+        self.tunables = tunables  # the limits: max_connections[_per_endpoint], max_queue...
         self.pool = pool
         self.stats = stats
         self.active = 0  # this worker's connections holding a slot (connecting or connected)
@@ -70,10 +70,11 @@ class Admission:
         return self.active if shared is None else shared.total(self.slot)
 
     def has_room(self, external: bool) -> bool:
-        limits = self.limits
-        if limits.max_connections is not None and self.admitted >= limits.max_connections:
+        tunables = self.tunables
+        limit = tunables.max_connections
+        if limit is not None and self.admitted >= limit:
             return False
-        per_endpoint = limits.max_connections_per_endpoint
+        per_endpoint = tunables.max_connections_per_endpoint
         if per_endpoint is not None:
             return any(m.active < per_endpoint for m in self.pool.eligible(external))
         return True
@@ -94,12 +95,12 @@ class Admission:
         if not self._queue and self.has_room(waiter.external):
             self._take()
             return True
-        if len(self._queue) >= self.limits.max_queue:
-            self.stats.downstream_cx_overflow += 1
+        if len(self._queue) >= self.tunables.max_queue:
+            self.stats.downstream_cx_refused_total.overflow += 1
             return False
         loop = asyncio.get_running_loop()
-        self._queue[waiter] = loop.call_later(self.limits.queue_timeout, self._expire, waiter)
-        self.stats.downstream_cx_queued += 1
+        self._queue[waiter] = loop.call_later(self.tunables.queue_timeout, self._expire, waiter)
+        self.stats.downstream_cx_queued_total += 1
         if self.pool.slots is not None and self._recheck is None:
             self._recheck = loop.call_later(CROSS_WORKER_RECHECK, self._look_again)
         return None
@@ -109,6 +110,13 @@ class Admission:
         timer = self._queue.pop(waiter, None)
         if timer is not None:
             timer.cancel()
+
+    def quit(self, waiter: Waiter, queued: bool) -> None:
+        """A connection holding a slot (or waiting for one, ``queued``) ended."""
+        if queued:
+            self.leave(waiter)
+        else:
+            self.release()
 
     def release(self) -> None:
         """An admitted connection ended: its slot goes to the head of the queue."""
@@ -136,5 +144,5 @@ class Admission:
 
     def _expire(self, waiter: Waiter) -> None:
         if self._queue.pop(waiter, None) is not None:
-            self.stats.downstream_cx_queue_timeout += 1
+            self.stats.downstream_cx_refused_total.queue_timeout += 1
             waiter.finish("queue_timeout", abort=True)

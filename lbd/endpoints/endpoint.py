@@ -33,6 +33,7 @@ PANIC_REASONS = frozenset({"unhealthy", "ejected"})
 # During slow start the weight ramps from this share of the full weight up to all of it.
 RAMP_FLOOR = 0.01
 
+
 class UpstreamEndpoint:
     """One (address, port) that connections of a service port can be sent to."""
 
@@ -150,4 +151,3 @@ def ineligible_reason(endpoint: UpstreamEndpoint) -> str | None:
     if endpoint.ejected:
         return "ejected"
     return None
-

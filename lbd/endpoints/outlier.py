@@ -75,7 +75,7 @@ class OutlierDetector:
         ejections = self._count_ejection(endpoint)
         seconds = self.ejection_time(ejections)
         self.ejections_total += 1
-        endpoint.stats.ejections += 1
+        endpoint.stats.endpoint_ejections_total += 1
         self._take_out(endpoint, seconds)
         log.warning(
             "endpoint ejected",

@@ -74,7 +74,7 @@ class HealthCheckServer:
                     + body
                 )
                 await writer.drain()
-                self.process.health_check_requests += 1
+                self.process.health_check_node_port_requests_total += 1
         except (TimeoutError, ConnectionError, ValueError) as error:
             # ValueError: a line over the stream limit. The asker retries; nothing to keep.
             log.debug("health check request failed", service=self.service, error=repr(error))

@@ -20,30 +20,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import structlog
 
 from lbd.config.model import HealthCheck
 from lbd.endpoints.pool import Pool
 from lbd.health.probes import LocalError, probe
+from lbd.observability.stats import HealthStats
 
 log = structlog.get_logger("lbd.health")
 
 CheckKey = tuple[str, int, HealthCheck]
 Transition = Callable[[CheckKey, bool], None]
-
-
-@dataclass(slots=True)
-class HealthStats:
-    """Counters of every checker of one lbd process."""
-
-    checks_total: int = 0
-    check_failures_total: int = 0
-    checks_skipped_total: int = 0  # lbd could not run the probe (e.g. out of descriptors)
-    transitions_unhealthy_total: int = 0
-    transitions_healthy_total: int = 0
-    checkers_active: int = 0
 
 
 class Checker:
@@ -90,7 +78,7 @@ class Checker:
             try:
                 reason = await probe(self.address, self.port, check)
             except LocalError as error:
-                self.stats.checks_skipped_total += 1
+                self.stats.health_checks_skipped_total += 1
                 log.warning("health check skipped", endpoint=self.label, error=str(error))
             else:
                 self.record(reason)
@@ -100,7 +88,7 @@ class Checker:
     def record(self, reason: str | None) -> None:
         """One probe's result; changes state only on a threshold crossing."""
         stats = self.stats
-        stats.checks_total += 1
+        stats.health_checks_total += 1
         if reason is None:
             self.successes += 1
             self.failures = 0
@@ -110,7 +98,7 @@ class Checker:
                 for pool in self.subscribers:
                     pool.check_passed((self.address, self.port))
         else:
-            stats.check_failures_total += 1
+            stats.health_check_failures_total += 1
             self.failures += 1
             self.successes = 0
             if self.healthy and self.failures >= self.check.unhealthy_threshold:
@@ -119,10 +107,10 @@ class Checker:
     def _transition(self, healthy: bool, reason: str | None) -> None:
         self.healthy = healthy
         if healthy:
-            self.stats.transitions_healthy_total += 1
+            self.stats.health_transitions_total.healthy += 1
             log.info("endpoint healthy", endpoint=self.label, check=self.check.type)
         else:
-            self.stats.transitions_unhealthy_total += 1
+            self.stats.health_transitions_total.unhealthy += 1
             log.warning(
                 "endpoint unhealthy",
                 endpoint=self.label,
@@ -198,7 +186,7 @@ class HealthRegistry:
             self._stop(checker)
         self._checkers.clear()
         self._subscribed.clear()
-        self.stats.checkers_active = 0
+        self.stats.health_checkers_active = 0
 
     async def wait_closed(self) -> None:
         stopped, self._stopped = self._stopped, set()
@@ -217,7 +205,7 @@ class HealthRegistry:
             self._checkers[key] = checker
             if self.probing:
                 checker.start()
-                self.stats.checkers_active += 1
+                self.stats.health_checkers_active += 1
             else:
                 checker.healthy = self.known.get(key, True)
         checker.subscribers.add(pool)
@@ -232,4 +220,4 @@ class HealthRegistry:
             self._stop(checker)
             del self._checkers[key]
             if self.probing:
-                self.stats.checkers_active -= 1
+                self.stats.health_checkers_active -= 1

@@ -1,11 +1,11 @@
 """Connecting a client connection to an endpoint: picks, per-try deadlines and retries.
 
-``UpstreamConnector`` is the connect half of ``lbd.net.tcp_proxy.Downstream``, kept here so
-that each file reads in one sitting; its state lives in Downstream's slots. A connection makes
+A client connection (``lbd.net.tcp_proxy.Downstream``, seen here through ``Connecting``) makes
 up to ``MAX_CONNECT_TRIES`` tries, each to an endpoint the strategy picks among those not tried
-yet, under an escalating per-try deadline (``try_timeout``). A refused or timed-out
-try is counted against its endpoint (and outlier detection) and the next one starts; a try that
-fails for lack of lbd's own descriptors sheds the connection instead.
+yet, under an escalating per-try deadline (``try_timeout``). Each try is a ``ConnectTry``; the
+connection holds the one in flight. A refused or timed-out try is counted against its endpoint
+(and outlier detection) and the next one starts; a try that fails for lack of lbd's own
+descriptors sheds the connection instead.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import asyncio
 import errno
 import functools
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import structlog
 
+from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
-
-if TYPE_CHECKING:
-    from lbd.endpoints.endpoint import UpstreamEndpoint
-    from lbd.net.tcp_proxy import ListenerView, Upstream
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -33,6 +30,9 @@ log = structlog.get_logger("lbd.tcp")
 # candidate always gets the full connectTimeout, so a one-endpoint service is never cut short.
 MAX_CONNECT_TRIES = 8
 TRY_TIMEOUT_SCALE = (0.25, 0.5)
+# A connect that fails with one of these failed for lack of lbd's own resources, not the
+# endpoint's: it is shed, not retried elsewhere or held against the endpoint.
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> float:
@@ -40,14 +40,67 @@ def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> f
         return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
     return connect_timeout
 
-# A connect that fails with one of these failed for lack of lbd's own resources, not the
-# endpoint's: it is shed, not retried elsewhere or held against the endpoint.
-OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+class UpstreamHalf(Protocol):
+    """The endpoint side a try connects (``lbd.net.tcp_proxy.Upstream``)."""
+
+    endpoint: UpstreamEndpoint
+    attached: bool  # the connection's upstream now (its connection_made was accepted)
+    timed_out: bool  # its try's deadline passed before it connected
 
 
-def _same(upstream: Upstream) -> Upstream:
+class Connecting(Protocol):
+    """What the tries need of the client connection they serve."""
+
+    route: Route
+    client: str
+    closed: bool
+    trying: ConnectTry | None  # the try in flight, if any
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def external(self) -> bool: ...
+
+    def new_upstream(self, endpoint: UpstreamEndpoint) -> UpstreamHalf: ...
+
+    def finish(self, reason: str, *, abort: bool = False) -> None: ...
+
+
+def _same(upstream: UpstreamHalf) -> asyncio.BaseProtocol:
     """A protocol factory that returns the Upstream made before the connect started."""
-    return upstream
+    return cast(asyncio.BaseProtocol, upstream)
+
+
+def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
+    """Start the next try: an endpoint not in ``tried``, under its own deadline; or give up
+    once none is left (or MAX_CONNECT_TRIES were made)."""
+    route = connection.route
+    loop = connection.loop
+    attempt = len(tried)
+    endpoint: UpstreamEndpoint | None = None
+    eligible: list[UpstreamEndpoint] = []
+    if attempt < MAX_CONNECT_TRIES:
+        eligible = route.pool.eligible(connection.external)
+        endpoint = route.pick(eligible, connection.client, loop.time(), tried)
+        limit = route.tunables.max_connections_per_endpoint
+        if limit is not None and endpoint is not None and endpoint.active >= limit:
+            endpoint = _pick_under_limit(connection, eligible, tried, limit)
+    if endpoint is None:
+        connection.trying = None
+        _none_succeeded(connection, attempt)
+        return
+    tried.append(endpoint)
+    if attempt:
+        route.stats.upstream_cx_retries_total += 1
+    route.pool.acquire(endpoint)  # counted while connecting, for least-connection
+    endpoint.stats.upstream_cx_total += 1
+    began = loop.time()
+    timeout = try_timeout(route.tunables.connect_timeout, attempt, len(eligible) - attempt)
+    attempt_ = connection.trying = ConnectTry(connection, endpoint, tried, began, began + timeout)
+    attempt_.start()
 
 
 class ConnectTry:
@@ -61,7 +114,7 @@ class ConnectTry:
     __slots__ = (
         "began",
         "cancelled",
-        "connector",
+        "connection",
         "coro",
         "timer",
         "tried",
@@ -71,216 +124,181 @@ class ConnectTry:
 
     def __init__(
         self,
-        connector: UpstreamConnector,
-        upstream: Upstream,
+        connection: Connecting,
+        endpoint: UpstreamEndpoint,
         tried: list[UpstreamEndpoint],
         began: float,
+        deadline: float,
     ) -> None:
-        self.connector = connector
-        self.upstream = upstream
+        self.connection = connection
+        self.upstream = connection.new_upstream(endpoint)
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
         self.cancelled = False  # given up while not waiting on a future: throw at next step
-        self.coro: Coroutine[Any, Any, object] | None = None  # None once it has ended
-        self.timer: asyncio.TimerHandle
         self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
-
-    def __call__(self, _waited: object) -> None:
-        self.connector._step(self)
-
-
-class UpstreamConnector:
-    """Mixin: the tries of one client connection (see the module docstring)."""
-
-    __slots__ = ("_trying",)  # the try in flight, if any
-    # Downstream's state that the tries use and update.
-    route: Route
-    listener: ListenerView
-    client: str
-    closed: bool
-    _loop: asyncio.AbstractEventLoop
-
-    @property
-    def id(self) -> str:
-        raise NotImplementedError
-
-    def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream:
-        raise NotImplementedError
-
-    def finish(self, reason: str, *, abort: bool = False) -> None:
-        raise NotImplementedError
-
-    def _try_next(self, tried: list[UpstreamEndpoint]) -> None:
-        """Start the next try: an endpoint not in ``tried``, under its own deadline; or give
-        up once none is left (or MAX_CONNECT_TRIES were made)."""
-        route = self.route
-        loop = self._loop
-        attempt = len(tried)
-        endpoint: UpstreamEndpoint | None = None
-        eligible: list[UpstreamEndpoint] = []
-        if attempt < MAX_CONNECT_TRIES:
-            eligible = route.pool.eligible(self.listener.external)
-            endpoint = route.pick(eligible, self.client, loop.time(), tried)
-            limit = route.limits.max_connections_per_endpoint
-            if limit is not None and endpoint is not None and endpoint.active >= limit:
-                endpoint = self._pick_under_limit(eligible, tried, limit)
-        if endpoint is None:
-            self._trying = None
-            self._none_succeeded(attempt)
-            return
-        tried.append(endpoint)
-        stats = route.stats
-        if attempt:
-            stats.upstream_cx_retries += 1
-        route.pool.acquire(endpoint)  # counted while connecting, for least-connection
-        stats.upstream_cx_total += 1
-        endpoint.stats.cx_total += 1
-        upstream = self.new_upstream(endpoint)
-        began = loop.time()
-        deadline = began + try_timeout(route.connect_timeout, attempt, len(eligible) - attempt)
-        attempt_ = ConnectTry(self, upstream, tried, began)
-        attempt_.timer = loop.call_at(deadline, self._connect_timed_out, attempt_)
-        self._trying = attempt_
+        loop = connection.loop
+        self.timer = loop.call_at(deadline, self._timed_out)
         # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP literal in
         # place here, while sock_connect sends every connect through libuv's thread pool for
         # getaddrinfo (measured: ~130 us of CPU and two context switches per connection).
-        attempt_.coro = loop.create_connection(
-            functools.partial(_same, upstream), endpoint.address, endpoint.port
+        self.coro: Coroutine[Any, Any, object] | None = loop.create_connection(
+            functools.partial(_same, self.upstream), endpoint.address, endpoint.port
         )
-        self._step(attempt_)
 
-    def _step(self, attempt: ConnectTry) -> None:
-        """Run the try's coroutine to its next wait; act on its end (what a Task step does)."""
-        coro = attempt.coro
+    def start(self) -> None:
+        """Run the connect to its first wait (the connection holds this try already)."""
+        self._step()
+
+    def __call__(self, _waited: object) -> None:
+        self._step()
+
+    def _step(self) -> None:
+        """Run the coroutine to its next wait; act on its end (what a Task step does)."""
+        coro = self.coro
         assert coro is not None
         try:
-            if attempt.cancelled:  # given up during a bare yield: nothing to cancel but it
-                attempt.cancelled = False
+            if self.cancelled:  # given up during a bare yield: nothing to cancel but it
+                self.cancelled = False
                 waited = coro.throw(asyncio.CancelledError())
             else:  # a cancelled future raises CancelledError in it, as a Task's would
                 waited = coro.send(None)
         except StopIteration:
-            attempt.coro = None
-            self._connected(attempt)
+            self.coro = None
+            self._connected()
             return
         except OSError as error:
-            attempt.coro = None
-            if self._trying is attempt:
-                self._try_failed(attempt, error)
+            self.coro = None
+            if self.connection.trying is self:
+                self._failed(error)
             return
         except asyncio.CancelledError:  # this try was given up (timed out, client left)
-            attempt.coro = None
+            self.coro = None
             return
-        attempt.waited = waited
+        self.waited = waited
         if waited is None:  # a bare yield: resume at the next loop turn
-            self._loop.call_soon(attempt, None)
+            self.connection.loop.call_soon(self, None)
         else:
-            waited.add_done_callback(attempt)
+            waited.add_done_callback(self)
 
-    def _connected(self, attempt: ConnectTry) -> None:
-        attempt.timer.cancel()
-        if self._trying is not attempt or not attempt.upstream.attached:
+    def _connected(self) -> None:
+        self.timer.cancel()
+        connection = self.connection
+        if connection.trying is not self or not self.upstream.attached:
             return  # given up after connection_made (attach refused it or it was closed)
-        self._trying = None  # done: nothing of the connect is kept for the connection's life
-        now = self._loop.time()
-        endpoint = attempt.upstream.endpoint
-        endpoint.stats.connect_seconds.observe(now - attempt.began)
-        if self.route.outlier is not None:
-            self.route.outlier.connect_succeeded(endpoint)
+        connection.trying = None  # done: nothing of the connect is kept for the connection's life
+        endpoint = self.upstream.endpoint
+        endpoint.stats.upstream_cx_connect_seconds.observe(connection.loop.time() - self.began)
+        outlier = connection.route.outlier
+        if outlier is not None:
+            outlier.connect_succeeded(endpoint)
 
-    def _try_failed(self, attempt: ConnectTry, error: OSError) -> None:
-        attempt.timer.cancel()
-        endpoint = attempt.upstream.endpoint
+    def _failed(self, error: OSError) -> None:
+        self.timer.cancel()
+        connection = self.connection
+        endpoint = self.upstream.endpoint
         if error.errno in OUT_OF_DESCRIPTORS:
-            self._trying = None
-            self.route.pool.release(endpoint)
-            self._out_of_descriptors(error)
+            connection.trying = None
+            connection.route.pool.release(endpoint)
+            _out_of_descriptors(connection, error)
             return
-        self.route.stats.upstream_cx_connect_fail += 1
-        endpoint.stats.connect_fail += 1
-        self._connect_failed(endpoint, error.strerror or type(error).__name__)
-        self._try_next(attempt.tried)
+        endpoint.stats.upstream_cx_connect_fail_total += 1
+        _connect_failed(connection, endpoint, error.strerror or type(error).__name__)
+        try_next(connection, self.tried)
 
-    def _give_up(self, attempt: ConnectTry) -> None:
-        """Stop a try in flight as Task.cancel would: cancel the future it waits for, so that
-        its next step raises CancelledError inside it (uvloop then closes the half-made
-        transport; asyncio's sock_connect first removes the socket's writer). A future that
-        is already done keeps its outcome, which the next step takes (and ignores)."""
-        attempt.timer.cancel()
-        waited = attempt.waited
-        if waited is None:
-            attempt.cancelled = True
-        else:
-            waited.cancel()  # its callbacks, ``attempt`` last, run at the next loop turn
-
-    def _none_succeeded(self, tries: int) -> None:
-        route = self.route
-        route.stats.upstream_cx_none_succeeded += 1
-        skipped = route.log_limiter.allow(None, self._loop.time())
-        if skipped is not None:
-            log.warning(
-                "no endpoint accepted the connection",
-                connection=self.id,
-                route=route.label,
-                tries=tries,
-                similar_lines_skipped=skipped,
-            )
-        if not self.closed:
-            self.finish("connect_failed", abort=True)
-
-    def _out_of_descriptors(self, error: OSError) -> None:
-        """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a
-        reset at once, which also frees its descriptor; other endpoints would fail the same."""
-        route = self.route
-        route.stats.downstream_cx_fd_exhausted += 1
-        now = self._loop.time()
-        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
-            route.fd_exhausted_logged_at = now
-            log.error(
-                "out of file descriptors",
-                route=route.label,
-                error=error.strerror or str(error),
-                shed_total=route.stats.downstream_cx_fd_exhausted,
-            )
-        self.finish("fd_exhausted", abort=True)
-
-    def _pick_under_limit(
-        self, eligible: list[UpstreamEndpoint], tried: list[UpstreamEndpoint], limit: int
-    ) -> UpstreamEndpoint | None:
-        """An endpoint at its maxConnectionsPerEndpoint: the connection goes to another."""
-        skip = list(tried)
-        while True:
-            endpoint = self.route.balancer.pick(eligible, self.client, skip)
-            if endpoint is None or endpoint.active < limit:
-                if endpoint is None and not tried:
-                    self.route.stats.upstream_cx_overflow += 1
-                return endpoint
-            skip.append(endpoint)
-
-    def _connect_timed_out(self, attempt: ConnectTry) -> None:
-        """The try's deadline passed. An attempt that already attached has won the race; one
-        that attaches after this is refused (``attach``), so a late connect never half-wins."""
-        upstream = attempt.upstream
-        if upstream.attached or self.closed or self._trying is not attempt:
+    def _timed_out(self) -> None:
+        """The deadline passed. A try that already attached has won the race; one that
+        attaches after this is refused (``attach``), so a late connect never half-wins."""
+        connection = self.connection
+        upstream = self.upstream
+        if upstream.attached or connection.closed or connection.trying is not self:
             return
         upstream.timed_out = True
-        self._give_up(attempt)
-        self.route.stats.upstream_cx_connect_timeout += 1
-        upstream.endpoint.stats.connect_timeout += 1
-        self._connect_failed(upstream.endpoint, "timeout")
-        self._try_next(attempt.tried)
+        self.give_up()
+        upstream.endpoint.stats.upstream_cx_connect_timeout_total += 1
+        _connect_failed(connection, upstream.endpoint, "timeout")
+        try_next(connection, self.tried)
 
-    def _connect_failed(self, endpoint: UpstreamEndpoint, why: str) -> None:
-        self.route.pool.release(endpoint)
-        if self.route.outlier is not None:
-            self.route.outlier.connect_failed(endpoint)
-        skipped = self.route.log_limiter.allow(endpoint, self._loop.time())
-        if skipped is not None:
-            log.warning(
-                "upstream connect failed",
-                connection=self.id,
-                route=self.route.label,
-                endpoint=str(endpoint),
-                error=why,
-                similar_lines_skipped=skipped,
-            )
+    def give_up(self) -> None:
+        """Stop the try as Task.cancel would: cancel the future it waits for, so that its next
+        step raises CancelledError inside it (uvloop then closes the half-made transport;
+        asyncio's sock_connect first removes the socket's writer). A future that is already
+        done keeps its outcome, which the next step takes (and ignores)."""
+        self.timer.cancel()
+        waited = self.waited
+        if waited is None:
+            self.cancelled = True
+        else:
+            waited.cancel()  # its callbacks, this try last, run at the next loop turn
+
+    def abandon(self) -> None:
+        """The connection ends while this try is in flight: give it up, free its endpoint."""
+        if not self.upstream.attached and self.coro is not None:
+            self.give_up()
+            self.connection.route.pool.release(self.upstream.endpoint)
+
+
+def _none_succeeded(connection: Connecting, tries: int) -> None:
+    route = connection.route
+    route.stats.upstream_cx_connect_attempts_exceeded_total += 1
+    skipped = route.log_limiter.allow(None, connection.loop.time())
+    if skipped is not None:
+        log.warning(
+            "no endpoint accepted the connection",
+            connection=connection.id,
+            route=route.label,
+            tries=tries,
+            similar_lines_skipped=skipped,
+        )
+    if not connection.closed:
+        connection.finish("connect_failed", abort=True)
+
+
+def _out_of_descriptors(connection: Connecting, error: OSError) -> None:
+    """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a reset
+    at once, which also frees its descriptor; other endpoints would fail the same."""
+    route = connection.route
+    route.stats.downstream_cx_refused_total.fd_exhausted += 1
+    now = connection.loop.time()
+    if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
+        route.fd_exhausted_logged_at = now
+        log.error(
+            "out of file descriptors",
+            route=route.label,
+            error=error.strerror or str(error),
+            shed_total=route.stats.downstream_cx_refused_total.fd_exhausted,
+        )
+    connection.finish("fd_exhausted", abort=True)
+
+
+def _pick_under_limit(
+    connection: Connecting,
+    eligible: list[UpstreamEndpoint],
+    tried: list[UpstreamEndpoint],
+    limit: int,
+) -> UpstreamEndpoint | None:
+    """An endpoint at its maxConnectionsPerEndpoint: the connection goes to another."""
+    skip = list(tried)
+    while True:
+        endpoint = connection.route.balancer.pick(eligible, connection.client, skip)
+        if endpoint is None or endpoint.active < limit:
+            if endpoint is None and not tried:
+                connection.route.stats.downstream_cx_refused_total.endpoint_limits += 1
+            return endpoint
+        skip.append(endpoint)
+
+
+def _connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str) -> None:
+    route = connection.route
+    route.pool.release(endpoint)
+    if route.outlier is not None:
+        route.outlier.connect_failed(endpoint)
+    skipped = route.log_limiter.allow(endpoint, connection.loop.time())
+    if skipped is not None:
+        log.warning(
+            "upstream connect failed",
+            connection=connection.id,
+            route=route.label,
+            endpoint=str(endpoint),
+            error=why,
+            similar_lines_skipped=skipped,
+        )

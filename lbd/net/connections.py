@@ -1,4 +1,5 @@
-"""The live connections of one worker, so shutdown and reload can wait for (or end) them.
+"""What every TCP connection of a worker shares: the set of live ones (so shutdown and reload
+can wait for, or end, them), the view of the listener that accepted it, its id, and resets.
 
 Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we track them.
 """
@@ -6,10 +7,52 @@ Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import struct
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
+from lbd.endpoints.route import Route
 from lbd.net.idle import IdleWheel
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class ListenerView(Protocol):
+    """What a connection needs of the listener that accepted it."""
+
+    removed: bool  # closed by a reload: its connections drain
+    loop: asyncio.AbstractEventLoop  # passed in: asyncio.get_running_loop() costs a getpid()
+    filtered: bool  # loadBalancerSourceRanges apply
+
+    @property
+    def route(self) -> Route: ...  # the service port it serves now (a reload may change it)
+
+    @property
+    def external(self) -> bool: ...  # externalTrafficPolicy applies (not a clusterIP listener)
+
+
+# Connection ids: unique per process, and across the workers of one lbd (the pid is part of
+# each), short enough to grep. Every log line about a connection carries its id.
+_PID_PREFIX = f"{os.getpid():x}"
+next_serial = itertools.count(1).__next__
+
+
+def connection_id(serial: int) -> str:
+    return f"{_PID_PREFIX}-{serial:x}"
+
+
+def send_reset(transport: asyncio.BaseTransport) -> None:
+    """Close with an RST instead of a FIN, dropping anything still buffered."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # OSError: the socket is already gone, and abort() below is all that is left to do.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()  # type: ignore[attr-defined]
 
 
 class Closable(Protocol):

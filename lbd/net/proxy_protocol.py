@@ -8,6 +8,7 @@ Parsing is pure and bounded: it never reads past ``MAX_HEADER`` bytes.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import struct
@@ -137,3 +138,54 @@ def _parse_v2(data: bytes) -> tuple[int, Address | None, Address | None] | NeedM
     destination_ip = str(ipaddress.ip_address(data[16 + size : 16 + 2 * size]))
     source_port, destination_port = struct.unpack_from("!HH", data, 16 + 2 * size)
     return total, (source_ip, source_port), (destination_ip, destination_port)
+
+
+# -- on a connection: trusting and reading a client's header, writing one upstream ---------------
+
+# A trusted client must send its PROXY header this soon (HAProxy's default is the client
+# timeout; a header is one packet, so a few seconds is plenty).
+HEADER_TIMEOUT = 3.0
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted(client: str, networks: tuple[Network, ...]) -> bool:
+    """Whether ``client`` may send a PROXY header (it is inside ``acceptProxyProtocolFrom``)."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:  # not an IP peer (cannot happen on TCP listeners)
+        return False
+    return any(address in network for network in networks)
+
+
+class HeaderReader:
+    """A trusted client's PROXY header, read before any of its bytes is forwarded; it must
+    be complete within ``HEADER_TIMEOUT`` (the timer calls ``on_timeout``)."""
+
+    __slots__ = ("buffer", "timer")
+
+    def __init__(self, timer: asyncio.TimerHandle) -> None:
+        self.buffer = b""
+        self.timer = timer  # cancelled by ``close``
+
+    def feed(self, data: bytes) -> tuple[bytes, Address | None, Address | None] | None:
+        """(the bytes after the header, source, destination) once the header is complete,
+        None while more is needed; raises ProxyHeaderError for anything that is no header."""
+        buffer = self.buffer + data
+        result = parse(buffer[:MAX_HEADER])
+        if isinstance(result, NeedMore):
+            if len(buffer) >= MAX_HEADER:
+                raise ProxyHeaderError("header too long")
+            self.buffer = buffer
+            return None
+        length, source, destination = result
+        return buffer[length:], source, destination
+
+    def close(self) -> None:
+        self.timer.cancel()
+
+
+def outgoing(version: str, client: Address, local: Address) -> bytes:
+    """The header written to an endpoint before the client's first byte."""
+    if version == "v1":
+        return build_v1(client, local)
+    return build_v2(client, local, "TCP")

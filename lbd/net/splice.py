@@ -112,6 +112,31 @@ class SplicePump:
             raise
         loop.add_reader(self._src, self._on_readable)
 
+    @classmethod
+    def between(
+        cls,
+        loop: asyncio.AbstractEventLoop,
+        source: asyncio.Transport,
+        destination: asyncio.Transport,
+        owner: PumpOwner,
+        upward: bool,
+    ) -> SplicePump | None:
+        """A pump from ``source``'s socket to ``destination``'s, ``source`` paused from now on;
+        None while ``destination`` still buffers bytes (or closes): the transports' own order
+        must be kept, so a later bulk read tries again. Raises OSError when no descriptor or
+        pipe is left (the direction stays on the copy path)."""
+        if destination.get_write_buffer_size() or destination.is_closing():
+            return None
+        pump = cls(
+            loop,
+            source.get_extra_info("socket").fileno(),
+            destination.get_extra_info("socket").fileno(),
+            owner,
+            upward,
+        )
+        source.pause_reading()
+        return pump
+
     @property
     def closed(self) -> bool:
         return self._src < 0

@@ -1,55 +1,41 @@
-"""A TCP listener that listens only while its service port has a usable endpoint.
+"""A TCP listener: one listening socket of a service port, served by ``asyncio.Server``.
 
-kube-proxy REJECTs a service port with no usable endpoint: the client's SYN is answered with a
-RST, so ``connect()`` fails with ECONNREFUSED; the client never sees an accepted connection that
-is then reset. A userspace proxy gets the same answer from the kernel by not listening: while
-the pool has no eligible endpoint for this listener's kind (none configured, none ready, none on
-this node under a Local policy, none resolved yet), the socket is closed; when one returns the
-same address and port (port 0 resolved at the first bind) is bound and served again.
-
-A reload keeps an unchanged listener (socket and accept queue) as before: closing happens only
-while there is nothing to accept for. If the port is taken by someone else while it was closed,
-re-binding is retried every second, logged and counted (``tcp_listener_bind_fail``).
+It listens only while its service port has a usable endpoint (``lbd.net.listener``, kube-proxy's
+REJECT by the kernel); a reload keeps an unchanged listener's socket and accept queue. It is
+also what each connection it accepts sees of its listener (``ListenerView``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections.abc import Callable
 
-import structlog
-
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
-from lbd.net.follow import PoolFollower
+from lbd.net.listener import ListenerSocket
 from lbd.net.sockets import LISTEN_BACKLOG, bind_tcp_listener
 
-log = structlog.get_logger("lbd.tcp")
-
-REBIND_RETRY_S = 1.0
 # asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
 # schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
 # thousands of tracebacks and timers a second. So create_server gets a small batch, and the
 # kernel backlog is set back with listen() once serving (uvloop accepts in libuv, unaffected).
 ACCEPT_BATCH = 16
-ProtocolFactory = Callable[[], asyncio.Protocol]
+ProtocolFactory = Callable[["TcpListener"], asyncio.Protocol]
 
 
-class TcpListener(PoolFollower):
+class TcpListener:
     __slots__ = (
-        "_factory",
         "_inherited",
-        "_loop",
-        "_reopen",
-        "address",
-        "closed",
-        "external",
-        "pinned",
-        "port",
-        "route",
+        "_protocol",
+        "_serving",
+        "filtered",
+        "loop",
+        "removed",
         "server",
         "sock",
+        "socket",
     )
 
     def __init__(
@@ -57,153 +43,110 @@ class TcpListener(PoolFollower):
         address: str,
         port: int,
         route: Route,
-        external: bool,
         factory: ProtocolFactory,
         *,
+        external: bool,
+        filtered: bool,
         inherited: socket.socket | None = None,
         pinned: bool = False,
     ) -> None:
-        """``inherited``: a listening socket bound elsewhere (a supervisor, the lbd this one
-        took over from), used instead of binding. ``pinned``: never closed for lack of
-        endpoints, because other processes listen on the same socket; connections are then
-        reset one by one instead (Downstream), as before REJECT-by-closing."""
+        """``factory(listener)`` makes the protocol of each accepted connection. ``inherited``:
+        a listening socket bound elsewhere (a supervisor, the lbd this one took over from),
+        used instead of binding. ``pinned``: never closed for lack of endpoints, because other
+        processes listen on the same socket; connections are then reset one by one instead."""
+        self.socket = ListenerSocket(self, "TCP", address, port, route, external, pinned=pinned)
+        self.filtered = filtered  # loadBalancerSourceRanges apply (LoadBalancer IPs)
+        self.removed = False  # closed by a reload: its connections drain
+        # partial, not a method or lambda: no Python frame per accepted connection
+        self._protocol = functools.partial(factory, self)
         self._inherited = inherited
-        self.pinned = pinned
-        self.address = address
-        self.port = port  # 0 until the first bind resolves it; re-binds reuse it
-        self.route = route
-        self.external = external  # not a clusterIP listener: externalTrafficPolicy applies
-        self._factory = factory
         self.sock: socket.socket | None = None
         self.server: asyncio.Server | None = None
-        self._reopen: asyncio.Task[None] | asyncio.TimerHandle | None = None
-        self._unwatch = None  # lbd.net.follow
-        self.closed = False
+        self._serving: asyncio.Task[None] | None = None  # a re-bound socket on its way to serve
+        self.loop: asyncio.AbstractEventLoop  # set by prepare; read by every connection
+
+    @property
+    def route(self) -> Route:
+        return self.socket.route
+
+    @property
+    def external(self) -> bool:
+        """Not a clusterIP listener: externalTrafficPolicy applies."""
+        return self.socket.external
 
     @property
     def bound(self) -> tuple[str, int]:
-        return self.address, self.port
+        return self.socket.address, self.socket.port
 
     @property
-    def listening(self) -> bool:
-        return self.server is not None
+    def is_open(self) -> bool:
+        return self.sock is not None
 
     async def prepare(self) -> None:
-        """Bind (raises OSError) and create the server, not yet accepting (reload phase 1)."""
-        self._loop = asyncio.get_running_loop()
-        await self._open()
-
-    async def start(self) -> None:
-        """Accept, and follow the pool from now on; with no usable endpoint, stop at once."""
-        assert self.server is not None and self.sock is not None
-        await self.server.start_serving()
-        self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
-        self._follow()
-        self._pool_changed(self.route.pool)
-
-    def repoint(self, route: Route, external: bool) -> None:
-        self.external = external
-        self.route = route
-        self._follow()
-        self._pool_changed(route.pool)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._unfollow()
-        self._shut()
-
-    # -- the socket follows the pool ---------------------------------------------------------
-
-    async def _open(self) -> None:
+        self.loop = self.socket.loop = asyncio.get_running_loop()
         sock, self._inherited = self._inherited, None
         if sock is None:
-            sock = bind_tcp_listener(self.address, self.port)
-        self.port = sock.getsockname()[1]
+            sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        self.socket.port = sock.getsockname()[1]
         self.sock = sock
         try:
-            self.server = await self._loop.create_server(
-                self._factory, sock=sock, backlog=ACCEPT_BATCH, start_serving=False
+            self.server = await self.loop.create_server(
+                self._protocol, sock=sock, backlog=ACCEPT_BATCH, start_serving=False
             )
         except BaseException:
             self.sock = None
             sock.close()
             raise
 
-    def _shut(self) -> None:
-        if isinstance(self._reopen, asyncio.TimerHandle):
-            self._reopen.cancel()
-            self._reopen = None
+    async def start(self) -> None:
+        assert self.server is not None and self.sock is not None
+        await self.server.start_serving()
+        self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
+        self.socket.follow(self.route, self.external)
+
+    def repoint(self, route: Route, external: bool, filtered: bool) -> None:
+        self.filtered = filtered
+        self.socket.follow(route, external)
+
+    def close(self) -> None:
+        self.removed = True
+        self.socket.close()
+
+    # -- SocketHandler: the ListenerSocket opens and shuts the socket --------------------------
+
+    def pool_changed(self, pool: Pool) -> None:
+        pass  # open connections keep their endpoints: a drained one ends by its own deadline
+
+    def open(self) -> None:
+        """Bind and listen now: from this moment the kernel completes connects into the accept
+        queue; the event loop starts accepting from it a moment later (``_serve``)."""
+        sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        self.sock = sock
+        self._serving = self.loop.create_task(self._serve(sock))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        try:
+            self.server = await self.loop.create_server(
+                self._protocol, sock=sock, backlog=ACCEPT_BATCH
+            )
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as error:  # not expected for a bound socket; never leave it half-open
+            sock.close()
+            self.sock = None
+            self.socket.open_failed(error)
+            return
+        finally:
+            self._serving = None
+        if self.socket.closed or not self.route.pool.eligible(self.external):
+            self.shut()
+
+    def shut(self) -> None:
         if self.server is not None:
             self.server.close()  # closes the socket; open connections carry on
             self.server = None
             self.sock = None
-        elif self.sock is not None and self._reopen is None:
+        elif self.sock is not None and self._serving is None:
             self.sock.close()
             self.sock = None
-        # else a _serve task owns the bound socket and shuts it itself once it has a server:
+        # else the _serve task owns the bound socket and shuts it itself once it has a server:
         # closing a socket under create_server would leave the loop watching a dead fd.
-
-    def _pool_changed(self, pool: Pool) -> None:
-        if self.closed or self.pinned:
-            return
-        if not pool.eligible(self.external):
-            if self.server is not None:
-                log.info(
-                    "tcp listener closed: no usable endpoint, connects are refused",
-                    listener=f"{self.address}:{self.port}",
-                    route=self.route.label,
-                )
-            self._shut()
-        elif self.sock is None and self._reopen is None:
-            self._rebind()
-
-    def _rebind(self) -> None:
-        """Bind and listen now, inside the pool change: from this moment the kernel completes
-        connects into the accept queue, so a reload that reports "applied" is already served.
-        The event loop starts accepting from the queue a moment later (``_serve``)."""
-        self._reopen = None
-        if self.closed or self.sock is not None or not self.route.pool.eligible(self.external):
-            return
-        try:
-            sock = bind_tcp_listener(self.address, self.port)
-        except OSError as error:
-            self.route.stats.tcp_listener_bind_fail += 1
-            log.warning(
-                "tcp listener re-bind failed",
-                listener=f"{self.address}:{self.port}",
-                route=self.route.label,
-                error=error.strerror or str(error),
-            )
-            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._rebind)
-            return
-        self.sock = sock
-        self._reopen = self._loop.create_task(self._serve(sock))
-
-    async def _serve(self, sock: socket.socket) -> None:
-        try:
-            self.server = await self._loop.create_server(
-                self._factory, sock=sock, backlog=ACCEPT_BATCH
-            )
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as error:  # not expected for a bound socket; never leave it half-open
-            self.route.stats.tcp_listener_bind_fail += 1
-            log.warning(
-                "tcp listener serve failed",
-                listener=f"{self.address}:{self.port}",
-                route=self.route.label,
-                error=error.strerror or str(error),
-            )
-            sock.close()
-            self.sock = None
-            self._reopen = self._loop.call_later(REBIND_RETRY_S, self._rebind)
-            return
-        finally:
-            if self._reopen is asyncio.current_task():
-                self._reopen = None
-        log.info(
-            "tcp listener open", listener=f"{self.address}:{self.port}", route=self.route.label
-        )
-        if self.closed or not self.route.pool.eligible(self.external):
-            self._shut()

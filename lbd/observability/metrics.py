@@ -1,34 +1,21 @@
-"""Every Prometheus metric lbd exports, defined once, and how they are collected.
+"""Every Prometheus metric lbd exports, in one table that also names the stats field it reads.
 
-The data path counts in plain ints (``RouteStats``, ``EndpointStats``, ``lbd.observability.stats``);
-nothing there touches prometheus-client. At scrape time ``runtime_snapshot`` reads those ints
-into a ``Snapshot`` (plain, picklable data), and ``SnapshotCollector`` renders a snapshot as
-metric families for prometheus-client's registry and text format.
+A metric's name is ``lbd_`` + its field in ``lbd.observability.stats`` (``RouteStats``,
+``EndpointStats``, ``HealthStats``, ``ProcessStats``, ``SupervisorStats``, chosen by ``scope``),
+so a name and the counter behind it cannot drift apart. A labelled metric's field is a small
+object whose fields are the label's values (``Refusals`` for ``reason``...). The data path
+counts in those plain ints and never touches prometheus-client; ``lbd.observability.snapshot``
+reads them into a picklable ``Snapshot`` at scrape time, through this table only.
 
-Several worker processes (``workers: N``) are summed by the supervisor, not by prometheus-client's
-multiprocess mode: each worker hands its ``Snapshot`` over (it pickles in a few KB) and the
-supervisor serves ``WorkerSnapshots.total()``. Multiprocess mode would need the data path to write
-through client objects into per-process mmap files (a cost per increment, a directory to clean up
-when a worker is replaced, no custom collectors); a snapshot costs nothing until someone scrapes.
 Each metric says how workers combine (``merge``): counters and active counts add up; per-endpoint
 state (weight, health) and process facts (reloads, config hash) are the same in every worker
-and take the maximum. Counters of a worker that exits are kept (``retire``), so a restart never
-makes a summed counter go down.
+and take the maximum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
-
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.registry import Collector
+from dataclasses import dataclass
+from typing import Literal
 
 from lbd.observability.stats import (
     CONNECT_SECONDS_BUCKETS,
@@ -36,486 +23,357 @@ from lbd.observability.stats import (
     NETWORK_PROGRAMMING_SECONDS_BUCKETS,
 )
 
-if TYPE_CHECKING:
-    pass
-
-Kind = Literal["counter", "gauge", "histogram"]
+Kind = Literal["counter", "gauge", "histogram", "info"]  # info: a gauge of 1, labels from the field
 Merge = Literal["sum", "max"]
+Scope = Literal[
+    "route", "endpoint", "health", "process", "supervisor", "kubernetes", "kubernetes_kind"
+]
 Labels = tuple[str, ...]
-HistogramValue = tuple[list[int], float]  # per-bucket counts (last is +Inf), sum of values
 
-ROUTE = ("namespace", "service", "port")
-ENDPOINT = (*ROUTE, "endpoint")
+SCOPE_LABELS: dict[Scope, Labels] = {
+    "route": ("namespace", "service", "port"),
+    "endpoint": ("namespace", "service", "port", "endpoint"),
+    "health": (),
+    "process": (),
+    "supervisor": (),
+    "kubernetes": (),  # lbd run --kubernetes: KubernetesStats
+    "kubernetes_kind": ("kind",),  # one per watched kind: KubernetesKindStats
+}
 
 
 @dataclass(frozen=True, slots=True)
 class MetricSpec:
-    name: str  # as exported; a counter's ends in _total
+    field: str  # the stats field it reads; the metric is named after it
     kind: Kind
     help: str
-    labels: Labels
+    scope: Scope
+    label: str | None = None  # the field is a family: one value of this label per sub-field
     merge: Merge = "sum"
     buckets: tuple[float, ...] = ()  # histograms: upper bounds, +Inf implied
+    info: Labels = ()  # info metrics: the label names of the field's tuple
+    udp_only: bool = False  # read only for UDP service ports
+
+    @property
+    def name(self) -> str:
+        return f"lbd_{self.field}"
+
+    @property
+    def labels(self) -> Labels:
+        extra = (self.label,) if self.label is not None else self.info
+        return (*SCOPE_LABELS[self.scope], *extra)
 
 
-def _specs(*specs: MetricSpec) -> dict[str, MetricSpec]:
-    return {spec.name: spec for spec in specs}
+def _route(field: str, kind: Kind, help: str, **more: object) -> MetricSpec:
+    return MetricSpec(field, kind, help, "route", **more)  # type: ignore[arg-type]
 
 
-M = MetricSpec
-METRICS = _specs(
-    # -- downstream: clients → lbd, per service port ------------------------------------
-    M("lbd_downstream_cx_total", "counter", "Client connections accepted.", ROUTE),
-    M("lbd_downstream_cx_active", "gauge", "Client connections open now.", ROUTE),
-    M(
-        "lbd_downstream_cx_refused_total",
-        "counter",
+def _endpoint(field: str, kind: Kind, help: str, **more: object) -> MetricSpec:
+    return MetricSpec(field, kind, help, "endpoint", **more)  # type: ignore[arg-type]
+
+
+def _udp(field: str, kind: Kind, help: str, **more: object) -> MetricSpec:
+    return MetricSpec(field, kind, help, "route", udp_only=True, **more)  # type: ignore[arg-type]
+
+
+C: Kind = "counter"
+G: Kind = "gauge"
+_TABLE = (
+    # -- downstream: clients → lbd, per service port ------------------------------------------
+    _route("downstream_cx_total", C, "Client connections accepted."),
+    _route("downstream_cx_active", G, "Client connections open now."),
+    _route(
+        "downstream_cx_refused_total",
+        C,
         "Client connections reset at once, by reason (no_endpoint: none eligible; overflow: "
         "over maxConnections with the queue full; queue_timeout: waited queueTimeout; "
         "endpoint_limits: every endpoint at maxConnectionsPerEndpoint; fd_exhausted: no "
         "descriptor for the upstream socket; proxy_header_invalid: a trusted source sent no "
         "valid PROXY header; source_range: outside loadBalancerSourceRanges).",
-        (*ROUTE, "reason"),
+        label="reason",
     ),
-    M(
-        "lbd_downstream_cx_queued_total",
-        "counter",
+    _route(
+        "downstream_cx_queued_total",
+        C,
         "Connections that waited in the queue (maxConnections reached).",
-        ROUTE,
     ),
-    M(
-        "lbd_downstream_cx_half_closed_timeout_total",
-        "counter",
-        "Connections closed after halfClosedTimeout.",
-        ROUTE,
+    _route(
+        "downstream_cx_half_closed_timeout_total", C, "Connections closed after halfClosedTimeout."
     ),
-    M(
-        "lbd_downstream_cx_max_duration_reached_total",
-        "counter",
+    _route(
+        "downstream_cx_max_duration_reached_total",
+        C,
         "Connections closed after maxConnectionDuration.",
-        ROUTE,
     ),
-    M(
-        "lbd_listener_rebind_failures_total",
-        "counter",
+    _route(
+        "listener_rebind_failures_total",
+        C,
         "Re-binding a listener closed for lack of usable endpoints failed (retried every "
         "second), by protocol.",
-        (*ROUTE, "protocol"),
+        label="protocol",
     ),
-    M(
-        "lbd_endpoints_panic_total",
-        "counter",
+    _route(
+        "endpoints_panic_total",
+        C,
         "Times the service port had only unhealthy or ejected endpoints and used them all.",
-        ROUTE,
     ),
-    M(
-        "lbd_outlier_ejections_overflow_total",
-        "counter",
+    _route(
+        "outlier_ejections_overflow_total",
+        C,
         "Ejections skipped because maxEjectionPercent was reached.",
-        ROUTE,
     ),
-    M(
-        "lbd_downstream_cx_idle_timeout_total",
-        "counter",
-        "Connections closed after idleTimeout without bytes.",
-        ROUTE,
+    _route(
+        "downstream_cx_idle_timeout_total", C, "Connections closed after idleTimeout without bytes."
     ),
-    M(
-        "lbd_affinity_entries",
-        "gauge",
+    _route(
+        "affinity_entries",
+        G,
         "Clients remembered by sessionAffinity: ClientIP (per worker, summed).",
-        ROUTE,
     ),
-    M(
-        "lbd_affinity_overflow_total",
-        "counter",
+    _route(
+        "affinity_overflow_total",
+        C,
         "Clients not remembered, or (several workers) remembered by their worker only: the "
         "affinity table or the client's shared cells were full.",
-        ROUTE,
     ),
-    M(
-        "lbd_splice_switches_total",
-        "counter",
+    _route(
+        "splice_switches_total",
+        C,
         "Connection directions that showed bulk transfer and moved to splice(2).",
-        ROUTE,
     ),
-    M(
-        "lbd_splice_fallbacks_total",
-        "counter",
+    _route(
+        "splice_fallbacks_total",
+        C,
         "Bulk directions that stayed on the copy path: no pipe or descriptor for splice.",
-        ROUTE,
     ),
-    M(
-        "lbd_splice_bytes_total",
-        "counter",
+    _route(
+        "splice_bytes_total",
+        C,
         "Bytes moved by splice(2), both directions (also counted in the byte totals).",
-        ROUTE,
     ),
-    M("lbd_downstream_bytes_received_total", "counter", "Bytes received from clients.", ROUTE),
-    M("lbd_downstream_bytes_sent_total", "counter", "Bytes sent to clients.", ROUTE),
-    M(
-        "lbd_downstream_cx_length_seconds",
+    _route("downstream_bytes_received_total", C, "Bytes received from clients."),
+    _route("downstream_bytes_sent_total", C, "Bytes sent to clients."),
+    _route(
+        "downstream_cx_length_seconds",
         "histogram",
         "How long client connections lasted.",
-        ROUTE,
         buckets=CX_LENGTH_SECONDS_BUCKETS,
     ),
-    # -- upstream: lbd → endpoints -------------------------------------------------------------
-    M("lbd_upstream_cx_retries_total", "counter", "Connect tries after the first.", ROUTE),
-    M(
-        "lbd_upstream_cx_connect_attempts_exceeded_total",
-        "counter",
+    # -- upstream: lbd → endpoints ------------------------------------------------------------
+    _route("upstream_cx_retries_total", C, "Connect tries after the first."),
+    _route(
+        "upstream_cx_connect_attempts_exceeded_total",
+        C,
         "Client connections given up because no endpoint accepted a connect.",
-        ROUTE,
     ),
-    M("lbd_upstream_cx_total", "counter", "Connects started to the endpoint.", ENDPOINT),
-    M(
-        "lbd_upstream_cx_active",
-        "gauge",
-        "Connections to the endpoint open or connecting now.",
-        ENDPOINT,
-    ),
-    M("lbd_upstream_cx_connect_fail_total", "counter", "Connects that failed.", ENDPOINT),
-    M(
-        "lbd_upstream_cx_connect_timeout_total",
-        "counter",
-        "Connects that timed out.",
-        ENDPOINT,
-    ),
-    M("lbd_upstream_bytes_sent_total", "counter", "Bytes sent to the endpoint.", ENDPOINT),
-    M(
-        "lbd_upstream_bytes_received_total",
-        "counter",
-        "Bytes received from the endpoint.",
-        ENDPOINT,
-    ),
-    M(
-        "lbd_upstream_cx_connect_seconds",
+    _endpoint("upstream_cx_total", C, "Connects started to the endpoint."),
+    _endpoint("upstream_cx_active", G, "Connections to the endpoint open or connecting now."),
+    _endpoint("upstream_cx_connect_fail_total", C, "Connects that failed."),
+    _endpoint("upstream_cx_connect_timeout_total", C, "Connects that timed out."),
+    _endpoint("upstream_bytes_sent_total", C, "Bytes sent to the endpoint."),
+    _endpoint("upstream_bytes_received_total", C, "Bytes received from the endpoint."),
+    _endpoint(
+        "upstream_cx_connect_seconds",
         "histogram",
         "Time to connect to the endpoint (successful connects).",
-        ENDPOINT,
         buckets=CONNECT_SECONDS_BUCKETS,
     ),
-    # -- endpoint state ------------------------------------------------------------------------
-    M(
-        "lbd_endpoint_weight",
-        "gauge",
-        "Effective weight (an admin override if set).",
-        ENDPOINT,
-        "max",
-    ),
-    M(
-        "lbd_endpoint_eligible",
-        "gauge",
-        "1 if the endpoint takes new connections.",
-        ENDPOINT,
-        "max",
-    ),
-    M(
-        "lbd_endpoint_healthy",
-        "gauge",
+    # -- endpoint state -----------------------------------------------------------------------
+    _endpoint("endpoint_weight", G, "Effective weight (an admin override if set).", merge="max"),
+    _endpoint("endpoint_eligible", G, "1 if the endpoint takes new connections.", merge="max"),
+    _endpoint(
+        "endpoint_healthy",
+        G,
         "1 unless health checking found the endpoint unhealthy.",
-        ENDPOINT,
-        "max",
+        merge="max",
     ),
-    M(
-        "lbd_endpoint_ejections_total",
-        "counter",
-        "Times passive health checking ejected the endpoint.",
-        ENDPOINT,
-    ),
-    # -- UDP: a session is one client address of one listener ------------------------------
-    M("lbd_udp_sess_total", "counter", "UDP sessions started.", ROUTE),
-    M("lbd_udp_sess_active", "gauge", "UDP sessions open now.", ROUTE),
-    M(
-        "lbd_udp_sess_dropped_total",
-        "counter",
+    _endpoint("endpoint_ejections_total", C, "Times passive health checking ejected the endpoint."),
+    # -- UDP: a session is one client address of one listener ---------------------------------
+    _udp("udp_sess_total", C, "UDP sessions started."),
+    _udp("udp_sess_active", G, "UDP sessions open now."),
+    _udp(
+        "udp_sess_dropped_total",
+        C,
         "New UDP clients whose datagram was dropped, by reason (overflow: maxUdpSessions "
         "reached; no_endpoint; create_fail: no upstream socket; source_range: outside "
         "loadBalancerSourceRanges).",
-        (*ROUTE, "reason"),
+        label="reason",
     ),
-    M(
-        "lbd_udp_sess_ended_total",
-        "counter",
+    _udp(
+        "udp_sess_ended_total",
+        C,
         "UDP sessions ended early, by reason (idle_timeout; endpoint_gone).",
-        (*ROUTE, "reason"),
+        label="reason",
     ),
-    M(
-        "lbd_udp_downstream_datagrams_received_total",
-        "counter",
-        "Datagrams received from clients.",
-        ROUTE,
-    ),
-    M("lbd_udp_downstream_bytes_received_total", "counter", "Bytes received from clients.", ROUTE),
-    M("lbd_udp_downstream_datagrams_sent_total", "counter", "Replies sent to clients.", ROUTE),
-    M("lbd_udp_upstream_datagrams_sent_total", "counter", "Datagrams sent to endpoints.", ROUTE),
-    M(
-        "lbd_udp_upstream_datagrams_received_total",
-        "counter",
-        "Datagrams received from endpoints.",
-        ROUTE,
-    ),
-    M("lbd_udp_upstream_bytes_received_total", "counter", "Bytes received from endpoints.", ROUTE),
-    M(
-        "lbd_udp_errors_total",
-        "counter",
+    _udp("udp_downstream_datagrams_received_total", C, "Datagrams received from clients."),
+    _udp("udp_downstream_bytes_received_total", C, "Bytes received from clients."),
+    _udp("udp_downstream_datagrams_sent_total", C, "Replies sent to clients."),
+    _udp("udp_upstream_datagrams_sent_total", C, "Datagrams sent to endpoints."),
+    _udp("udp_upstream_datagrams_received_total", C, "Datagrams received from endpoints."),
+    _udp("udp_upstream_bytes_received_total", C, "Bytes received from endpoints."),
+    _udp(
+        "udp_errors_total",
+        C,
         "UDP errors, handled and counted, by where they happened (downstream_rx, downstream_tx, "
         "upstream_rx, upstream_tx, upstream_icmp).",
-        (*ROUTE, "where"),
+        label="where",
     ),
-    # -- process -----------------------------------------------------------------------------
-    M("lbd_health_checks_total", "counter", "Active health checks run.", ()),
-    M("lbd_health_check_failures_total", "counter", "Active health checks that failed.", ()),
-    M(
-        "lbd_health_checks_skipped_total",
-        "counter",
+    # -- health checks ------------------------------------------------------------------------
+    MetricSpec("health_checks_total", C, "Active health checks run.", "health"),
+    MetricSpec("health_check_failures_total", C, "Active health checks that failed.", "health"),
+    MetricSpec(
+        "health_checks_skipped_total",
+        C,
         "Health checks lbd could not run itself (e.g. out of descriptors); never held against "
         "the endpoint.",
-        (),
+        "health",
     ),
-    M(
-        "lbd_health_transitions_total",
-        "counter",
+    MetricSpec(
+        "health_transitions_total",
+        C,
         "Endpoint health changes found by active checks, by new state (healthy, unhealthy).",
-        ("to",),
+        "health",
+        label="to",
     ),
-    M(
-        "lbd_health_checkers_active",
-        "gauge",
+    MetricSpec(
+        "health_checkers_active",
+        G,
         "Endpoints being checked (one per address, port and check).",
-        (),
+        "health",
     ),
-    M(
-        "lbd_dns_resolutions_total",
-        "counter",
+    # -- process ------------------------------------------------------------------------------
+    MetricSpec(
+        "dns_resolutions_total",
+        C,
         "ExternalName resolutions, by result (success; failure: the last good answer stays).",
-        ("result",),
+        "process",
+        label="result",
     ),
-    M(
-        "lbd_health_check_node_port_requests_total",
-        "counter",
+    MetricSpec(
+        "health_check_node_port_requests_total",
+        C,
         "Requests answered on healthCheckNodePort listeners.",
-        (),
+        "process",
     ),
-    M(
-        "lbd_listener_bind_failures_total",
-        "counter",
+    MetricSpec(
+        "listener_bind_failures_total",
+        C,
         "Listeners that could not be bound at start or in a reload (which then changed nothing).",
-        (),
+        "process",
     ),
-    M(
-        "lbd_config_reloads_total",
-        "counter",
+    MetricSpec(
+        "config_reloads_total",
+        C,
         "Config reloads, by result (success, failure).",
-        ("result",),
-        "max",
+        "process",
+        label="result",
+        merge="max",
     ),
-    M(
-        "lbd_config_last_reload_success_timestamp_seconds",
-        "gauge",
+    MetricSpec(
+        "config_last_reload_success_timestamp_seconds",
+        G,
         "When the running config was applied (start or reload), Unix time.",
-        (),
-        "max",
+        "process",
+        merge="max",
     ),
-    M("lbd_config_info", "gauge", "The running config's hash, as a label.", ("hash",), "max"),
-    M("lbd_build_info", "gauge", "lbd's version, as labels.", ("version", "python"), "max"),
-    # -- Kubernetes API source (lbd run --kubernetes); one per lbd, in the supervisor ---------
-    M(
-        "lbd_kubernetes_watch_events_total",
-        "counter",
+    MetricSpec(
+        "config_info",
+        "info",
+        "The running config's hash, as a label.",
+        "process",
+        merge="max",
+        info=("hash",),
+    ),
+    MetricSpec(
+        "build_info",
+        "info",
+        "lbd's version, as labels.",
+        "process",
+        merge="max",
+        info=("version", "python"),
+    ),
+    # -- Kubernetes API source (lbd run --kubernetes): one per lbd (the supervisor's) -------
+    MetricSpec(
+        "kubernetes_watch_events_total",
+        C,
         "Watch events received, by kind (Service, EndpointSlice, Node) and type (ADDED, "
         "MODIFIED, DELETED, BOOKMARK, ERROR).",
-        ("kind", "type"),
-        "max",
+        "kubernetes_kind",
+        label="type",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_relists_total",
-        "counter",
-        "Full lists after the first, by kind (410 Gone, or a watch that could not resume).",
-        ("kind",),
-        "max",
+    MetricSpec(
+        "kubernetes_relists_total",
+        C,
+        "Full lists after the first, by kind (410 Gone: the watch could not resume).",
+        "kubernetes_kind",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_errors_total",
-        "counter",
+    MetricSpec(
+        "kubernetes_errors_total",
+        C,
         "List or watch requests that failed (unreachable, HTTP error, broken stream), by kind.",
-        ("kind",),
-        "max",
+        "kubernetes_kind",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_connected",
-        "gauge",
+    MetricSpec(
+        "kubernetes_connected",
+        G,
         "1 while every watch is open; 0 from the first failure until all recover (the last "
         "state is served meanwhile).",
-        (),
-        "max",
+        "kubernetes",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_last_sync_timestamp_seconds",
-        "gauge",
+    MetricSpec(
+        "kubernetes_last_sync_timestamp_seconds",
+        G,
         "When the API's state was last applied (or found unchanged), Unix time.",
-        (),
-        "max",
+        "kubernetes",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_syncs_total",
-        "counter",
+    MetricSpec(
+        "kubernetes_syncs_total",
+        C,
         "Applies of the API's state, by result (applied, unchanged, failed).",
-        ("result",),
-        "max",
+        "kubernetes",
+        label="result",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_services_rejected_total",
-        "counter",
-        "Service updates refused (invalid field or lbd.io/ annotation, or a listener conflict); "
+    MetricSpec(
+        "kubernetes_services_rejected_total",
+        C,
+        "Service updates refused (an invalid field or lbd.io/ annotation, a listener conflict); "
         "the service kept its last good form.",
-        (),
-        "max",
+        "kubernetes",
+        merge="max",
     ),
-    M(
-        "lbd_kubernetes_service_ips_skipped_total",
-        "counter",
+    MetricSpec(
+        "kubernetes_service_ips_skipped_total",
+        C,
         "externalIPs and LoadBalancer IPs not served: outside --allowed-service-ips.",
-        (),
-        "max",
+        "kubernetes",
+        merge="max",
     ),
-    M(
-        "lbd_network_programming_duration_seconds",
+    MetricSpec(
+        "network_programming_duration_seconds",
         "histogram",
         "From an EndpointSlice change seen on the watch to its service applied (kube-proxy's "
         "network programming latency, measured from the event's arrival).",
-        (),
-        "max",
+        "kubernetes",
+        merge="max",
         buckets=NETWORK_PROGRAMMING_SECONDS_BUCKETS,
     ),
-    # -- supervisor (workers: N > 1) -------------------------------------------------------
-    M("lbd_workers", "gauge", "Worker processes serving now.", (), "max"),
-    M(
-        "lbd_worker_restarts_total",
-        "counter",
+    # -- supervisor (workers: N > 1) ----------------------------------------------------------
+    MetricSpec("workers", G, "Worker processes serving now.", "supervisor", merge="max"),
+    MetricSpec(
+        "worker_restarts_total",
+        C,
         "Worker processes replaced after they exited.",
-        (),
-        "max",
+        "supervisor",
+        merge="max",
     ),
 )
-del M
-
-
-@dataclass(slots=True)
-class Snapshot:
-    """Values of every metric at one instant: plain data, picklable, mergeable."""
-
-    values: dict[str, dict[Labels, float]] = field(default_factory=dict)
-    histograms: dict[str, dict[Labels, HistogramValue]] = field(default_factory=dict)
-
-    def add(self, name: str, labels: Labels, value: float) -> None:
-        series = self.values.setdefault(name, {})
-        series[labels] = series.get(labels, 0) + value
-
-    def set_histogram(self, name: str, labels: Labels, counts: list[int], total: float) -> None:
-        self.histograms.setdefault(name, {})[labels] = (list(counts), total)
-
-    def value(self, name: str, *labels: str) -> float:
-        """One series' value (0 when absent): for tests and ``lbd status``."""
-        return self.values.get(name, {}).get(labels, 0)
-
-
-def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
-    """One snapshot for several workers, each metric combined by its ``merge`` rule."""
-    total = Snapshot()
-    for snap in snapshots:
-        for name, series in snap.values.items():
-            rule = METRICS[name].merge
-            into = total.values.setdefault(name, {})
-            for labels, value in series.items():
-                if labels in into:
-                    into[labels] = (
-                        into[labels] + value if rule == "sum" else max(into[labels], value)
-                    )
-                else:
-                    into[labels] = value
-        for name, hist_series in snap.histograms.items():
-            hist_into = total.histograms.setdefault(name, {})
-            for labels, (counts, value_sum) in hist_series.items():
-                if labels in hist_into:
-                    old_counts, old_sum = hist_into[labels]
-                    hist_into[labels] = (
-                        [a + b for a, b in zip(old_counts, counts, strict=True)],
-                        old_sum + value_sum,
-                    )
-                else:
-                    hist_into[labels] = (list(counts), value_sum)
-    return total
-
-
-class WorkerSnapshots:
-    """The supervisor's sum over its workers: the latest snapshot of each live worker, plus the
-    counters and histograms of workers that exited (so summed counters never go down)."""
-
-    def __init__(self) -> None:
-        self.live: dict[int, Snapshot] = {}
-        self.retired = Snapshot()
-
-    def update(self, worker: int, snapshot: Snapshot) -> None:
-        self.live[worker] = snapshot
-
-    def retire(self, worker: int) -> None:
-        last = self.live.pop(worker, None)
-        if last is None:
-            return
-        kept = Snapshot(
-            values={
-                name: series
-                for name, series in last.values.items()
-                if METRICS[name].kind == "counter" and METRICS[name].merge == "sum"
-            },
-            histograms=last.histograms,
-        )
-        self.retired = merge([self.retired, kept])
-
-    def total(self) -> Snapshot:
-        return merge([self.retired, *self.live.values()])
-
-
-class SnapshotCollector(Collector):
-    """Renders the snapshot ``source()`` returns, at each scrape, as prometheus-client families."""
-
-    def __init__(self, source: Callable[[], Snapshot]) -> None:
-        self.source = source
-
-    def describe(self) -> Iterable[Metric]:
-        return []  # registering must not call source(): the runtime may not exist yet
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self.source()
-        for spec in METRICS.values():
-            labels = list(spec.labels)
-            if spec.kind == "histogram":
-                yield _histogram(spec, snap.histograms.get(spec.name, {}))
-                continue
-            family: CounterMetricFamily | GaugeMetricFamily
-            if spec.kind == "counter":
-                family = CounterMetricFamily(spec.name, spec.help, labels=labels)
-            else:
-                family = GaugeMetricFamily(spec.name, spec.help, labels=labels)
-            for values, value in sorted(snap.values.get(spec.name, {}).items()):
-                family.add_metric(list(values), value)
-            yield family
-
-
-def _histogram(spec: MetricSpec, series: dict[Labels, HistogramValue]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(spec.name, spec.help, labels=list(spec.labels))
-    bounds = [*(_le(bound) for bound in spec.buckets), "+Inf"]
-    for labels, (counts, value_sum) in sorted(series.items()):
-        cumulative: list[tuple[str, float]] = []
-        running = 0
-        for bound, count in zip(bounds, counts, strict=True):
-            running += count
-            cumulative.append((bound, running))
-        family.add_metric(list(labels), cumulative, value_sum)
-    return family
-
-
-def _le(bound: float) -> str:
-    return repr(float(bound))
+del C, G
+METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _TABLE}
+BY_SCOPE: dict[Scope, tuple[MetricSpec, ...]] = {
+    scope: tuple(spec for spec in _TABLE if spec.scope == scope) for scope in SCOPE_LABELS
+}

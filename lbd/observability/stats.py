@@ -3,6 +3,11 @@
 The data path never calls a Prometheus client object: an ``+= 1`` on a slot is the whole cost
 of counting, and histograms are a ``bisect`` into a fixed list of bucket counts, once per
 connection (never per chunk of bytes). Everything here is written by one event loop only.
+
+Each field is named after the metric it becomes (``lbd_`` + field name; a counter's ends in
+``_total``), and a field whose metric has a label is a small object with one field per label
+value (``Refusals``...): ``lbd.observability.metrics.METRICS`` names the field, so the two
+cannot drift. Fields marked "at scrape" are set from their owners when a snapshot is taken.
 """
 
 from __future__ import annotations
@@ -38,121 +43,183 @@ class Buckets:
         self.total += value
 
 
-@dataclass(slots=True)
-class EndpointStats:
-    """Counters of one endpoint of one service port (the upstream side)."""
-
-    cx_total: int = 0
-    connect_fail: int = 0
-    connect_timeout: int = 0
-    bytes_sent: int = 0  # lbd → endpoint, of closed connections (open ones add theirs at scrape)
-    bytes_received: int = 0  # endpoint → lbd, likewise
-    ejections: int = 0  # by outlier detection, in the worker that decided the ejection
-    connect_seconds: Buckets = field(default_factory=lambda: Buckets(CONNECT_SECONDS_BUCKETS))
+# -- labelled families: one field per label value -----------------------------------------------
 
 
 @dataclass(slots=True)
-class ProcessStats:
-    """Process-wide facts: reloads and when the current config was applied."""
+class Refusals:
+    """Client connections reset instead of served, by ``reason``."""
 
-    started: float = field(default_factory=time.time)
-    reloads_ok: int = 0
-    reloads_failed: int = 0
-    last_reload_ok_time: float = 0.0  # wall clock of the last successful apply (start counts)
-    last_reload_failed_time: float = 0.0
-    reloads_unchanged: int = 0  # the file was read again but its bytes had not changed
-    listener_bind_failures: int = 0  # at start or in a reload's prepare phase
-    dns_resolutions_ok: int = 0  # ExternalName answers applied
-    dns_resolutions_failed: int = 0  # failed or empty: the last good answer stays
-    health_check_requests: int = 0  # healthCheckNodePort requests answered
+    no_endpoint: int = 0  # none eligible (in the moment before the listener closes)
+    overflow: int = 0  # over maxConnections with the queue full
+    queue_timeout: int = 0  # waited queueTimeout in the queue
+    endpoint_limits: int = 0  # admitted, then every endpoint was at maxConnectionsPerEndpoint
+    fd_exhausted: int = 0  # no descriptor left for the upstream socket
+    proxy_header_invalid: int = 0  # a trusted source sent no valid PROXY header
+    source_range: int = 0  # outside loadBalancerSourceRanges
 
-    def __post_init__(self) -> None:
-        self.last_reload_ok_time = self.last_reload_ok_time or self.started
 
-    def reload_succeeded(self) -> None:
-        self.reloads_ok += 1
-        self.last_reload_ok_time = time.time()
+@dataclass(slots=True)
+class ByProtocol:
+    TCP: int = 0  # the label values are the protocols' names
+    UDP: int = 0
 
-    def reload_failed(self) -> None:
-        self.reloads_failed += 1
-        self.last_reload_failed_time = time.time()
+
+@dataclass(slots=True)
+class UdpDrops:
+    """New UDP clients whose datagram was dropped instead of starting a session, by ``reason``."""
+
+    overflow: int = 0  # maxUdpSessions reached
+    no_endpoint: int = 0
+    create_fail: int = 0  # no upstream socket (out of ports or descriptors)
+    source_range: int = 0  # outside loadBalancerSourceRanges
+
+
+@dataclass(slots=True)
+class UdpEnds:
+    """UDP sessions ended early, by ``reason``."""
+
+    idle_timeout: int = 0
+    endpoint_gone: int = 0  # its endpoint left the eligible set
+
+
+@dataclass(slots=True)
+class UdpErrors:
+    """Handled UDP errors, by ``where`` they happened."""
+
+    downstream_rx: int = 0
+    downstream_tx: int = 0  # replies dropped: client send buffer full or error
+    upstream_rx: int = 0
+    upstream_tx: int = 0  # datagrams dropped towards an endpoint
+    upstream_icmp: int = 0  # the endpoint answered with an ICMP error (refused...)
+
+
+@dataclass(slots=True)
+class Results:
+    success: int = 0
+    failure: int = 0
+
+
+@dataclass(slots=True)
+class Transitions:
+    healthy: int = 0
+    unhealthy: int = 0
+
+
+# -- per scope ----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class RouteStats:
-    """Counters of one route; the single writer is the worker's event loop. Per-endpoint
-    counters live on each ``UpstreamEndpoint.stats``; ``lbd.observability.metrics`` exports
-    both at scrape time."""
+    """Counters of one service port; the single writer is the worker's event loop. Per-endpoint
+    counters live on each ``UpstreamEndpoint.stats``."""
 
     downstream_cx_total: int = 0
     downstream_cx_active: int = 0
-    downstream_cx_refused_no_endpoint: int = 0
-    downstream_cx_refused_source_range: int = 0  # loadBalancerSourceRanges (reset per client)
-    tcp_listener_bind_fail: int = 0  # re-listening when endpoints came back failed
-    upstream_cx_total: int = 0
-    upstream_cx_connect_fail: int = 0
-    upstream_cx_connect_timeout: int = 0
-    upstream_cx_retries: int = 0
-    upstream_cx_none_succeeded: int = 0
-    downstream_bytes_received: int = 0  # of closed connections; open ones add theirs at scrape
-    upstream_bytes_received: int = 0  # = bytes sent to clients
-    idle_timeouts: int = 0
+    downstream_cx_refused_total: Refusals = field(default_factory=Refusals)
+    downstream_cx_queued_total: int = 0  # connections that had to wait in the queue
+    downstream_cx_half_closed_timeout_total: int = 0
+    downstream_cx_max_duration_reached_total: int = 0
+    downstream_cx_idle_timeout_total: int = 0
+    # Of closed connections; open ones add theirs at scrape.
+    downstream_bytes_received_total: int = 0
+    downstream_bytes_sent_total: int = 0
+    downstream_cx_length_seconds: Buckets = field(
+        default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS)
+    )
+    listener_rebind_failures_total: ByProtocol = field(default_factory=ByProtocol)
+    upstream_cx_retries_total: int = 0
+    upstream_cx_connect_attempts_exceeded_total: int = 0  # no endpoint accepted a connect
+    endpoints_panic_total: int = 0  # at scrape, from the pool
+    outlier_ejections_overflow_total: int = 0  # at scrape, from outlier detection
+    affinity_entries: int = 0  # at scrape
+    affinity_overflow_total: int = 0  # at scrape: this plus the live table's
+    affinity_overflow_retired: int = 0  # of affinity tables a reload switched off
+    splice_switches_total: int = 0  # directions that went bulk and moved to splice(2)
+    splice_fallbacks_total: int = 0  # went bulk, but no pipe or descriptor for splice
+    splice_bytes_total: int = 0  # moved by splice (also in the per-direction byte counters)
     # UDP (names after Envoy's UDP proxy: a "session" is one client address of one listener)
     udp_sess_total: int = 0
     udp_sess_active: int = 0
-    udp_sess_overflow: int = 0  # a new client beyond maxUdpSessions: its datagram dropped
-    udp_sess_no_endpoint: int = 0  # a new client while no endpoint was eligible
-    udp_sess_source_range: int = 0  # a client outside loadBalancerSourceRanges: dropped
-    udp_sess_create_fail: int = 0  # no upstream socket (out of ports or descriptors)
-    udp_sess_idle_timeout: int = 0
-    udp_sess_endpoint_gone: int = 0  # ended because its endpoint left the eligible set
-    udp_downstream_rx_datagrams: int = 0
-    udp_downstream_rx_bytes: int = 0
-    udp_downstream_rx_errors: int = 0
-    udp_downstream_tx_datagrams: int = 0
-    udp_downstream_tx_errors: int = 0  # replies dropped: client send buffer full or error
-    udp_upstream_tx_datagrams: int = 0
-    udp_upstream_tx_errors: int = 0  # datagrams dropped towards an endpoint
-    udp_upstream_rx_datagrams: int = 0
-    udp_upstream_rx_bytes: int = 0
-    udp_upstream_rx_errors: int = 0
-    udp_upstream_icmp_errors: int = 0  # the endpoint answered with an ICMP error (refused...)
-    udp_listener_bind_fail: int = 0  # re-binding a listener when endpoints came back failed
-    cx_length_seconds: Buckets = field(default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS))
-    half_closed_timeouts: int = 0
-    max_duration_timeouts: int = 0
-    downstream_cx_queued: int = 0  # connections that had to wait in the queue
-    downstream_cx_queue_timeout: int = 0  # refused after queueTimeout in the queue
-    downstream_cx_overflow: int = 0  # refused at once: over the limits and the queue full
-    upstream_cx_overflow: int = 0  # admitted, then every endpoint was at its limit
-    downstream_cx_fd_exhausted: int = 0  # reset: no descriptor left for the upstream socket
-    downstream_cx_proxy_header_invalid: int = 0  # trusted source, header missing or malformed
-    affinity_overflow: int = 0  # of affinity tables a reload switched off
-    splice_switches: int = 0  # connection directions that went bulk and moved to splice(2)
-    splice_fallbacks: int = 0  # went bulk, but no pipe or descriptor for splice: stayed
-    splice_bytes: int = 0  # bytes moved by splice (also in the per-direction byte counters)
+    udp_sess_dropped_total: UdpDrops = field(default_factory=UdpDrops)
+    udp_sess_ended_total: UdpEnds = field(default_factory=UdpEnds)
+    udp_downstream_datagrams_received_total: int = 0
+    udp_downstream_bytes_received_total: int = 0
+    udp_downstream_datagrams_sent_total: int = 0
+    udp_upstream_datagrams_sent_total: int = 0
+    udp_upstream_datagrams_received_total: int = 0
+    udp_upstream_bytes_received_total: int = 0
+    udp_errors_total: UdpErrors = field(default_factory=UdpErrors)
 
-    def udp_drops(self) -> dict[str, int]:
-        """New UDP clients whose datagram was dropped instead of starting a session, by reason."""
-        return {
-            "overflow": self.udp_sess_overflow,
-            "no_endpoint": self.udp_sess_no_endpoint,
-            "create_fail": self.udp_sess_create_fail,
-            "source_range": self.udp_sess_source_range,
-        }
 
-    def refusals(self) -> dict[str, int]:
-        """Connections reset instead of served, by reason (the metric's ``reason`` label)."""
-        return {
-            "no_endpoint": self.downstream_cx_refused_no_endpoint,
-            "overflow": self.downstream_cx_overflow,
-            "queue_timeout": self.downstream_cx_queue_timeout,
-            "endpoint_limits": self.upstream_cx_overflow,
-            "fd_exhausted": self.downstream_cx_fd_exhausted,
-            "proxy_header_invalid": self.downstream_cx_proxy_header_invalid,
-            "source_range": self.downstream_cx_refused_source_range,
-        }
+@dataclass(slots=True)
+class EndpointStats:
+    """Counters of one endpoint of one service port (the upstream side)."""
 
+    upstream_cx_total: int = 0
+    upstream_cx_active: int = 0  # at scrape: this worker's connections
+    upstream_cx_connect_fail_total: int = 0
+    upstream_cx_connect_timeout_total: int = 0
+    # lbd → endpoint and back, of closed connections (open ones add theirs at scrape)
+    upstream_bytes_sent_total: int = 0
+    upstream_bytes_received_total: int = 0
+    upstream_cx_connect_seconds: Buckets = field(
+        default_factory=lambda: Buckets(CONNECT_SECONDS_BUCKETS)
+    )
+    endpoint_weight: float = 0.0  # at scrape
+    endpoint_eligible: int = 0  # at scrape
+    endpoint_healthy: int = 0  # at scrape
+    endpoint_ejections_total: int = 0  # by outlier detection, in the worker that decided it
+
+
+@dataclass(slots=True)
+class HealthStats:
+    """Counters of every active health checker of one lbd process."""
+
+    health_checks_total: int = 0
+    health_check_failures_total: int = 0
+    health_checks_skipped_total: int = 0  # lbd could not run the probe (out of descriptors)
+    health_transitions_total: Transitions = field(default_factory=Transitions)
+    health_checkers_active: int = 0
+
+
+@dataclass(slots=True)
+class ProcessStats:
+    """Process-wide facts: reloads, when the current config was applied, what runs."""
+
+    started: float = field(default_factory=time.time)
+    config_reloads_total: Results = field(default_factory=Results)
+    config_last_reload_success_timestamp_seconds: float = 0.0  # start counts as a reload
+    last_reload_failed_time: float = 0.0
+    reloads_unchanged: int = 0  # the file was read again but its bytes had not changed
+    listener_bind_failures_total: int = 0  # at start or in a reload's prepare phase
+    dns_resolutions_total: Results = field(default_factory=Results)  # ExternalName answers
+    health_check_node_port_requests_total: int = 0
+    config_info: tuple[str, ...] = ("",)  # the running config's hash
+    build_info: tuple[str, ...] = ("", "")  # lbd's version, Python's
+
+    def __post_init__(self) -> None:
+        if not self.config_last_reload_success_timestamp_seconds:
+            self.config_last_reload_success_timestamp_seconds = self.started
+
+    def reload_succeeded(self) -> None:
+        self.config_reloads_total.success += 1
+        self.config_last_reload_success_timestamp_seconds = time.time()
+
+    def reload_failed(self) -> None:
+        self.config_reloads_total.failure += 1
+        self.last_reload_failed_time = time.time()
+
+
+@dataclass(slots=True)
+class SupervisorStats:
+    """What only a supervisor of several workers knows."""
+
+    workers: int = 0
+    worker_restarts_total: int = 0
+
+
+# -- the Kubernetes API source (lbd run --kubernetes) -------------------------------------------
 
 # kube-proxy's network programming latency is usually well under a second, but bounded
 # frequency (minSyncPeriod) and large applies push it to seconds.
@@ -162,21 +229,63 @@ NETWORK_PROGRAMMING_SECONDS_BUCKETS = (
 
 
 @dataclass(slots=True)
+class WatchEvents:
+    """Watch events of one kind, by ``type``."""
+
+    ADDED: int = 0
+    MODIFIED: int = 0
+    DELETED: int = 0
+    BOOKMARK: int = 0
+    ERROR: int = 0
+
+
+@dataclass(slots=True)
+class Syncs:
+    """Applies of the API's state, by ``result``."""
+
+    applied: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class KubernetesKindStats:
+    """One watched kind (Service, EndpointSlice, Node): the ``kind`` label."""
+
+    kubernetes_watch_events_total: WatchEvents = field(default_factory=WatchEvents)
+    kubernetes_relists_total: int = 0  # lists after the first (410 Gone)
+    kubernetes_errors_total: int = 0  # failed requests or broken streams
+
+
+@dataclass(slots=True)
 class KubernetesStats:
-    """The Kubernetes API source (``lbd run --kubernetes``); written by its event loop only.
+    """The Kubernetes API source; written by its event loop only.
 
     ``connected``, ``synced`` and ``last_sync_time`` are what health and readiness read: the
     state being served is as old as ``last_sync_time`` while ``connected`` is False."""
 
-    connected: bool = False  # every watch is open (False from the first failure to recovery)
-    synced: bool = False  # the first full list of every kind was applied
-    last_sync_time: float = 0.0  # wall clock of the last apply of the API's state (or no-op)
-    events: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, type) -> count
-    relists: dict[str, int] = field(default_factory=dict)  # kind -> lists after the first
-    errors: dict[str, int] = field(default_factory=dict)  # kind -> failed requests or streams
-    syncs: dict[str, int] = field(default_factory=dict)  # applied / unchanged / failed
-    services_rejected: int = 0  # an invalid update: the service kept its last good form
-    service_ips_skipped: int = 0  # externalIPs / LoadBalancer IPs outside the allow-list
-    network_programming_seconds: Buckets = field(
+    kubernetes_connected: int = 0  # 1 while every watch is open
+    kubernetes_last_sync_timestamp_seconds: float = 0.0  # the last apply (or no-op) of the API
+    kubernetes_syncs_total: Syncs = field(default_factory=Syncs)
+    kubernetes_services_rejected_total: int = 0  # invalid update: the last good form stays
+    kubernetes_service_ips_skipped_total: int = 0  # outside --allowed-service-ips
+    network_programming_duration_seconds: Buckets = field(
         default_factory=lambda: Buckets(NETWORK_PROGRAMMING_SECONDS_BUCKETS)
     )
+    synced: bool = False  # the first full list of every kind was applied (readiness)
+    kinds: dict[str, KubernetesKindStats] = field(default_factory=dict)  # not a metric itself
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.kubernetes_connected)
+
+    @property
+    def last_sync_time(self) -> float:
+        """Wall clock of the last apply of the API's state; 0 before the first."""
+        return self.kubernetes_last_sync_timestamp_seconds
+
+    def kind(self, name: str) -> KubernetesKindStats:
+        found = self.kinds.get(name)
+        if found is None:
+            found = self.kinds[name] = KubernetesKindStats()
+        return found

@@ -1,5 +1,6 @@
-"""A message channel between the supervisor and one worker: pickled messages over a unix
-stream socket, with file descriptors (listening sockets) passed alongside (SCM_RIGHTS).
+"""A message channel between two lbd processes (supervisor and worker, or an lbd and its
+successor): pickled messages (``lbd.process.messages``) over a unix stream socket, with file
+descriptors (listening sockets) passed alongside (SCM_RIGHTS).
 
 Frames are ``[length:4][fd count:2][pickle]``; a frame's descriptors travel in the ancillary
 data of the ``sendmsg`` that carries its first byte, so by the time a frame is complete its
@@ -16,7 +17,6 @@ import pickle
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any
 
 from lbd.net.loops import rearm_reader
 
@@ -26,8 +26,8 @@ MAX_FRAME = 64 * 1024 * 1024  # a metrics snapshot of a very large config, with 
 RECV_SIZE = 256 * 1024
 READS_PER_WAKEUP = 16
 
-Message = dict[str, Any]
-Handler = Callable[[Message, list[socket.socket]], None]
+# What arrives: a message (lbd.process.messages) and the sockets that came with it.
+Receiver = Callable[[object, list[socket.socket]], None]
 
 
 class ChannelClosed(ConnectionError):
@@ -38,7 +38,7 @@ class Channel:
     """Non-blocking both ways on the running loop; ``on_message`` gets each message with the
     sockets that came with it (the handler owns them), ``on_close`` is called once at EOF."""
 
-    def __init__(self, sock: socket.socket, on_message: Handler, on_close: Callable[[], None]):
+    def __init__(self, sock: socket.socket, on_message: Receiver, on_close: Callable[[], None]):
         sock.setblocking(False)
         self.sock = sock
         self._on_message = on_message
@@ -51,7 +51,7 @@ class Channel:
         self.closed = False
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, message: Message, sockets: list[socket.socket] | None = None) -> None:
+    def send(self, message: object, sockets: list[socket.socket] | None = None) -> None:
         """Queue ``message`` (and duplicates of ``sockets``: the caller keeps its own)."""
         if self.closed:
             raise ChannelClosed("channel closed")

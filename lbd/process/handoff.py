@@ -34,15 +34,16 @@ from collections.abc import Callable
 import structlog
 
 from lbd.net.sockets import InheritedSockets
-from lbd.process.channel import Channel, Message
+from lbd.process.channel import Channel
+from lbd.process.messages import HandoffReady, HandoffSockets, SocketKey
 
 log = structlog.get_logger("lbd.process.handoff")
 
-ADMIN_KEY: tuple[object, ...] = ("admin",)
+ADMIN_KEY: SocketKey = ("admin",)
 READY_TIMEOUT_S = 120.0  # new's start-up, workers included
 TAKEOVER_TIMEOUT_S = 10.0
 
-SocketSource = Callable[[], dict[tuple[object, ...], socket.socket]]
+SocketSource = Callable[[], dict[SocketKey, socket.socket]]
 
 
 class HandoffError(Exception):
@@ -111,10 +112,10 @@ class HandoffServer:
         """Give ``conn``'s process our sockets; True once it serves them."""
         ready: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
-        def on_message(message: Message, socks: list[socket.socket]) -> None:
+        def on_message(message: object, socks: list[socket.socket]) -> None:
             for sock in socks:
                 sock.close()
-            if message.get("type") == "ready" and not ready.done():
+            if isinstance(message, HandoffReady) and not ready.done():
                 ready.set_result(True)
 
         def on_close() -> None:
@@ -123,7 +124,7 @@ class HandoffServer:
 
         channel = Channel(conn, on_message, on_close)
         sockets = self.sockets()
-        channel.send({"type": "sockets", "keys": list(sockets)}, list(sockets.values()))
+        channel.send(HandoffSockets(list(sockets)), list(sockets.values()))
         log.info("restart: sockets handed to the next lbd", sockets=len(sockets))
         try:
             ok = await asyncio.wait_for(ready, READY_TIMEOUT_S)
@@ -162,7 +163,7 @@ class Takeover:
         """We serve: the predecessor may stop accepting now."""
         self.inherited.close()  # sockets of listeners our config no longer has
         if self._channel is not None and not self._channel.closed:
-            self._channel.send({"type": "ready"})
+            self._channel.send(HandoffReady())
             self._channel.flush_blocking()
 
     def close(self) -> None:
@@ -178,9 +179,9 @@ async def take_over(path: str) -> Takeover:
     sock.setblocking(False)
     got: asyncio.Future[InheritedSockets] = loop.create_future()
 
-    def on_message(message: Message, socks: list[socket.socket]) -> None:
-        if message.get("type") == "sockets" and not got.done():
-            got.set_result(InheritedSockets(dict(zip(message["keys"], socks, strict=True))))
+    def on_message(message: object, socks: list[socket.socket]) -> None:
+        if isinstance(message, HandoffSockets) and not got.done():
+            got.set_result(InheritedSockets(dict(zip(message.keys, socks, strict=True))))
         else:
             for s in socks:
                 s.close()

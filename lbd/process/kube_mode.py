@@ -23,8 +23,11 @@ from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.yamlfile import read_config_file
 from lbd.runtime.reload import ReloadRequests, ReloadResult, reload_failed
+from lbd.sources.kube_client import SourceError
 from lbd.sources.kube_state import read_base
 from lbd.sources.kubernetes import KubernetesOptions, KubernetesSource
+
+__all__ = ["KubeMode", "SourceError", "kubernetes_mode", "kubernetes_source"]
 
 ApplyData = Callable[[str, bytes], Awaitable[ReloadResult]]
 NO_FILE = b'{"apiVersion": "lbd/v1"}'  # lbd run --kubernetes without a file: every default
@@ -57,6 +60,18 @@ def kubernetes_source(
     source = KubernetesSource(KubernetesOptions(config.node.name, settings), base, options, path)
     initial = json.dumps({**base, "apiVersion": "lbd/v1"}).encode()
     return config, initial, source
+
+
+def kubernetes_mode(
+    args: Any, config: Config | None, data: bytes | None, options: LoadOptions | None
+) -> tuple[Config, bytes, KubernetesSource | None]:
+    """``lbd run``: with ``--kubernetes`` or a ``source: kubernetes`` file, the config to start
+    with, its bytes and the source; else ``config`` and ``data`` as they are (a file)."""
+    if not (args.kubernetes or (config is not None and config.source == "kubernetes")):
+        assert config is not None and data is not None
+        return config, data, None
+    flags = (args.kubeconfig, args.min_sync_period, args.allowed_service_ips)
+    return kubernetes_source(data, args.config, options, *flags)
 
 
 class KubeMode:

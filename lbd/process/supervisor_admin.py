@@ -16,9 +16,10 @@ import structlog
 from lbd.admin import views
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
-from lbd.observability.metrics import Snapshot
+from lbd.observability.snapshot import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
+from lbd.process.messages import AdminReply, AdminRequest
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
 from lbd.sources.kubernetes import KubernetesSource
@@ -47,21 +48,22 @@ class SupervisorBackend:
         return await self.supervisor.snapshot()
 
     async def view(self, name: str, query: dict[str, str]) -> views.Json:
-        serving = [m for m in self.supervisor.members if m.serving]
+        pool = self.supervisor.pool
+        serving = pool.serving()
         if not serving:
             raise views.NotFound("no worker is serving right now")
         targets = serving if name in OVERRIDES else serving[:1]
-        message = {"type": "admin", "view": name, "query": query}
-        replies = [await self.supervisor.ask(m, message, VIEW_TIMEOUT_S) for m in targets]
+        request = AdminRequest(view=name, query=query)
+        replies = [await pool.ask(m, request, VIEW_TIMEOUT_S) for m in targets]
         first = replies[0]
-        if first["status"] == 404:
-            raise views.NotFound(first["error"])
-        if first["status"] == 400:
-            raise views.BadRequest(first["error"])
+        assert isinstance(first, AdminReply)
+        if first.status == 404:
+            raise views.NotFound(first.error)
+        if first.status == 400:
+            raise views.BadRequest(first.error)
         if name in OVERRIDES:
-            self.supervisor.overrides.append((name, query))
-        body: views.Json = first["body"]
-        return body
+            pool.overrides.append(request)
+        return first.body or {}
 
 
 async def serve_supervised(
@@ -74,19 +76,21 @@ async def serve_supervised(
     """Start the workers and the admin API, serve until stopped; returns the exit code.
     With ``kubernetes`` the services come from that source, applied through the fan-out."""
     config = supervisor.config
+    reloads = supervisor.reloads
     if kubernetes is not None:
+        await kubernetes.open()  # SourceError: no client library or configuration
 
         def count_failure() -> None:
-            supervisor.reloads_failed += 1
+            reloads.reloads_failed += 1
 
-        kube = KubeMode(kubernetes, supervisor.reload, supervisor.options, count_failure)
-        supervisor.file_reload = kube.reload
+        kube = KubeMode(kubernetes, reloads.reload, reloads.options, count_failure)
+        reloads.file_reload = kube.reload
         supervisor.kubernetes = kubernetes.stats
     restart = restart or Restart(None)
     admin: AdminServer | None = None
     if config.admin.enabled:
         admin = AdminServer(
-            config.admin, SupervisorBackend(supervisor), admin_reload(supervisor.reload)
+            config.admin, SupervisorBackend(supervisor), admin_reload(reloads.reload)
         )
     admin_sock = restart.take_admin()  # before start() closes what it did not take
     try:
@@ -106,7 +110,7 @@ async def serve_supervised(
         )
 
         def sockets() -> dict[tuple[object, ...], socket.socket]:
-            handed = supervisor.listening_sockets()
+            handed = supervisor.listening.handoff()
             if admin is not None and admin.sock is not None:
                 handed[ADMIN_KEY] = admin.sock
             return handed

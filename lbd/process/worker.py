@@ -82,6 +82,8 @@ async def serve(
     runtime = runtime or Runtime(config, sockets=restart.inherited)
     reloader = Reloader(runtime, *source, options) if source is not None else None
     control: Reloader | KubeMode | None = reloader
+    if kubernetes is not None:
+        await kubernetes.open()  # SourceError: no client library or configuration
     if kubernetes is not None and reloader is not None:
         failed = runtime.process.reload_failed
         control = KubeMode(kubernetes, reloader.reload, options or LoadOptions(), failed)

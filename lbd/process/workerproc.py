@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import socket
 import sys
-from typing import Any
 
 import structlog
 
@@ -28,7 +28,23 @@ from lbd.health.registry import CheckKey, HealthRegistry
 from lbd.net.loops import LOOP_FACTORIES
 from lbd.net.sockets import InheritedSockets
 from lbd.observability.logging import configure_logging
-from lbd.process.channel import Channel, ChannelClosed, Message
+from lbd.process.channel import Channel, ChannelClosed
+from lbd.process.messages import (
+    AdminReply,
+    AdminRequest,
+    Ejection,
+    Handlers,
+    HealthVerdict,
+    Ready,
+    Reload,
+    ReloadDone,
+    SnapshotReply,
+    SnapshotRequest,
+    SocketKey,
+    Start,
+    StartFailed,
+    dispatch,
+)
 from lbd.process.worker import ShutdownState, serve
 from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import ListenerError, Runtime
@@ -43,7 +59,7 @@ class WorkerProcess:
     def __init__(self, channel_sock: socket.socket, counts: SharedCounts) -> None:
         self.counts = counts
         self.state = ShutdownState()
-        self.started: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.started: asyncio.Future[Start] = asyncio.get_running_loop().create_future()
         self.sockets = InheritedSockets()
         self.slots = EndpointSlots(counts, {})
         self.slots.announce_ejection = self._report_ejection
@@ -52,7 +68,15 @@ class WorkerProcess:
         self.tasks: set[asyncio.Task[None]] = set()
         # Verdicts of the probing worker that arrived before our runtime existed.
         self.health_known: dict[CheckKey, bool] = {}
-        self.channel = Channel(channel_sock, self.on_message, self.on_close)
+        handlers: Handlers = {
+            Start: self._start,
+            Reload: self._reload,
+            HealthVerdict: self._health,
+            Ejection: self._ejection,
+            SnapshotRequest: self._snapshot,
+            AdminRequest: self._admin,
+        }
+        self.channel = Channel(channel_sock, functools.partial(dispatch, handlers), self.on_close)
 
     def on_close(self) -> None:
         if not self.state.should_exit.is_set():
@@ -61,85 +85,76 @@ class WorkerProcess:
         if not self.started.done():
             self.started.set_exception(ChannelClosed("supervisor gone before start"))
 
-    def _attach(self, message: Message, sockets: list[socket.socket]) -> None:
-        for key, sock in zip(message.get("keys", ()), sockets, strict=True):
+    def _attach(self, keys: list[SocketKey], sockets: list[socket.socket]) -> None:
+        for key, sock in zip(keys, sockets, strict=True):
             self.sockets.add(key, sock)
-        if "slots" in message:
-            self.slots.table = message["slots"]
 
-    def on_message(self, message: Message, sockets: list[socket.socket]) -> None:
-        kind = message["type"]
-        if kind == "start":
-            self._attach(message, sockets)
-            if not self.started.done():
-                self.started.set_result(message)
-        elif kind == "reload":
-            self._attach(message, sockets)
-            self._spawn(self._reload(message))
-        elif kind == "health":
-            self.health_known[message["key"]] = message["healthy"]
-            if self.runtime is not None:
-                self.runtime.health.follow(message["key"], message["healthy"])
-        elif kind == "eject" and self.runtime is not None:
-            self._follow_ejection(message)
-        elif kind == "snapshot" and self.runtime is not None:
-            self._reply(message, snapshot=self.runtime.metrics_snapshot())
-        elif kind == "admin" and self.runtime is not None:
-            self._admin(message)
-        else:
-            for sock in sockets:
-                sock.close()
+    def _start(self, message: Start, sockets: list[socket.socket]) -> None:
+        self._attach(message.keys, sockets)
+        self.slots.table = message.slots
+        if not self.started.done():
+            self.started.set_result(message)
 
-    def _report_health(self, key: CheckKey, healthy: bool) -> None:
-        if not self.channel.closed:
-            self.channel.send({"type": "health", "key": key, "healthy": healthy})
-
-    def _report_ejection(self, route: RouteKey, address: str, port: int, seconds: float) -> None:
-        if not self.channel.closed:
-            message = {"route": route, "address": address, "port": port, "seconds": seconds}
-            self.channel.send({"type": "eject", **message})
-
-    def _follow_ejection(self, message: Message) -> None:
-        """Another worker ejected an endpoint: eject it here too, if this worker has it."""
-        assert self.runtime is not None
-        route = self.runtime.routes.get(message["route"])
-        if route is None or route.outlier is None:
-            return
-        endpoint = route.pool.member((message["address"], message["port"]))
-        if endpoint is not None:
-            route.outlier.follow(endpoint, message["seconds"])
-
-    def _spawn(self, coro: Any) -> None:
-        # Control-plane work (a reload): one task per message, not on the data path.
-        task = asyncio.ensure_future(coro)
+    def _reload(self, message: Reload, sockets: list[socket.socket]) -> None:
+        self._attach(message.keys, sockets)
+        self.slots.table = message.slots
+        # Control-plane work: one task per reload, not on the data path.
+        task = asyncio.ensure_future(self._reloaded(message))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def _reply(self, message: Message, **fields: Any) -> None:
-        if not self.channel.closed:
-            self.channel.send({"type": message["type"], "id": message["id"], **fields})
-
-    def _admin(self, message: Message) -> None:
-        assert self.runtime is not None
-        try:
-            body = views.call(self.runtime, message["view"], message["query"])
-        except views.NotFound as error:
-            self._reply(message, status=404, error=str(error))
-        except views.BadRequest as error:
-            self._reply(message, status=400, error=str(error))
-        else:
-            self._reply(message, status=200, body=body)
-
-    async def _reload(self, message: Message) -> None:
+    async def _reloaded(self, message: Reload) -> None:
         assert self.reloader is not None
-        result = await self.reloader.reload(message["reason"], message["data"])
+        result = await self.reloader.reload(message.reason, message.data)
         self.sockets.close()  # sockets sent for listeners this reload did not bind
-        self._reply(message, outcome=result.outcome, problems=list(result.problems))
+        self._send(
+            ReloadDone(id=message.id, outcome=result.outcome, problems=list(result.problems))
+        )
+
+    def _health(self, message: HealthVerdict, sockets: list[socket.socket]) -> None:
+        self.health_known[message.key] = message.healthy
+        if self.runtime is not None:
+            self.runtime.health.follow(message.key, message.healthy)
+
+    def _ejection(self, message: Ejection, sockets: list[socket.socket]) -> None:
+        """Another worker ejected an endpoint: eject it here too, if this worker has it."""
+        route = self.runtime.routes.get(message.route) if self.runtime is not None else None
+        if route is None or route.outlier is None:
+            return
+        endpoint = route.pool.member((message.address, message.port))
+        if endpoint is not None:
+            route.outlier.follow(endpoint, message.seconds)
+
+    def _snapshot(self, message: SnapshotRequest, sockets: list[socket.socket]) -> None:
+        if self.runtime is not None:
+            self._send(SnapshotReply(id=message.id, snapshot=self.runtime.metrics_snapshot()))
+
+    def _admin(self, message: AdminRequest, sockets: list[socket.socket]) -> None:
+        if self.runtime is None:
+            return
+        try:
+            body = views.call(self.runtime, message.view, message.query)
+        except views.NotFound as error:
+            self._send(AdminReply(id=message.id, status=404, error=str(error)))
+        except views.BadRequest as error:
+            self._send(AdminReply(id=message.id, status=400, error=str(error)))
+        else:
+            self._send(AdminReply(id=message.id, status=200, body=body))
+
+    def _send(self, message: object) -> None:
+        if not self.channel.closed:
+            self.channel.send(message)
+
+    def _report_health(self, key: CheckKey, healthy: bool) -> None:
+        self._send(HealthVerdict(key, healthy))
+
+    def _report_ejection(self, route: RouteKey, address: str, port: int, seconds: float) -> None:
+        self._send(Ejection(route, address, port, seconds))
 
     async def run(self) -> int:
         start = await self.started
-        options = LoadOptions(start.get("nodeName"), start.get("proxyName"))
-        config = load_text(start["data"], start["path"], options)
+        options = LoadOptions(start.node_name, start.proxy_name)
+        config = load_text(start.data, start.path, options)
         self.runtime = Runtime(
             config,
             sockets=self.sockets,
@@ -148,15 +163,15 @@ class WorkerProcess:
             shared_listeners=True,
         )
         # Health: worker 0 probes and reports transitions; the others follow (start included).
-        probing = start["index"] == 0
+        probing = start.index == 0
         self.runtime.health = HealthRegistry(probing=probing, on_transition=self._report_health)
-        for key, healthy in {**start["health"], **self.health_known}.items():
+        for key, healthy in {**start.health, **self.health_known}.items():
             self.runtime.health.follow(key, healthy)
-        self.reloader = Reloader(self.runtime, start["path"], start["data"], options)
+        self.reloader = Reloader(self.runtime, start.path, start.data, options)
 
         async def ready(runtime: Runtime) -> None:
             self.sockets.close()
-            self.channel.send({"type": "ready", "pid": os.getpid()})
+            self._send(Ready(os.getpid()))
 
         try:
             return await serve(
@@ -178,7 +193,7 @@ async def main_async(channel_fd: int, counts: SharedCounts) -> int:
             message = "; ".join(str(problem) for problem in error.problems)
         log.error("worker failed to start", error=message)
         if not worker.channel.closed:
-            worker.channel.send({"type": "failed", "error": message})
+            worker.channel.send(StartFailed(message))
             await asyncio.sleep(0.05)  # let the message leave before the process does
         return EXIT_START
     finally:

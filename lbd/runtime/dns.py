@@ -105,7 +105,7 @@ class ExternalNameResolver:
             try:
                 addresses, ttl = await resolve(self.resolver, self.name)
             except (dns.exception.DNSException, OSError) as error:
-                self.process.dns_resolutions_failed += 1
+                self.process.dns_resolutions_total.failure += 1
                 log.warning(
                     "externalName resolution failed, keeping the last answer",
                     service=self.service,
@@ -115,7 +115,7 @@ class ExternalNameResolver:
                 )
                 await asyncio.sleep(self.config.min_ttl)
                 continue
-            self.process.dns_resolutions_ok += 1
+            self.process.dns_resolutions_total.success += 1
             if addresses != self.addresses:
                 log.info(
                     "externalName resolved",

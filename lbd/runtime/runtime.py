@@ -13,12 +13,12 @@ An unchanged listener keeps its socket and its accept queue; an identical config
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import functools
+import platform
 import random
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -31,14 +31,15 @@ from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
 from lbd.net.connections import ConnectionSet
+from lbd.net.listener import Listener as NetListener
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
-from lbd.net.udp_proxy import UdpListener
-from lbd.observability.metrics import Snapshot
+from lbd.net.udp_listener import UdpListener
+from lbd.observability.snapshot import Snapshot
 from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
-from lbd.runtime.snapshot import kubernetes_values, runtime_snapshot
+from lbd.runtime.snapshot import kubernetes_snapshot, runtime_snapshot
 from lbd.shm.counts import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime.runtime")
@@ -50,27 +51,27 @@ class ListenerError(Exception):
 
 @dataclass(slots=True, eq=False)
 class Listener:
+    """One listener of the config (``spec``) and the socket that serves it (``net``)."""
+
     spec: ListenerSpec
-    route: Route
-    bound: tuple[str, int]  # the real address, port 0 resolved
-    tcp: TcpListener | None = None  # owns its socket (closed while no usable endpoint)
-    udp: UdpListener | None = None  # UDP: owns its socket (closed while no endpoint)
-    removed: bool = False  # closed by a reload: its connections drain
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    net: NetListener  # TCP or UDP, one interface
+
+    @property
+    def route(self) -> Route:
+        return self.net.route
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """The real address, port 0 resolved."""
+        return self.net.bound
 
     @property
     def sock(self) -> socket.socket | None:
-        return self.tcp.sock if self.tcp is not None else None
+        return self.net.sock
 
     @property
-    def external(self) -> bool:
-        """Not a clusterIP listener: externalTrafficPolicy applies."""
-        return self.spec.external
-
-    @property
-    def filtered(self) -> bool:
-        """loadBalancerSourceRanges apply (LoadBalancer IPs only, not NodePorts: Kubernetes)."""
-        return self.spec.kind == "loadBalancerIP"
+    def removed(self) -> bool:
+        return self.net.removed
 
     def describe(self) -> str:
         host, port = self.bound
@@ -80,28 +81,17 @@ class Listener:
             else f"{self.spec.protocol} {host}:{port}"
         )
 
+    def repoint(self, spec: ListenerSpec, route: Route) -> None:
+        self.spec = spec
+        self.net.repoint(route, spec.external, spec.filtered)
+
+    async def start(self) -> None:
+        await self.net.start()
+
     def close(self) -> None:
         """Stop accepting. TCP connections carry on; UDP sessions end, since their replies can
         only leave through the listener socket."""
-        self.removed = True
-        if self.udp is not None:
-            self.udp.close()
-        elif self.tcp is not None:
-            self.tcp.close()
-
-    def repoint(self, spec: ListenerSpec, route: Route) -> None:
-        self.spec = spec
-        self.route = route
-        if self.udp is not None:
-            self.udp.repoint(route, self.external, self.filtered)
-        elif self.tcp is not None:
-            self.tcp.repoint(route, self.external)
-
-    async def start(self) -> None:
-        if self.udp is not None:
-            self.udp.start()
-        elif self.tcp is not None:
-            await self.tcp.start()
+        self.net.close()
 
 
 def empty_like(config: Config) -> Config:
@@ -129,12 +119,14 @@ class Runtime:
         # none can REJECT by closing it: without a usable endpoint they reset per connection.
         self.shared_listeners = shared_listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
-        self.config_hash = config_hash(self.config)
         self._initial = config
         self._rng = rng
-        self.process = ProcessStats()
+        self.process = ProcessStats(build_info=(__version__, platform.python_version()))
+        self._set_config(self.config)
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
+        # partial, not a lambda: no Python frame per accepted connection
+        self._downstream = functools.partial(Downstream, connections=self.connections)
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
@@ -154,8 +146,7 @@ class Runtime:
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
-            self.config = new
-            self.config_hash = config_hash(new)
+            self._set_config(new)
             self.extras.commit(new, node_checks)
             await self.extras.start(node_checks)
             return diff
@@ -163,7 +154,7 @@ class Runtime:
         # Routes for new service ports exist before commit so new listeners can point at them;
         # nothing reaches them until the listeners start serving.
         added = {
-            key: Route.from_spec(spec, self._rng, self.slots)
+            key: Route(spec, self._rng, self.slots)
             for key, spec in specs.items()
             if key not in self.routes
         }
@@ -182,7 +173,7 @@ class Runtime:
                 listener=listener.describe(),
                 kind=listener.spec.kind,
                 route=listener.route.label,
-                strategy=listener.route.strategy,
+                strategy=listener.route.tunables.strategy,
                 endpoints=len(listener.route.pool.members),
             )
         return diff
@@ -193,7 +184,7 @@ class Runtime:
         except OSError as error:
             for listener in prepared:
                 listener.close()
-            self.process.listener_bind_failures += 1
+            self.process.listener_bind_failures_total += 1
             raise ListenerError(
                 f"cannot bind a healthCheckNodePort: {error.strerror or error}"
             ) from None
@@ -205,34 +196,11 @@ class Runtime:
         try:
             for spec in specs:
                 route = routes[spec.route_key]
-                listener = Listener(spec, route, (spec.address, spec.port))
+                listener = Listener(spec, self._net_listener(spec, route))
                 try:
-                    if spec.protocol == "UDP":
-                        listener.udp = UdpListener(
-                            spec.address,
-                            spec.port,
-                            route,
-                            listener.external,
-                            listener.filtered,
-                            reuse_port=self.udp_reuse_port,
-                        )
-                        listener.udp.bind()
-                        listener.bound = listener.udp.bound
-                    else:
-                        listener.tcp = TcpListener(
-                            spec.address,
-                            spec.port,
-                            route,
-                            listener.external,
-                            # partial, not a lambda: no Python frame per accepted connection
-                            functools.partial(Downstream, listener, self.connections),
-                            inherited=self._inherited(spec),
-                            pinned=self.shared_listeners,
-                        )
-                        await listener.tcp.prepare()
-                        listener.bound = listener.tcp.bound
+                    await listener.net.prepare()
                 except OSError as error:
-                    self.process.listener_bind_failures += 1
+                    self.process.listener_bind_failures_total += 1
                     raise ListenerError(
                         f"cannot bind {spec.describe()} ({spec.kind} of {spec.service}): "
                         f"{error.strerror or error}"
@@ -243,6 +211,27 @@ class Runtime:
                 listener.close()
             raise
         return prepared
+
+    def _net_listener(self, spec: ListenerSpec, route: Route) -> NetListener:
+        if spec.protocol == "UDP":
+            return UdpListener(
+                spec.address,
+                spec.port,
+                route,
+                external=spec.external,
+                filtered=spec.filtered,
+                reuse_port=self.udp_reuse_port,
+            )
+        return TcpListener(
+            spec.address,
+            spec.port,
+            route,
+            self._downstream,
+            external=spec.external,
+            filtered=spec.filtered,
+            inherited=self._inherited(spec),
+            pinned=self.shared_listeners,
+        )
 
     def _inherited(self, spec: ListenerSpec) -> socket.socket | None:
         """A listening socket someone else bound for this spec (supervisor, restart), if any."""
@@ -268,8 +257,7 @@ class Runtime:
             self.listeners[spec.identity].repoint(spec, self.routes[spec.route_key])
         for listener in prepared:
             self.listeners[listener.spec.identity] = listener
-        self.config = new
-        self.config_hash = config_hash(new)
+        self._set_config(new)
         self._mark_draining()
         for connection in self.connections:  # limits a reload just turned on count them too
             connection.count_under_new_limits()
@@ -286,7 +274,7 @@ class Runtime:
                 or (endpoint is not None and endpoint.draining)
             )
             if gone:
-                connection.start_draining(connection.route.drain_timeout)
+                connection.start_draining(connection.route.tunables.drain_timeout)
             else:
                 connection.stop_draining()
 
@@ -297,24 +285,24 @@ class Runtime:
                 return listener
         raise KeyError((service, port_index, kind))
 
+    def _set_config(self, config: Config) -> None:
+        self.config = config
+        self.config_hash = config_hash(config)
+        self.process.config_info = (self.config_hash,)
+
     def metrics_snapshot(self) -> Snapshot:
         snapshot = runtime_snapshot(
-            self.routes.values(),
-            self.connections,
-            self.process,
-            self.config_hash,
-            __version__,
-            self.health.stats,
+            self.routes.values(), self.connections, self.process, self.health.stats
         )
         if self.kubernetes is not None:
-            kubernetes_values(snapshot, self.kubernetes)
+            kubernetes_snapshot(snapshot, self.kubernetes)
         return snapshot
 
     def sync_health(self) -> None:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``
         and after every reload that changed a pool or a route's ``health_check``."""
         for route in self.routes.values():
-            self.health.sync(route.pool, route.health_check)
+            self.health.sync(route.pool, route.tunables.health_check)
 
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
@@ -329,7 +317,7 @@ class Runtime:
         """Shutdown phase 2: every connection may finish within its service's drainTimeout, and
         is closed then. Returns when none is left."""
         for connection in self.connections:
-            connection.start_draining(connection.route.drain_timeout)
+            connection.start_draining(connection.route.tunables.drain_timeout)
         await self.connections.wait_empty()
 
     def close_all(self, reason: str) -> None:

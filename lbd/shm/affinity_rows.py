@@ -134,4 +134,3 @@ class AffinityRows:
         _SEQ.pack_into(view, offset, (seq + 1) | 1)  # odd: being written
         _ENTRY.pack_into(view, offset, (seq + 1) | 1, route, client, slot, 0, first, last)
         _SEQ.pack_into(view, offset, ((seq + 1) | 1) + 1)
-

@@ -253,7 +253,7 @@ class ClusterState:
         build_config(alone, problems, self.options)
 
     def _reject(self, key: str, entry: _Entry, problems: list[str]) -> None:
-        self.stats.services_rejected += 1
+        self.stats.kubernetes_services_rejected_total += 1
         self.changed_at.pop(key, None)
         log.error(
             "kubernetes service update rejected",
@@ -272,7 +272,7 @@ class ClusterState:
             kept = [a for a in addresses if self._allowed(a)]
             for address in addresses:
                 if address not in kept:
-                    self.stats.service_ips_skipped += 1
+                    self.stats.kubernetes_service_ips_skipped_total += 1
                     log.warning(
                         "service IP not allowed, skipped",
                         service=converted.key,

@@ -47,6 +47,7 @@ SOURCE_ERRORS = (ApiError, *TRANSPORT_ERRORS)
 # A watch that ends sooner than this without an error still counts towards the backoff, so a
 # server that closes every stream at once is not hammered.
 SHORT_WATCH_S = 1.0
+_EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED", "BOOKMARK", "ERROR")  # WatchEvents' fields
 
 
 class Applied(Protocol):
@@ -131,7 +132,7 @@ class KubernetesSource:
                 if version is None:
                     items, version = await self._calls.list(resource)
                     if lists:
-                        _bump(self.stats.relists, resource.kind)
+                        self.stats.kind(resource.kind).kubernetes_relists_total += 1
                     lists += 1
                     self._reached_ok(resource)
                     self.state.replace(resource.kind, items)
@@ -164,7 +165,9 @@ class KubernetesSource:
         async for event in events:
             kind_type = str(event.get("type"))
             obj = event.get("object")
-            _bump(self.stats.events, (resource.kind, kind_type))
+            seen = self.stats.kind(resource.kind).kubernetes_watch_events_total
+            if kind_type in _EVENT_TYPES:
+                setattr(seen, kind_type, getattr(seen, kind_type) + 1)
             if kind_type == "ERROR":
                 raise status_error(obj)
             if not isinstance(obj, dict):
@@ -191,10 +194,11 @@ class KubernetesSource:
         recovered = self._failing.pop(resource.kind, None) is not None and not self._failing
         if recovered:
             log.info("kubernetes API reachable again", stale_s=self.stale_s())
-        self.stats.connected = not self._failing and self._reached.issuperset(KINDS)
+        connected = not self._failing and self._reached.issuperset(KINDS)
+        self.stats.kubernetes_connected = 1 if connected else 0
 
     def _failed(self, resource: Resource, error: BaseException) -> None:
-        _bump(self.stats.errors, resource.kind)
+        self.stats.kind(resource.kind).kubernetes_errors_total += 1
         text = f"{type(error).__name__}: {error}"[:300]
         if not self._failing:
             log.warning(
@@ -204,7 +208,7 @@ class KubernetesSource:
                 stale_s=self.stale_s(),
             )
         self._failing[resource.kind] = text
-        self.stats.connected = False
+        self.stats.kubernetes_connected = 0
 
     def stale_s(self) -> float | None:
         """Seconds since the API's state was last applied (None before the first time)."""
@@ -222,7 +226,7 @@ class KubernetesSource:
                 result = await self._apply_until_settled(self.apply)
             except Exception:  # the source must outlive any bug in a reload: log, count
                 log.exception("kubernetes sync failed")
-                _bump(self.stats.syncs, "failed")
+                self.stats.kubernetes_syncs_total.failed += 1
                 return None
             self._record(result)
             return result
@@ -238,21 +242,19 @@ class KubernetesSource:
         return result
 
     def _record(self, result: Applied) -> None:
-        _bump(self.stats.syncs, result.outcome)
+        syncs = self.stats.kubernetes_syncs_total
+        if result.outcome in ("applied", "unchanged", "failed"):
+            setattr(syncs, result.outcome, getattr(syncs, result.outcome) + 1)
         if result.outcome == "failed":
             return
-        self.stats.last_sync_time = time.time()
+        self.stats.kubernetes_last_sync_timestamp_seconds = time.time()
         if not self.stats.synced:
             self.stats.synced = True
             log.info("kubernetes state applied; ready", services=len(self.state.services))
         for seconds in self.state.applied():
-            self.stats.network_programming_seconds.observe(seconds)
+            self.stats.network_programming_duration_seconds.observe(seconds)
 
     async def reload_base(self, base: Obj) -> Applied | None:
         """The file changed (SIGHUP, the watcher, the admin API): apply with its new settings."""
         self.state.set_base(base)
         return await self.sync()
-
-
-def _bump(counter: dict[Any, int], key: Any) -> None:
-    counter[key] = counter.get(key, 0) + 1

@@ -1,0 +1,209 @@
+"""One UDP session: a client of one listener, bound to one endpoint through one connected socket.
+
+Client datagrams go out on the session's socket (``forward``); each reply leaves through the
+listener's socket from exactly the address and port the client sent to (``on_readable``). The
+session ends on idle timeout, when its endpoint leaves the eligible set, or on an ICMP error
+from the endpoint, so the client's next datagram picks again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from typing import Protocol
+
+import structlog
+
+from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.route import Route
+
+log = structlog.get_logger("lbd.udp")
+
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
+BATCH = 64  # datagrams read per wakeup: one busy socket cannot hold the loop for long
+# Per session: room for a few maximum-size datagrams, not more (65,536 sessions times this).
+SESSION_BUFFER = 256 * 1024
+# Errors a connected UDP socket reports for an ICMP error from its peer.
+ICMP_ERRNOS = frozenset(
+    {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE, errno.EPROTO}
+)
+
+Client = tuple[str, int] | tuple[str, int, int, int]
+Ancillary = list[tuple[int, int, bytes]]
+
+
+class SessionOwner(Protocol):
+    """What a session needs of its listener (``lbd.net.udp_listener.UdpListener``)."""
+
+    loop: asyncio.AbstractEventLoop
+    sock: socket.socket | None  # the listener socket replies leave through
+    view: memoryview  # the listener's receive buffer, shared by its sessions
+    sessions: dict[object, UdpSession]
+
+    @property
+    def route(self) -> Route: ...
+
+
+def connect_upstream(endpoint: UpstreamEndpoint) -> socket.socket:
+    sock = socket.socket(endpoint.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SESSION_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SESSION_BUFFER)
+        # Connected: the kernel filters replies to this endpoint and reports its ICMP errors.
+        sock.connect((endpoint.address, endpoint.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class UdpSession:
+    """One client of one listener, bound to one endpoint through one connected socket."""
+
+    __slots__ = (
+        "_timer",
+        "ancillary",
+        "client",
+        "closed",
+        "endpoint",
+        "header",
+        "key",
+        "last_activity",
+        "listener",
+        "sock",
+    )
+
+    def __init__(
+        self,
+        listener: SessionOwner,
+        key: object,
+        client: Client,
+        endpoint: UpstreamEndpoint,
+        sock: socket.socket,
+        ancillary: Ancillary | None,
+        header: bytes | None = None,
+    ) -> None:
+        self.listener = listener
+        # PROXY protocol v2 (proxyProtocol: v2): sent before every datagram, since each one may
+        # reach the endpoint on its own, as HAProxy's and AWS NLB's UDP proxies do.
+        self.header = header
+        self.key = key
+        self.client = client
+        self.endpoint = endpoint
+        self.sock = sock
+        self.ancillary = ancillary  # IP_PKTINFO for the reply's source (wildcard listeners)
+        self.closed = False
+        loop = listener.loop
+        self.last_activity = loop.time()
+        timeout = listener.route.tunables.udp_idle_timeout
+        self._timer = loop.call_at(self.last_activity + timeout, self._check_idle)
+
+    def forward(self, data: memoryview) -> bool:
+        """Send one client datagram to the endpoint. False: the session has ended (an earlier
+        ICMP error) and the datagram was not sent; the caller may open a new session."""
+        listener = self.listener
+        self.last_activity = listener.loop.time()
+        try:
+            if self.header is None:
+                self.sock.send(data)
+            elif len(self.header) + len(data) > MAX_DATAGRAM:
+                listener.route.stats.udp_errors_total.upstream_tx += 1  # no room for the header
+                return True
+            else:
+                self.sock.sendmsg([self.header, data])  # no copy to prepend it
+        except BlockingIOError:
+            listener.route.stats.udp_errors_total.upstream_tx += 1  # send buffer full: dropped
+            return True
+        except OSError as error:
+            self._upstream_error(error)
+            return self.closed is False
+        listener.route.stats.udp_upstream_datagrams_sent_total += 1
+        return True
+
+    def on_readable(self) -> None:
+        """Endpoint → client: each reply leaves through the listener socket."""
+        listener = self.listener
+        out = listener.sock
+        if self.closed or out is None:
+            return
+        view = listener.view
+        sock = self.sock
+        client = self.client
+        ancillary = self.ancillary
+        received = nbytes = sent = 0
+        for _ in range(BATCH):
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                self._upstream_error(error, reading=True)
+                break
+            received += 1
+            nbytes += n
+            try:
+                if ancillary is None:
+                    out.sendto(view[:n], client)
+                else:
+                    out.sendmsg([view[:n]], ancillary, 0, client)
+            except OSError:
+                # Full send buffer (EAGAIN, ENOBUFS) or the client vanished: this reply is
+                # dropped, as the network would; the session and listener go on.
+                listener.route.stats.udp_errors_total.downstream_tx += 1
+                continue
+            sent += 1
+        if received:
+            self.last_activity = listener.loop.time()
+            stats = listener.route.stats
+            stats.udp_upstream_datagrams_received_total += received
+            stats.udp_upstream_bytes_received_total += nbytes
+            stats.udp_downstream_datagrams_sent_total += sent
+
+    def _upstream_error(self, error: OSError, *, reading: bool = False) -> None:
+        stats = self.listener.route.stats
+        if error.errno in ICMP_ERRNOS:
+            # The endpoint (or the path to it) refused: end the session so the client's next
+            # datagram picks again, instead of pinning it to a dead endpoint until idle.
+            stats.udp_errors_total.upstream_icmp += 1
+            self.finish("upstream_unreachable")
+        elif reading:
+            # Any other receive error would repeat on every wakeup: end the session.
+            stats.udp_errors_total.upstream_rx += 1
+            self.finish("upstream_error")
+        else:
+            stats.udp_errors_total.upstream_tx += 1  # e.g. ENOBUFS or a firewall's EPERM: dropped
+
+    def _check_idle(self) -> None:
+        listener = self.listener
+        deadline = self.last_activity + listener.route.tunables.udp_idle_timeout
+        if listener.loop.time() >= deadline:
+            listener.route.stats.udp_sess_ended_total.idle_timeout += 1
+            self.finish("idle_timeout")
+        else:
+            self._timer = listener.loop.call_at(deadline, self._check_idle)
+
+    def finish(self, reason: str) -> None:
+        """End the session once: stop reading, close the socket, release the endpoint."""
+        if self.closed:
+            return
+        self.closed = True
+        listener = self.listener
+        self._timer.cancel()
+        listener.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        if listener.sessions.get(self.key) is self:
+            del listener.sessions[self.key]
+        route = listener.route
+        route.pool.release(self.endpoint)
+        route.stats.udp_sess_active -= 1
+        if route.tunables.access_log:
+            log.info(
+                "udp session closed",
+                service=f"{route.namespace}/{route.service}",
+                port=route.port_name,
+                client=f"{self.client[0]}:{self.client[1]}",
+                endpoint=str(self.endpoint),
+                end=reason,
+            )
