@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
@@ -22,6 +23,14 @@ def pytest_asyncio_loop_factories(
     if module in BOTH_LOOPS_MODULES:
         return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _not_under_systemd() -> None:
+    # A runner started by systemd passes its notification socket on: lbd processes started by
+    # tests would report READY/STOPPING for the runner's own unit. Tests set their own.
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(autouse=True, scope="session")

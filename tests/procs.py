@@ -90,10 +90,11 @@ async def lbd_process(
     *extra: str,
     max_files: int | None = None,
     wrapper: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[LbdProcess]:
     """``max_files`` sets both RLIMIT_NOFILE limits of the child (lbd raises soft to hard).
     ``wrapper`` runs lbd through a command that execs it (``ip netns exec NS``), so the PID
-    is still lbd's."""
+    is still lbd's. ``env`` is added to this process's environment."""
 
     def limit_files() -> None:
         if max_files is not None:
@@ -112,7 +113,7 @@ async def lbd_process(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         preexec_fn=limit_files if max_files is not None else None,
     )
     lbd = LbdProcess(process)

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hashlib
+import inspect
 import itertools
 import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lbd.admin.client import AdminTarget
 from lbd.admin.server import AdminServer, ReloadHook
@@ -35,6 +38,15 @@ def dead_port(address: str) -> int:
     with socket.socket() as sock:
         sock.bind((address, 0))
         return int(sock.getsockname()[1])
+
+
+def lbd_command(argv: list[str]) -> argparse.Namespace:
+    """A command line that runs lbd (its first word is the ``lbd`` program), as ``lbd`` would
+    read it: argparse's error (SystemExit) if lbd would refuse it."""
+    from lbd.cli import build_parser
+
+    assert Path(argv[0]).name == "lbd", argv
+    return build_parser().parse_args(argv[1:])
 
 
 def config(yaml_text: str) -> Config:
@@ -178,10 +190,8 @@ async def echo_backend(
 async def close_transports(transports: set[asyncio.BaseTransport]) -> None:
     """Let connections that are finishing finish, then abort the rest, so no transport
     outlives its test (warnings are errors)."""
-    for _ in range(100):
-        if not transports:
-            break
-        await asyncio.sleep(0.005)
+    with contextlib.suppress(AssertionError):  # what has not finished by then is aborted
+        await until(lambda: not transports, 0.5)
     for transport in list(transports):
         transport.abort()  # type: ignore[attr-defined]
     await settle()
@@ -350,16 +360,26 @@ async def admin_running(
 
 
 async def until(
-    predicate: Callable[[], bool], timeout: float = 5.0, step: float = 0.005, what: str = ""
+    predicate: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 5.0,
+    step: float = 0.005,
+    what: str = "",
 ) -> float:
-    """Wait until ``predicate()`` holds (checked every ``step``); returns the seconds it took.
-    For lbd state with no event to wait on (a counter, a checker's verdict reaching a pool)."""
+    """Wait until ``predicate()`` holds (checked every ``step``; it may be a coroutine
+    function, e.g. a scrape); returns the seconds it took. The one wait for lbd state with no
+    event to wait on: a counter, a checker's verdict reaching a pool, another process's
+    metrics. Fails the test with ``what`` after ``timeout``."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+
+    async def holds() -> bool:
+        verdict = predicate()
+        return bool(await verdict) if inspect.isawaitable(verdict) else bool(verdict)
+
     try:
         async with asyncio.timeout(timeout):
             # Polling on purpose: the state has no event (see the docstring).
-            while not predicate():  # noqa: ASYNC110
+            while not await holds():  # noqa: ASYNC110
                 await asyncio.sleep(step)
     except TimeoutError:
         raise AssertionError(

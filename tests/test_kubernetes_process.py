@@ -14,6 +14,7 @@ from tests.kubeapi import FakeApiServer, fake_api_server, kubeconfig
 from tests.kubelbd import NODE, same_port_backends
 from tests.procs import lbd_process, run_cli
 from tests.support import echo_backend, fresh_ip, read_name
+from tests.test_sdnotify import notify_socket
 
 pytestmark = pytest.mark.slow
 SERVICE_PORT = 8080
@@ -122,3 +123,21 @@ async def test_run_kubernetes_refuses_what_it_cannot_use(tmp_path: Path) -> None
     config.write_text("apiVersion: lbd/v1\nsource: kubernetes\nservices: []\n")
     code, _, err = await run_cli("run", str(config))
     assert code == 1 and "services: with source: kubernetes" in err, err
+
+
+async def test_under_systemd_ready_waits_for_the_first_sync(tmp_path: Path) -> None:
+    async with same_port_backends(1) as (hosts, port), fake_api_server() as api:
+        [ip] = cluster(api, 1, hosts, port)
+        api.held["Node"] = asyncio.Event()  # nothing can be applied yet
+        config, kube = files(tmp_path, api)
+        address = str(tmp_path / "notify")
+        async with notify_socket(address) as systemd:
+            env = {"NOTIFY_SOCKET": address}
+            async with lbd_process(config, "--kubeconfig", str(kube), env=env) as lbd:
+                await lbd.wait_event("lbd started")
+                await asyncio.sleep(0.3)  # a while with lists answered but Node's held
+                systemd.read()
+                assert systemd.matching("READY=1") == []  # serving nothing yet: not ready
+                api.held["Node"].set()
+                await systemd.wait_for("READY=1")
+                assert (await read_name(ip, SERVICE_PORT)).startswith("backend-")

@@ -43,6 +43,7 @@ from tests.support import (
     service_yaml,
     udp_client,
     udp_echo_backend,
+    until,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -335,10 +336,7 @@ async def test_health_limits_and_refusals_are_exported() -> None:
     async with admin_running(config(text)) as (runtime, target):
         route = next(iter(runtime.routes.values()))
         endpoint = route.pool.members[0]
-        for _ in range(200):
-            if not endpoint.healthy:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: not endpoint.healthy, what="the check to fail")
         series = await scrape(target)
     e = labels(endpoint=str(endpoint))
     assert series[("lbd_endpoint_healthy", e)] == 0

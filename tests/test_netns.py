@@ -9,24 +9,18 @@ loadBalancerSourceRanges judging a client that is not 127.x. Root only (CI runs 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.netns import can_make_namespaces, joined_namespaces, output_in, server_in
 from tests.procs import lbd_process
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(
-        os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and ip (iproute2)"
-    ),
+    pytest.mark.skipif(not can_make_namespaces(), reason="needs root and ip (iproute2)"),
 ]
 
 NODE_IP, CLIENT_IP = "10.200.77.1", "10.200.77.2"
@@ -113,59 +107,22 @@ class Namespaces:
 
 @pytest.fixture
 def namespaces() -> Iterator[Namespaces]:
-    tag = str(os.getpid() % 100000)
-    node, client = f"lbd{tag}n", f"lbd{tag}c"
-    node_end, client_end = f"lv{tag}n", f"lv{tag}c"
-    steps = [
-        ["ip", "netns", "add", node],
-        ["ip", "netns", "add", client],
-        ["ip", "link", "add", node_end, "type", "veth", "peer", "name", client_end],
-        ["ip", "link", "set", node_end, "netns", node],
-        ["ip", "link", "set", client_end, "netns", client],
-        ["ip", "-n", node, "addr", "add", f"{NODE_IP}/24", "dev", node_end],
-        ["ip", "-n", node, "addr", "add", f"{NODE_IP_2}/24", "dev", node_end],
-        ["ip", "-n", client, "addr", "add", f"{CLIENT_IP}/24", "dev", client_end],
-        *(
-            ["ip", "-n", ns, "link", "set", dev, "up"]
-            for ns, dev in ((node, "lo"), (node, node_end), (client, "lo"), (client, client_end))
-        ),
-    ]
-    try:
-        for argv in steps:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-            if done.returncode != 0:
-                pytest.skip(f"no network namespaces here ({' '.join(argv)}: {done.stderr.strip()})")
+    node_addresses = [f"{NODE_IP}/24", f"{NODE_IP_2}/24"]
+    with joined_namespaces(("n", "c"), (node_addresses, [f"{CLIENT_IP}/24"])) as (node, client):
         yield Namespaces(node, client)
-    finally:
-        # Deleting a namespace deletes its end of the veth pair, and so the pair.
-        for ns in (node, client):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
 
 
 async def test_nodeport_and_source_ranges_on_a_real_interface(
     namespaces: Namespaces, tmp_path: Path
 ) -> None:
     backend_code = BACKEND.format(tcp=TCP_PORT, udp=UDP_PORT)
-    backend = await asyncio.create_subprocess_exec(
-        *namespaces.exec(namespaces.node, sys.executable, "-c", backend_code),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    try:
-        assert backend.stdout is not None
-        assert await asyncio.wait_for(backend.stdout.readline(), 10) == b"ready\n"
+    async with server_in(namespaces.node, backend_code):
         config = tmp_path / "lbd.yaml"
         config.write_text(CONFIG)
         async with lbd_process(config, wrapper=namespaces.exec(namespaces.node)) as lbd:
             await lbd.wait_event("lbd started", timeout=20)
             client_code = CLIENT.format(node=NODE_IP, second=NODE_IP_2)
-            client = await asyncio.create_subprocess_exec(
-                *namespaces.exec(namespaces.client, sys.executable, "-c", client_code),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            out, err = await asyncio.wait_for(client.communicate(), 60)
-            assert client.returncode == 0, err.decode()
-            assert out.decode().splitlines() == [
+            assert await output_in(namespaces.client, client_code) == [
                 "nodeport-tcp backend",
                 "nodeport-tcp-2 backend",
                 "nodeport-udp backend ping",  # from NODE_IP_2:30053, or the socket drops it
@@ -174,7 +131,3 @@ async def test_nodeport_and_source_ranges_on_a_real_interface(
             ]
             lbd.signal()
             assert await lbd.wait_exit() == 0
-    finally:
-        if backend.returncode is None:
-            backend.kill()  # ours, by PID
-        await backend.wait()

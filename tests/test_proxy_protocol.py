@@ -201,7 +201,10 @@ async def test_a_trusted_header_sets_the_client_and_is_passed_on() -> None:
             header = build_v2(("203.0.113.7", 4444), ("198.51.100.1", 443))
             # The header may arrive in pieces.
             _, writer, _ = await send_from(proxy_ip, host, port, header[:10])
-            await asyncio.sleep(0.05)
+            await until(
+                lambda: any(c.header and c.header.buffer for c in runtime.connections),
+                what="the first piece to be read",
+            )
             writer.write(header[10:] + b"payload")
             await until(lambda: seen.endswith(b"payload"), 5)
             connection = next(iter(runtime.connections))

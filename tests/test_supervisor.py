@@ -21,6 +21,7 @@ from tests.support import (
     fresh_ip,
     read_name,
     service_yaml,
+    until,
 )
 
 pytestmark = pytest.mark.slow
@@ -179,12 +180,12 @@ async def test_max_connections_is_global_across_workers(tmp_path: Path) -> None:
                         writer.close()
                 assert (len(held), refused, stats.open) == (3, 7, 3)
                 held.pop().close()  # one ends: its slot is free for the next, in any worker
-                for _ in range(100):  # the supervisor sums the workers' metrics (bounded wait)
-                    if await metric(target, "lbd_downstream_cx_active") == 2:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    pytest.fail("the ended connection was never released")
+
+                # The supervisor sums the workers' metrics.
+                async def released() -> bool:
+                    return await metric(target, "lbd_downstream_cx_active") == 2
+
+                await until(released, 5, 0.05, what="the ended connection to be released")
                 assert await read_name(host, port) == "b1"
             finally:
                 for writer in held:
@@ -314,12 +315,13 @@ async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: P
             path.write_text(with_workers(document(service_yaml("svc", [(bh, bp)], cluster_ip=ip))))
             lbd.signal(signal.SIGHUP)
             await lbd.wait_event("config reloaded", timeout=10)
-            for _ in range(200):
+
+            async def late() -> bool:
                 with contextlib.suppress(ConnectionResetError):
-                    if await read_name(host, port) == "late":
-                        break
-                await asyncio.sleep(0.01)
-            assert await read_name(host, port) == "late"
+                    return await read_name(host, port) == "late"
+                return False
+
+            await until(late, 2, 0.01, what="every worker to serve the new endpoint")
         lbd.signal(signal.SIGTERM)
         assert await lbd.wait_exit(timeout=20) == 0
 

@@ -324,11 +324,7 @@ async def test_100_concurrent_clients() -> None:
             counts = Counter(name for name, _ in results)
             assert sum(counts.values()) == 100 and len(counts) == 3
             assert route_of(runtime).stats.downstream_cx_total == 100
-            for _ in range(100):
-                if not runtime.connections:
-                    break
-                await asyncio.sleep(0.01)
-            assert len(runtime.connections) == 0
+            await until(lambda: not runtime.connections, 1, what="every connection to end")
             assert all(ep.active == 0 for ep in route_of(runtime).pool.members)
 
 
@@ -356,10 +352,7 @@ async def test_client_reset_reaches_the_backend_as_a_reset() -> None:
             host, port = address_of(runtime)
             sock = socket.create_connection((host, port))
             sock.sendall(b"x")
-            for _ in range(200):
-                if stats.received:
-                    break
-                await asyncio.sleep(0.005)
+            await until(lambda: stats.received > 0, what="the byte to reach the backend")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             await asyncio.wait_for(stats.closed.wait(), 5)
@@ -417,11 +410,7 @@ async def test_connections_release_their_endpoint_counts() -> None:
             assert endpoint.active == 5
             for writer in writers:
                 writer.close()
-            for _ in range(200):
-                if endpoint.active == 0:
-                    break
-                await asyncio.sleep(0.005)
-            assert endpoint.active == 0
+            await until(lambda: endpoint.active == 0, 1, what="the endpoint to be released")
 
 
 async def test_both_halves_use_tcp_nodelay() -> None:

@@ -91,6 +91,13 @@ class KubeMode:
         self._requests = ReloadRequests()
         source.apply = self.apply
 
+    def when_synced(self, ready: Callable[[], None]) -> None:
+        """Call ``ready`` once the API's first full state is applied (systemd's READY=1)."""
+        if self.source.stats.synced:
+            ready()
+        else:
+            self.source.on_synced = ready
+
     async def apply(self, data: bytes) -> ReloadResult:
         return await self._apply("kubernetes", data)
 

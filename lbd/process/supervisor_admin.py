@@ -19,7 +19,8 @@ from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
-from lbd.process.messages import AdminReply, AdminRequest
+from lbd.process.messages import AdminReply, AdminRequest, SocketKey
+from lbd.process.sdnotify import ServiceNotifier
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
 from lbd.sources.kubernetes import KubernetesSource
@@ -77,6 +78,7 @@ async def serve_supervised(
     With ``kubernetes`` the services come from that source, applied through the fan-out."""
     config = supervisor.config
     reloads = supervisor.reloads
+    kube: KubeMode | None = None
     if kubernetes is not None:
         await kubernetes.open()  # SourceError: no client library or configuration
 
@@ -93,7 +95,9 @@ async def serve_supervised(
             config.admin, SupervisorBackend(supervisor), admin_reload(reloads.reload)
         )
     admin_sock = restart.take_admin()  # before start() closes what it did not take
+    systemd = ServiceNotifier.from_environment()
     try:
+        systemd.start(supervisor.stopping, lambda: restart.handed_off)
         await supervisor.start()
         if admin is not None:
             try:
@@ -109,12 +113,16 @@ async def serve_supervised(
             admin=admin.bound if admin is not None else None,
         )
 
-        def sockets() -> dict[tuple[object, ...], socket.socket]:
+        def sockets() -> dict[SocketKey, socket.socket]:
             handed = supervisor.listening.handoff()
             if admin is not None and admin.sock is not None:
                 handed[ADMIN_KEY] = admin.sock
             return handed
 
+        if kube is not None:
+            kube.when_synced(systemd.ready)  # ready once the API's state is applied
+        else:
+            systemd.ready()  # every worker serves: start() waited for each
         restart.serving(sockets, supervisor.stopping.set)
         following = asyncio.create_task(kubernetes.run()) if kubernetes is not None else None
         try:
@@ -124,6 +132,7 @@ async def serve_supervised(
                 following.cancel()
                 await asyncio.gather(following, return_exceptions=True)
     finally:
+        systemd.close()
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)

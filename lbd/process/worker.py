@@ -21,6 +21,7 @@ from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
+from lbd.process.sdnotify import ServiceNotifier
 from lbd.runtime.reload import Reloader, ReloadResult
 from lbd.runtime.runtime import Runtime
 from lbd.sources.file import watch_config
@@ -29,6 +30,7 @@ from lbd.sources.kubernetes import KubernetesSource
 log = structlog.get_logger("lbd.process.worker")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WATCH_START_TIMEOUT_S = 10.0
 # Loop turns between closing the listeners and counting the connections left (see shutdown).
 ACCEPTED_SETTLE_TURNS = 3
 
@@ -93,7 +95,9 @@ async def serve(
         reload = admin_reload(control.reload) if control else None
         admin = AdminServer(config.admin, runtime, reload)
     background: list[asyncio.Task[None]] = []
+    systemd = ServiceNotifier.from_environment(enabled=admin_api)  # not in supervised workers
     try:
+        systemd.start(state.should_exit, lambda: restart.handed_off)
         await runtime.start()
         if admin is not None:
             try:
@@ -113,11 +117,17 @@ async def serve(
             background.append(asyncio.create_task(control.run()))
             if watch:
                 on_change = functools.partial(control.request, "file")
-                background.append(
-                    asyncio.create_task(watch_config(source[0], on_change, state.should_exit))
-                )
+                watching = asyncio.Event()
+                watcher = watch_config(source[0], on_change, state.should_exit, watching)
+                background.append(asyncio.create_task(watcher))
+                # Serving includes seeing the next edit: the watch is in place before "ready".
+                await asyncio.wait_for(watching.wait(), WATCH_START_TIMEOUT_S)
         if ready is not None:
             await ready(runtime)
+        if isinstance(control, KubeMode):
+            control.when_synced(systemd.ready)  # ready once the API's state is applied
+        else:
+            systemd.ready()
         restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
         await state.should_exit.wait()
         if restart.handed_off and admin is not None:
@@ -127,6 +137,7 @@ async def serve(
         await asyncio.gather(*background, return_exceptions=True)
         await shutdown(runtime, state)
     finally:
+        systemd.close()
         restart.close()
         if admin is not None:
             await admin.stop(unlink=not restart.handed_off)

@@ -89,6 +89,7 @@ class KubernetesSource:
             base, load_options, options.settings.allowed_service_ips, self.stats
         )
         self.apply: ApplyFn | None = None  # set by whoever runs it (a runtime or a supervisor)
+        self.on_synced: Callable[[], None] | None = None  # once, after the first apply
         self.runner = BoundedRunner(self.sync, options.settings.min_sync_period)
         self._client: Any = None
         self._calls: ApiCalls | None = None
@@ -251,6 +252,8 @@ class KubernetesSource:
         if not self.stats.synced:
             self.stats.synced = True
             log.info("kubernetes state applied; ready", services=len(self.state.services))
+            if self.on_synced is not None:
+                self.on_synced()
         for seconds in self.state.applied():
             self.stats.network_programming_duration_seconds.observe(seconds)
 
