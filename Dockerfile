@@ -9,8 +9,9 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY lbd ./lbd
-# A wheel of lbd and of every dependency (all have binary wheels: no compiler in slim).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# A wheel of lbd and of every dependency (all have binary wheels: no compiler in slim), with
+# the kubernetes extra: the DaemonSet runs `source: kubernetes`.
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[kubernetes]"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -9,10 +9,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from lbd import __version__
 from lbd.config import Config, ConfigError, listeners_of, load_text
+from lbd.config.kubesource import kubernetes_arguments
 from lbd.config.loader import LoadOptions
 from lbd.config.yamlfile import read_config_file
 from lbd.net.loops import LOOP_FACTORIES, LoopName
@@ -54,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     run = commands.add_parser("run", help="serve the services of a config file")
-    run.add_argument("config", help="path to the lbd/v1 YAML config or Kubernetes manifests")
+    run.add_argument("config", nargs="?", help="lbd/v1 config or manifests (or --kubernetes)")
     with_node_options(run)
+    kubernetes_arguments(run)
     run.add_argument("--pid-file", help="write the process id here (for `lbd reload`)")
     run.add_argument(
         "--no-watch", action="store_true", help="reload only on SIGHUP, not when the file changes"
@@ -165,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "endpoint" and (args.weight is None) == (args.action == "weight"):
         parser.error("a weight is given with 'weight', and only with it")
+    if args.command == "run" and args.config is None and not args.kubernetes:
+        parser.error("give a config file, or --kubernetes")
     options = LoadOptions(getattr(args, "node_name", None), getattr(args, "proxy_name", None))
     if args.command == "convert":
         return convert(args.config, options)
@@ -190,19 +194,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(path: str, options: LoadOptions | None = None) -> Config | None:
-    loaded = _load_with_bytes(path, options)
-    return loaded[0] if loaded else None
-
-
-def _load_with_bytes(path: str, options: LoadOptions | None = None) -> tuple[Config, bytes] | None:
     try:
-        data = read_config_file(path)
-        return load_text(data, path, options), data
+        return load_text(read_config_file(path), path, options)
     except ConfigError as error:
-        print(f"{path}: {_plural(len(error.problems), 'problem')}", file=sys.stderr)
-        for problem in error.problems:
-            print(str(problem), file=sys.stderr)
+        _print_problems(path, error)
         return None
+
+
+def _print_problems(label: str, error: ConfigError) -> int:
+    heading = f"{label}: {_plural(len(error.problems), 'problem')}"
+    print(heading, *map(str, error.problems), sep="\n", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
@@ -254,6 +256,8 @@ def check(path: str, options: LoadOptions | None = None) -> int:
     )
     skipped = f"; {_plural(len(config.skipped), 'service')} skipped" if config.skipped else ""
     print(f"{path}: ok: {counts} (node {config.node.name}){skipped}")
+    for warning in config.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -301,14 +305,17 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.admin.server import AdminError
     from lbd.config.admin import workers_count
     from lbd.process.handoff import HandoffError
+    from lbd.process.kube_mode import SourceError, kubernetes_mode
     from lbd.process.supervisor import StartError
     from lbd.runtime.runtime import ListenerError
 
     path, loop, pid_file = args.config, args.loop, args.pid_file
-    loaded = _load_with_bytes(path, options)
-    if loaded is None:
-        return EXIT_CONFIG
-    config, data = loaded
+    try:  # a file, or lbd run --kubernetes, or a file with source: kubernetes
+        data = read_config_file(path) if path is not None else None
+        loaded = load_text(data, path, options) if data is not None else None
+        config, data, args.source = kubernetes_mode(args, loaded, data, options)
+    except ConfigError as error:
+        return _print_problems(path or "lbd run --kubernetes", error)
     workers = config.workers
     if args.workers is not None:
         try:
@@ -321,8 +328,8 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
             return runner.run(_serve(args, config, data, workers, options))
-    except (ListenerError, AdminError, StartError, HandoffError) as error:
-        print(f"{path}: {error}", file=sys.stderr)
+    except (ListenerError, AdminError, StartError, HandoffError, SourceError) as error:
+        print(f"{path or 'lbd run --kubernetes'}: {error}", file=sys.stderr)
         return EXIT_START
     finally:
         if pid_file:
@@ -347,7 +354,8 @@ async def _serve(
 ) -> int:
     from lbd.process.handoff import Restart, take_over
 
-    source, watch = (args.config, data), not args.no_watch
+    kubernetes = args.source  # lbd run --kubernetes: opened by serve()
+    source, watch = (args.config or "<kubernetes>", data), not args.no_watch and args.config
     restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
     takeover = await take_over(args.takeover) if args.takeover else None
     restart = Restart(restart_path, takeover)
@@ -355,7 +363,8 @@ async def _serve(
         if workers == 1:
             from lbd.process.worker import serve
 
-            return await serve(config, source=source, watch=watch, restart=restart, options=options)
+            more: dict[str, Any] = {"restart": restart, "kubernetes": kubernetes}
+            return await serve(config, source=source, watch=watch, options=options, **more)
         from lbd.process.supervisor import Supervisor
         from lbd.process.supervisor_admin import serve_supervised
 
@@ -369,7 +378,9 @@ async def _serve(
             inherited=restart.inherited,
             options=options,
         )
-        return await serve_supervised(supervisor, watch=watch, restart=restart)
+        return await serve_supervised(
+            supervisor, watch=watch, restart=restart, kubernetes=kubernetes
+        )
     finally:
         restart.close()
 

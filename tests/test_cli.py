@@ -53,16 +53,31 @@ async def test_check_bad_config_lists_every_problem_and_exits_1(tmp_path: Path) 
         "apiVersion: lbd/v1\nservices:\n"
         "  - name: web\n    clusterIP: 127.96.0.10\n    ports: [{port: 80, targetPort: htp}]\n"
         "    endpoints: [{address: 127.0.1.2, ports: {http: 8080}}]\n"
-        "    strategy: fastest\n",
+        "    strategy: fastest\n    maxConnections: 0\n",
     )
     code, out, err = await run_cli("check", str(path))
-    assert code == 1 and out == ""
+    assert code == 1 and out == "", err
     assert err.splitlines() == [
         f"{path}: 2 problems",
-        'services[0].ports[0].targetPort: endpoint 127.0.1.2 has no port named "htp"',
         "services[0].strategy: must be one of random, round-robin, least-connection, maglev, source-hash, got 'fastest'",
+        "services[0].maxConnections: must be between 1 and 10000000, got 0",
     ]
     assert "Traceback" not in err
+
+
+async def test_check_warns_of_a_port_no_endpoint_serves_and_exits_0(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "apiVersion: lbd/v1\nservices:\n"
+        "  - name: web\n    clusterIP: 127.96.0.10\n    ports: [{port: 80, targetPort: htp}]\n"
+        "    endpoints: [{address: 127.0.1.2, ports: {http: 8080}}]\n",
+    )
+    code, out, err = await run_cli("check", str(path))
+    assert code == 0 and out.startswith(f"{path}: ok: 1 service"), err
+    assert err.splitlines() == [
+        f'{path}: warning: default/web port 80: no endpoint has a port named "htp"; '
+        "connections to it are refused"
+    ]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from lbd.config import ConfigError, load_file, load_text
 from lbd.config.durations import parse_duration
 from lbd.config.errors import FieldError
 from lbd.config.model import listeners_of
+from lbd.config.routes import route_specs
 from lbd.config.yamlfile import MAX_CONFIG_BYTES
 
 GOOD = """
@@ -234,14 +235,31 @@ def test_node_port_on_cluster_ip_service_and_lb_ips_on_node_port_service() -> No
     ]
 
 
-def test_named_target_port_missing_on_an_endpoint() -> None:
+def test_a_service_port_uses_only_the_endpoints_that_carry_its_target_port() -> None:
+    # Kubernetes: a pod without the named port is not an endpoint of that service port
+    # (issue 12: this was an error that rejected the whole config).
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n"
+        "  ports: [{name: web, port: 80, targetPort: http}, {name: m, port: 81, targetPort: metrics}]\n"
+        "  endpoints:\n  - {address: 127.0.1.1, ports: {http: 8080}}\n"
+        "  - {address: 127.0.1.2, ports: {metrics: 9090}}\n"
+    )
+    config = load_text(text)
+    targets = {key[1]: [t[:2] for t in spec.targets] for key, spec in route_specs(config).items()}
+    assert targets == {"web": [("127.0.1.1", 8080)], "m": [("127.0.1.2", 9090)]}
+    assert config.warnings == ()
+
+
+def test_a_port_no_endpoint_serves_is_a_warning_not_an_error() -> None:
     text = with_service(
         "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 80, targetPort: htp}]\n"
-        "  endpoints:\n  - {address: 127.0.1.1, ports: {htp: 8080}}\n  - {address: 127.0.1.2, ports: {http: 8080}}\n"
+        "  endpoints:\n  - {address: 127.0.1.2, ports: {http: 8080}}\n"
     )
-    assert problems_of(text) == [
-        'services[0].ports[0].targetPort: endpoint 127.0.1.2 has no port named "htp"'
-    ]
+    config = load_text(text)
+    assert route_specs(config)[("default/a", "80")].targets == ()
+    assert config.warnings == (
+        'default/a port 80: no endpoint has a port named "htp"; connections to it are refused',
+    )
 
 
 def test_port_names_required_and_unique_with_several_ports() -> None:
@@ -279,13 +297,61 @@ def test_names_must_be_dns_labels_and_weights_non_negative() -> None:
     ]
 
 
-def test_duplicate_endpoint() -> None:
+def test_an_address_listed_twice_has_the_union_of_its_ports() -> None:
     text = with_service(
-        "- {name: a, clusterIP: 127.0.0.9, ports: [{port: 1}], endpoints: [127.0.0.1, 127.0.0.1]}\n"
+        "- name: a\n  clusterIP: 127.0.0.9\n"
+        "  ports: [{name: a, port: 1, targetPort: a}, {name: b, port: 2, targetPort: b}]\n"
+        "  endpoints:\n  - {address: 127.0.1.1, ports: {a: 10}}\n  - 127.0.1.2\n"
+        "  - {address: 127.0.1.1, ports: {b: 20}}\n  - 127.0.1.2\n"
+    )
+    [service] = load_text(text).services
+    assert [(e.address, e.ports) for e in service.endpoints] == [
+        ("127.0.1.1", (("a", 10), ("b", 20))),
+        ("127.0.1.2", ()),
+    ]
+
+
+def test_an_address_listed_twice_must_agree_on_numbers_weight_and_conditions() -> None:
+    text = with_service(
+        "- name: a\n  clusterIP: 127.0.0.9\n  ports: [{port: 1, targetPort: a}]\n"
+        "  endpoints:\n  - {address: 127.0.1.1, ports: {a: 10}}\n"
+        "  - {address: 127.0.1.1, ports: {a: 11}}\n  - {address: 127.0.1.1, weight: 2}\n"
     )
     assert problems_of(text) == [
-        "services[0].endpoints[1]: duplicate endpoint 127.0.0.1 (first at services[0].endpoints[0])"
+        "services[0].endpoints[1].ports.a: 127.0.1.1 has port a = 10 at services[0].endpoints[0], "
+        "here 11",
+        "services[0].endpoints[2]: 127.0.1.1 is listed at services[0].endpoints[0] with another "
+        "weight or other conditions; an address listed twice only adds ports",
     ]
+
+
+def test_dual_stack_cluster_ips_listen_on_both_families() -> None:
+    text = with_service(
+        "- {name: a, clusterIPs: [127.0.0.9, '::1'], ports: [{port: 80}], endpoints: [127.0.1.1]}\n"
+    )
+    config = load_text(text)
+    [service] = config.services
+    assert service.cluster_ip == "127.0.0.9"
+    addresses = [spec.address for spec in listeners_of(service, config.node)]
+    assert addresses == ["127.0.0.9", "::1"]
+
+
+@pytest.mark.parametrize(
+    ("ips", "problem"),
+    [
+        (
+            "clusterIP: 127.0.0.9, clusterIPs: ['::1', 127.0.0.9]",
+            "services[0].clusterIPs: the first address must be clusterIP (127.0.0.9)",
+        ),
+        (
+            "clusterIPs: [127.0.0.9, 127.0.0.8]",
+            "services[0].clusterIPs: at most two addresses, one IPv4 and one IPv6",
+        ),
+        ("clusterIPs: []", "services[0].clusterIP: required"),
+    ],
+)
+def test_bad_cluster_ips(ips: str, problem: str) -> None:
+    assert problems_of(with_service(f"- {{name: a, {ips}, ports: [{{port: 80}}]}}\n")) == [problem]
 
 
 def test_missing_required_fields() -> None:
@@ -539,3 +605,17 @@ def test_node_address_management() -> None:
         "node.manageAddresses: expected true or false, got 'yes please'",
         "node.syncPeriod: must be greater than 0",
     ]
+
+
+def test_a_json_document_is_read_as_json_with_the_same_checks() -> None:
+    # The Kubernetes source hands reloads JSON: parsed by json, fifty times faster than YAML.
+    text = '{"apiVersion": "lbd/v1", "services": [{"name": "a", "clusterIP": "127.0.0.9", "ports": [{"port": 1}]}]}'
+    assert [s.key for s in load_text(text).services] == ["default/a"]
+    assert problems_of('{"apiVersion": "lbd/v1", "workers": 1, "workers": 2}') == [
+        "<test>: duplicate key 'workers'"
+    ]
+    assert problems_of('{"apiVersion": "lbd/v1", "workers": 1' + "0" * 5000 + "}")[0].startswith(
+        "<test>: invalid JSON: Exceeds the limit"
+    )
+    # a YAML flow mapping is not JSON: the YAML parser reads it
+    assert load_text("{apiVersion: lbd/v1, services: []}").services == ()

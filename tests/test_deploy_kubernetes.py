@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from lbd.config import ConfigError, load_text
+from lbd.config import load_text
 from tests.netns import can_make_namespaces, joined_namespaces, output_in, server_in
 from tests.procs import lbd_process
 from tests.support import lbd_command
@@ -130,13 +130,11 @@ def test_daemonset_runs_on_every_node_in_its_network() -> None:
         assert lbd[probe]["httpGet"] == {"host": host, "path": path, "port": "admin"}
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ConfigError, reason="`source: kubernetes` comes with the API watcher"
-)
 def test_daemonset_config_loads() -> None:
     docs = documents("daemonset.yaml")
     daemonset = one(docs, "DaemonSet")
-    load_text(mounted_config(daemonset, docs, container(daemonset, "lbd")), "lbd.yaml")
+    config = load_text(mounted_config(daemonset, docs, container(daemonset, "lbd")), "lbd.yaml")
+    assert config.source == "kubernetes" and config.services == ()
 
 
 def test_sidecar_fronts_its_app_with_probes_on_the_admin_api() -> None:

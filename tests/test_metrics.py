@@ -14,7 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbd.admin.client import AdminTarget
-from lbd.observability.metrics import METRICS, SCOPE_LABELS
+from lbd.observability.metric_spec import SCOPE_LABELS
+from lbd.observability.metrics import METRICS
 from lbd.observability.snapshot import (
     Snapshot,
     SnapshotCollector,
@@ -27,6 +28,8 @@ from lbd.observability.stats import (
     Buckets,
     EndpointStats,
     HealthStats,
+    KubernetesKindStats,
+    KubernetesStats,
     NodeAddressStats,
     ProcessStats,
     RouteStats,
@@ -191,6 +194,8 @@ SCOPE_STATS = {
     "process": ProcessStats,
     "supervisor": SupervisorStats,
     "node": NodeAddressStats,
+    "kubernetes": KubernetesStats,
+    "kubernetes_kind": KubernetesKindStats,
 }
 
 

@@ -36,7 +36,9 @@ class LocalBackend:
 
     @property
     def ready(self) -> bool:
-        return self.runtime.ready
+        """Serving; with ``--kubernetes``, also after the API's first full state is applied."""
+        source = self.runtime.kubernetes
+        return self.runtime.ready and (source is None or source.synced)
 
     @property
     def config(self) -> Config:

@@ -13,17 +13,17 @@ endpoint lists the numbers its slices gave it.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
-import re
 import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-import structlog
-
 from lbd.config import fields as f
+from lbd.config.annotations import read_annotations
 from lbd.config.errors import ConfigError, FieldError
-
-log = structlog.get_logger("lbd.config")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -67,7 +67,6 @@ SLICE_ENDPOINT_KEYS = (
     "hostname",
     "deprecatedTopology",
 )
-_PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
 def is_manifest(documents: list[object]) -> bool:
@@ -76,40 +75,45 @@ def is_manifest(documents: list[object]) -> bool:
 
 
 def manifests_to_document(
-    documents: list[object], node_name: str | None, source: str = "<manifests>"
+    documents: list[object],
+    node_name: str | None,
+    source: str = "<manifests>",
+    warnings: list[str] | None = None,
 ) -> Document:
-    """The ``lbd/v1`` document for these objects; a ConfigError naming each bad field."""
+    """The ``lbd/v1`` document for these objects; a ConfigError naming each bad field.
+    What is skipped but not wrong (a slice of an address family the service does not have)
+    is appended to ``warnings``."""
     problems = f.Problems()
+    warnings = warnings if warnings is not None else []
     objects = _flatten(documents, problems)
     node_name = node_name or os.environ.get("NODE_NAME") or socket.gethostname()
-    services: list[tuple[str, dict[str, Any]]] = []
-    slices: list[tuple[str, dict[str, Any]]] = []
+    services: list[ConvertedService] = []
+    slices: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     node: Document = {"name": node_name}
     for path, obj in objects:
         kind, version = obj.get("kind"), obj.get("apiVersion")
         if (kind, version) == ("Service", "v1"):
-            services.append((path, obj))
+            services.append(convert_service(path, obj, problems))
         elif (kind, version) == ("EndpointSlice", "discovery.k8s.io/v1"):
-            slices.append((path, obj))
+            f.Section(obj, path, problems, SLICE_KEYS)
+            slices.setdefault(slice_owner(obj), []).append((path, obj))
         elif (kind, version) == ("Node", "v1"):
             if _meta(obj).get("name") == node_name:
-                node.update(_node(obj))
+                node.update(node_fields(obj))
         else:
             problems.add(
                 f.join(path, "kind"),
                 f"expected a v1 Service, a discovery.k8s.io/v1 EndpointSlice or a v1 Node, "
                 f"got {version}/{kind}",
             )
-    converted = [_service(path, obj, problems) for path, obj in services]
-    by_key = {key: service for key, service in converted if service is not None}
-    for path, obj in slices:
-        _add_slice(path, obj, by_key, problems)
+    converted = {service.key: service for service in services}
+    documents_out = [
+        with_endpoints(service, slices.get(key, ()), problems, warnings)
+        for key, service in converted.items()
+    ]
     if problems.count:
         raise ConfigError(problems.all(), source)
-    for service in by_key.values():
-        service.pop("_slicePorts", None)
-        service["endpoints"] = list(service["endpoints"].values())
-    return {"apiVersion": "lbd/v1", "node": node, "services": list(by_key.values())}
+    return {"apiVersion": "lbd/v1", "node": node, "services": documents_out}
 
 
 def _flatten(documents: list[object], problems: f.Problems) -> list[tuple[str, dict[str, Any]]]:
@@ -132,7 +136,19 @@ def _meta(obj: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
-def _node(obj: dict[str, Any]) -> Document:
+def slice_owner(obj: dict[str, Any]) -> str:
+    """``namespace/name`` of the service an EndpointSlice belongs to (its service-name label)."""
+    meta = _meta(obj)
+    labels = meta.get("labels")
+    owner = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, dict) else None
+    return f"{meta.get('namespace', 'default')}/{owner}"
+
+
+def node_fields(
+    obj: dict[str, Any], address_types: tuple[str, ...] = ("InternalIP", "ExternalIP")
+) -> Document:
+    """``node.zone`` and ``node.addresses`` (of ``address_types``) from a v1 Node (kube-proxy
+    reads its own)."""
     node: Document = {}
     labels = _meta(obj).get("labels") or {}
     if isinstance(labels, dict) and ZONE_LABEL in labels:
@@ -140,15 +156,26 @@ def _node(obj: dict[str, Any]) -> Document:
     status = obj.get("status") or {}
     addresses = [
         item["address"]
-        for item in status.get("addresses") or []
-        if isinstance(item, dict) and item.get("type") in ("InternalIP", "ExternalIP")
+        for item in (status.get("addresses") or [] if isinstance(status, dict) else [])
+        if isinstance(item, dict) and item.get("type") in address_types
     ]
     if addresses:
         node["addresses"] = addresses
     return node
 
 
-def _service(path: str, obj: dict[str, Any], problems: f.Problems) -> tuple[str, Document | None]:
+@dataclass(frozen=True, slots=True)
+class ConvertedService:
+    """A v1 Service as an ``lbd/v1`` service without endpoints, and what its slices need."""
+
+    key: str  # namespace/name
+    document: Document
+    slice_ports: dict[tuple[str, str], str]  # (port name, protocol) -> endpoint port key
+    families: frozenset[str]  # address types of its clusterIPs; empty: not known, take any
+    annotations: dict[str, str]  # lbd/v1 key -> the annotation it came from
+
+
+def convert_service(path: str, obj: dict[str, Any], problems: f.Problems) -> ConvertedService:
     meta = _meta(obj)
     name, namespace = meta.get("name"), meta.get("namespace", "default")
     spec = f.Section(obj.get("spec"), f.join(path, "spec"), problems, (*SPEC_USED, *SPEC_IGNORED))
@@ -159,15 +186,20 @@ def _service(path: str, obj: dict[str, Any], problems: f.Problems) -> tuple[str,
         if key in spec.values and key not in ("ports", "clusterIPs", "loadBalancerIP"):
             service[key] = spec.values[key]
     cluster_ips = spec.values.get("clusterIPs")
-    if "clusterIP" not in service and isinstance(cluster_ips, list) and cluster_ips:
-        service["clusterIP"] = cluster_ips[0]
+    if isinstance(cluster_ips, list) and cluster_ips:
+        service.setdefault("clusterIP", cluster_ips[0])
+        if len(cluster_ips) > 1:
+            service["clusterIPs"] = cluster_ips
     lb_ips = [spec.values["loadBalancerIP"]] if spec.values.get("loadBalancerIP") else []
-    ingress = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    status = obj.get("status")
+    balancer = status.get("loadBalancer") if isinstance(status, dict) else None
+    ingress = (balancer.get("ingress") if isinstance(balancer, dict) else None) or []
     lb_ips += [i["ip"] for i in ingress if isinstance(i, dict) and i.get("ip")]
     if lb_ips and service.get("type") == "LoadBalancer":
         service["loadBalancerIPs"] = list(dict.fromkeys(lb_ips))
     external = service.get("type") == "ExternalName"
-    ports, slice_ports = [], {}
+    ports: list[Document] = []
+    slice_ports: dict[tuple[str, str], str] = {}
     for index, (port_path, raw) in enumerate(spec.items("ports")):
         port = f.Section(raw, port_path, problems, SPEC_PORT_KEYS)
         converted = {
@@ -181,12 +213,23 @@ def _service(path: str, obj: dict[str, Any], problems: f.Problems) -> tuple[str,
             # The slices give each endpoint its number under this service port's name.
             key = _target_key(port.values.get("name"), converted.get("port"), index)
             converted["targetPort"] = key
-            slice_ports[(port.values.get("name") or "", converted.get("protocol", "TCP"))] = key
+            port_name, protocol = port.values.get("name") or "", converted.get("protocol", "TCP")
+            slice_ports[(str(port_name), str(protocol))] = key
         ports.append(converted)
     service["ports"] = ports
-    service["endpoints"] = {}
-    service["_slicePorts"] = slice_ports
-    return f"{namespace}/{name}", service
+    annotations = read_annotations(f.join(path, "metadata.annotations"), meta, service, problems)
+    return ConvertedService(
+        f"{namespace}/{name}", service, slice_ports, _families(service), annotations
+    )
+
+
+def _families(service: Document) -> frozenset[str]:
+    found = set()
+    for address in service.get("clusterIPs") or [service.get("clusterIP")]:
+        # Not an address (None, headless, a typo): the loader says so.
+        with contextlib.suppress(ValueError):
+            found.add(f"IPv{ipaddress.ip_address(str(address)).version}")
+    return frozenset(found)
 
 
 def _target_key(name: object, number: object, index: int) -> str:
@@ -200,27 +243,49 @@ def _target_key(name: object, number: object, index: int) -> str:
     return f"port-{number}" if isinstance(number, int) else f"port-{index}"
 
 
+def with_endpoints(
+    service: ConvertedService,
+    slices: Iterable[tuple[str, dict[str, Any]]],
+    problems: f.Problems,
+    warnings: list[str],
+) -> Document:
+    """The service's ``lbd/v1`` document with the endpoints of all its slices merged as
+    kube-proxy merges them: per service port, the endpoints whose slice carries that port; an
+    address in several slices has the union of their ports (and is ready if any says so)."""
+    endpoints: dict[str, Document] = {}
+    for path, obj in slices:
+        address_type = obj.get("addressType")
+        if address_type not in ("IPv4", "IPv6"):
+            warnings.append(
+                f"{path}: EndpointSlice {_meta(obj).get('name')} ignored: "
+                f"addressType {address_type} (lbd proxies IPv4 and IPv6 only)"
+            )
+            continue
+        if service.families and address_type not in service.families:
+            warnings.append(
+                f"{path}: EndpointSlice {_meta(obj).get('name')} ignored: {service.key} has no "
+                f"{address_type} clusterIP"
+            )
+            continue
+        _add_slice(path, obj, service.slice_ports, endpoints, problems)
+    return {**service.document, "endpoints": list(endpoints.values())}
+
+
 def _add_slice(
-    path: str, obj: dict[str, Any], services: dict[str, Document], problems: f.Problems
+    path: str,
+    obj: dict[str, Any],
+    slice_ports: dict[tuple[str, str], str],
+    endpoints: dict[str, Document],
+    problems: f.Problems,
 ) -> None:
-    f.Section(obj, path, problems, SLICE_KEYS)
-    meta = _meta(obj)
-    owner = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
-    service = services.get(f"{meta.get('namespace', 'default')}/{owner}")
-    if service is None:
-        return  # a slice of a service that is not in the input (or is skipped): nothing to serve
-    if obj.get("addressType") not in ("IPv4", "IPv6"):
-        log.warning("endpointslice ignored", slice=meta.get("name"), reason="addressType FQDN")
-        return
     numbers: dict[str, int] = {}
     for port_path, raw in f.Section(obj, path, problems, None).items("ports"):
         if not isinstance(raw, dict):
             problems.add(port_path, "expected a mapping")
             continue
-        key = service["_slicePorts"].get((raw.get("name") or "", raw.get("protocol", "TCP")))
+        key = slice_ports.get((raw.get("name") or "", raw.get("protocol", "TCP")))
         if key is not None and isinstance(raw.get("port"), int):
             numbers[key] = raw["port"]
-    endpoints: dict[str, Document] = service["endpoints"]
     for ep_path, raw in f.Section(obj, path, problems, None).items("endpoints"):
         endpoint = f.Section(raw, ep_path, problems, SLICE_ENDPOINT_KEYS)
         addresses = endpoint.values.get("addresses") or []
@@ -229,12 +294,6 @@ def _add_slice(
             continue
         # Kubernetes: consumers use the first address only.
         address = str(addresses[0])
-        existing = endpoints.get(address)
-        if existing is not None:
-            existing["ports"].update(
-                {k: v for k, v in numbers.items() if k not in existing["ports"]}
-            )
-            continue
         converted: Document = {"address": address, "ports": dict(numbers)}
         conditions = endpoint.values.get("conditions") or {}
         for key in ("ready", "serving", "terminating"):
@@ -243,4 +302,11 @@ def _add_slice(
         for key in ("nodeName", "zone"):
             if endpoint.values.get(key) is not None:
                 converted[key] = endpoint.values[key]
+        existing = endpoints.get(address)
+        if existing is not None:
+            # kube-proxy keeps one endpoint per address: the ready one when they differ.
+            ports = {**numbers, **existing["ports"]}
+            if converted.get("ready", True) and not existing.get("ready", True):
+                existing = converted
+            converted = {**existing, "ports": ports}
         endpoints[address] = converted

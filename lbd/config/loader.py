@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,15 +12,16 @@ import structlog
 from lbd.config import fields as f
 from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
+from lbd.config.endpoints import port_warnings, read_endpoints
 from lbd.config.errors import ConfigError, FieldError, Problem
 from lbd.config.health import positive_duration
+from lbd.config.kubesource import SOURCE_KEYS, read_source
 from lbd.config.model import (
     API_VERSION,
     DEFAULT_SYNC_PERIOD,
     PROTOCOLS,
     SERVICE_TYPES,
     Config,
-    Endpoint,
     Node,
     Protocol,
     Service,
@@ -31,10 +33,8 @@ from lbd.config.model import (
 from lbd.config.nodeports import allocate_node_ports
 from lbd.config.release import release
 from lbd.config.semantics import (
-    CONDITION_KEYS,
     DNS_KEYS,
     SEMANTIC_KEYS,
-    conditions,
     dns_section,
     service_semantics,
     skip_reason,
@@ -42,7 +42,7 @@ from lbd.config.semantics import (
 from lbd.config.tunables import TUNABLE_KEYS, read_tunables
 from lbd.config.yamlfile import parse_yaml_documents, read_config_file
 
-TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers")
+TOP_KEYS = ("apiVersion", "node", "defaults", "services", "admin", "dns", "workers", *SOURCE_KEYS)
 NODE_KEYS = (
     "name",
     "zone",
@@ -57,6 +57,7 @@ SERVICE_KEYS = (
     "namespace",
     "type",
     "clusterIP",
+    "clusterIPs",
     "externalIPs",
     "loadBalancerIPs",
     "ports",
@@ -65,14 +66,12 @@ SERVICE_KEYS = (
     *SEMANTIC_KEYS,
 )
 PORT_KEYS = ("name", "protocol", "port", "targetPort", "nodePort")
-ENDPOINT_KEYS = ("address", "ports", "weight", *CONDITION_KEYS)
 DEFAULT_NODE_PORT_RANGE = (30000, 32767)
 log = structlog.get_logger("lbd.config")
 
 _port_number = f.int_between(1, 65535)
 # Port 0 asks the kernel for a free port: for tests and ad-hoc runs, never for production.
 _service_port_number = f.int_between(0, 65535)
-_weight = f.int_between(0, 1_000_000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +114,9 @@ def _load_text(text: str | bytes, source: str, options: LoadOptions | None) -> C
     assert documents is not None
     options = options or LoadOptions()
     document: object
+    warnings: list[str] = []
     if is_manifest(documents):
-        document = manifests_to_document(documents, options.node_name, source)
+        document = manifests_to_document(documents, options.node_name, source, warnings)
     elif len(documents) > 1:
         raise ConfigError(
             [Problem("", f"{source}: expected one YAML document, found {len(documents)}")], source
@@ -131,6 +131,8 @@ def _load_text(text: str | bytes, source: str, options: LoadOptions | None) -> C
     release(garbage)
     if problems.count or config is None:
         raise ConfigError(problems.all(), source)
+    if warnings:
+        config = dataclasses.replace(config, warnings=(*warnings, *config.warnings))
     return config
 
 
@@ -150,6 +152,7 @@ def build_config(
     admin = admin_section(f.Section(top.raw("admin"), "admin", problems, ADMIN_KEYS))
     dns = dns_section(f.Section(top.raw("dns"), "dns", problems, DNS_KEYS))
     workers = top.get("workers", workers_count, 1)
+    source, kubernetes = read_source(top)
     services: list[Service] = []
     paths: list[str] = []
     names: dict[str, str] = {}
@@ -185,6 +188,9 @@ def build_config(
         dns=dns,
         skipped=tuple(skipped),
         workers=workers,
+        warnings=tuple(port_warnings(tuple(services))),
+        source=source,
+        kubernetes=kubernetes,
     )
     check_listeners(config, paths, problems)
     return config
@@ -217,15 +223,15 @@ def _service(section: f.Section, defaults: Tunables) -> Service | None:
     lb_ips = _addresses(section, "loadBalancerIPs")
     if lb_ips and kind != "LoadBalancer":
         section.problems.add(f.join(section.path, "loadBalancerIPs"), "only for type LoadBalancer")
-    endpoints = _endpoints(section)
+    endpoints = read_endpoints(section)
     if kind == "ExternalName" and endpoints:
         section.problems.add(
             f.join(section.path, "endpoints"), "an ExternalName service's endpoints come from DNS"
         )
-    ports = _ports(section, kind, endpoints)
+    ports = _ports(section, kind)
     name = section.get("name", f.dns_label)
     namespace = section.get("namespace", f.dns_label, "default")
-    cluster_ip = section.get("clusterIP", f.unicast_address)
+    cluster_ip, cluster_ips = _cluster_ips(section)
     external_ips = _addresses(section, "externalIPs")
     tunables = read_tunables(section, defaults)
     if tunables.proxy_protocol == "v1" and any(p.protocol == "UDP" for p in ports):
@@ -239,6 +245,7 @@ def _service(section: f.Section, defaults: Tunables) -> Service | None:
         namespace=namespace,
         type=kind,
         cluster_ip=cluster_ip,
+        cluster_ips=cluster_ips,
         external_ips=external_ips,
         load_balancer_ips=lb_ips,
         ports=ports,
@@ -249,9 +256,7 @@ def _service(section: f.Section, defaults: Tunables) -> Service | None:
     return service if section.problems.count == problems_before else None
 
 
-def _ports(
-    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...]
-) -> tuple[ServicePort, ...]:
+def _ports(section: f.Section, kind: str) -> tuple[ServicePort, ...]:
     items = section.items("ports")
     if not items:
         section.problems.add(f.join(section.path, "ports"), "at least one port is required")
@@ -260,7 +265,7 @@ def _ports(
     seen_numbers: dict[tuple[str, int], str] = {}
     for path, raw in items:
         port_section = f.Section(raw, path, section.problems, PORT_KEYS)
-        port = _port(port_section, kind, endpoints, named=len(items) > 1)
+        port = _port(port_section, kind, named=len(items) > 1)
         if port is None:
             continue
         if port.name is not None:
@@ -280,9 +285,7 @@ def _ports(
     return tuple(ports)
 
 
-def _port(
-    section: f.Section, kind: str, endpoints: tuple[Endpoint, ...], named: bool
-) -> ServicePort | None:
+def _port(section: f.Section, kind: str, named: bool) -> ServicePort | None:
     problems_before = section.problems.count
     name = section.get("name", f.port_name, None)
     if named and name is None:
@@ -305,13 +308,6 @@ def _port(
         section.problems.add(
             f.join(section.path, "targetPort"), "an ExternalName service needs a numeric targetPort"
         )
-    if isinstance(target, str):
-        for endpoint in endpoints:
-            if endpoint.port_named(target) is None:
-                section.problems.add(
-                    f.join(section.path, "targetPort"),
-                    f'endpoint {endpoint.address} has no port named "{target}"',
-                )
     if section.problems.count != problems_before or target is None:
         return None
     return ServicePort(
@@ -323,45 +319,22 @@ def _port(
     )
 
 
-def _endpoints(section: f.Section) -> tuple[Endpoint, ...]:
-    endpoints: list[Endpoint] = []
-    seen: dict[str, str] = {}
-    for path, raw in section.items("endpoints"):
-        if isinstance(raw, str):
-            address = _item(section, path, raw, f.unicast_address)
-            endpoint = Endpoint(address) if address else None
-        else:
-            endpoint = _endpoint(f.Section(raw, path, section.problems, ENDPOINT_KEYS))
-        if endpoint is None:
-            continue
-        if endpoint.address in seen:
-            section.problems.add(
-                path, f"duplicate endpoint {endpoint.address} (first at {seen[endpoint.address]})"
-            )
-            continue
-        seen[endpoint.address] = path
-        endpoints.append(endpoint)
-    return tuple(endpoints)
-
-
-def _endpoint(section: f.Section) -> Endpoint | None:
-    problems_before = section.problems.count
-    address = section.get("address", f.unicast_address)
-    ports_section = f.Section(
-        section.raw("ports"), f.join(section.path, "ports"), section.problems, None
-    )
-    named: list[tuple[str, int]] = []
-    for key, value in ports_section.values.items():
-        key_path = f.join(ports_section.path, str(key))
-        try:
-            named.append((f.port_name(key), _port_number(value)))
-        except FieldError as error:
-            section.problems.add(key_path, str(error))
-    weight = section.get("weight", _weight, 1)
-    state = conditions(section)
-    if section.problems.count != problems_before:
-        return None
-    return Endpoint(address=address, ports=tuple(sorted(named)), weight=weight, conditions=state)
+def _cluster_ips(section: f.Section) -> tuple[str, tuple[str, ...]]:
+    """``clusterIP`` and ``clusterIPs`` as Kubernetes validates them: clusterIPs[0] is clusterIP,
+    and a second address (dual-stack) is of the other family."""
+    cluster_ip = section.get("clusterIP", f.unicast_address, None)
+    cluster_ips = _addresses(section, "clusterIPs")
+    path = f.join(section.path, "clusterIPs")
+    families = {":" in address for address in cluster_ips}
+    if len(cluster_ips) > 2 or len(families) < len(cluster_ips):
+        section.problems.add(path, "at most two addresses, one IPv4 and one IPv6")
+    if cluster_ip is None and not cluster_ips:
+        if section.raw("clusterIP") is None:
+            section.problems.add(f.join(section.path, "clusterIP"), "required")
+        return "", ()
+    if cluster_ip is not None and cluster_ips and cluster_ips[0] != cluster_ip:
+        section.problems.add(path, f"the first address must be clusterIP ({cluster_ip})")
+    return cluster_ip or cluster_ips[0], cluster_ips[:2] if len(cluster_ips) > 1 else ()
 
 
 def _addresses(section: f.Section, key: str) -> tuple[str, ...]:

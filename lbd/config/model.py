@@ -22,6 +22,7 @@ HealthCheckType = Literal["tcp", "http"]
 ProxyProtocolVersion = Literal["v1", "v2"]
 SpliceMode = Literal["auto", "off"]
 HashOn = Literal["clientIP", "clientIPPort"]
+SourceKind = Literal["file", "kubernetes"]
 
 SERVICE_TYPES: tuple[ServiceType, ...] = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 TRAFFIC_POLICIES: tuple[TrafficPolicy, ...] = ("Cluster", "Local")
@@ -183,6 +184,9 @@ class Service:
     health_check_node_port: int | None = None  # LoadBalancer + externalTrafficPolicy Local
     external_name: str | None = None  # type ExternalName: the host name to resolve
     labels: tuple[tuple[str, str], ...] = ()
+    # clusterIPs: every cluster IP, ``cluster_ip`` first; a dual-stack service has one of each
+    # family and is served on both. Empty: ``cluster_ip`` alone.
+    cluster_ips: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -238,6 +242,18 @@ class Skipped:
 
 
 @dataclass(frozen=True, slots=True)
+class KubernetesSettings:
+    """``source: kubernetes`` (``lbd.config.kubesource``, ``lbd.sources.kubernetes``)."""
+
+    kubeconfig: str | None = None  # else $KUBECONFIG, else in-cluster, else ~/.kube/config
+    # At most one apply per this long; an apply never waits longer after the last event.
+    min_sync_period: float = 1.0  # kube-proxy's --iptables-min-sync-period default
+    # CIDRs that externalIPs and LoadBalancer IPs from the API may be in (CVE-2020-8554):
+    # anyone allowed to create a Service could otherwise make lbd intercept any address.
+    allowed_service_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     node: Node
     defaults: Tunables
@@ -248,6 +264,12 @@ class Config:
     # Processes serving every listener (``auto``: one per CPU). Like ``admin``, read at start:
     # a reload that changes it is applied and logged, the count changes on the next restart.
     workers: int = 1
+    # What ``lbd check`` reports but does not refuse: a service port no endpoint serves, an
+    # EndpointSlice of a family the service has no clusterIP for. Not part of the diff.
+    warnings: tuple[str, ...] = ()
+    # source: kubernetes: the services come from the API server (lbd.sources.kubernetes)
+    source: SourceKind = "file"
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,7 +319,10 @@ def listeners_of(service: Service, node: Node) -> list[ListenerSpec]:
     """Every socket a service asks for, in a stable order (Kubernetes' Service semantics)."""
     specs: list[ListenerSpec] = []
     for index, port in enumerate(service.ports):
-        places: list[tuple[str, int, ListenerKind]] = [(service.cluster_ip, port.port, "clusterIP")]
+        places: list[tuple[str, int, ListenerKind]] = [
+            (address, port.port, "clusterIP")
+            for address in service.cluster_ips or (service.cluster_ip,)
+        ]
         places += [(address, port.port, "externalIP") for address in service.external_ips]
         if service.type in ("NodePort", "LoadBalancer") and port.node_port is not None:
             places += [(address, port.node_port, "nodePort") for address in node.addresses]

@@ -88,6 +88,8 @@ def _service(service: Service) -> Document:
         "clusterIP": service.cluster_ip,
         "externalIPs": list(service.external_ips),
     }
+    if service.cluster_ips:
+        document["clusterIPs"] = list(service.cluster_ips)
     if service.type == "LoadBalancer":
         document["loadBalancerIPs"] = list(service.load_balancer_ips)
     document["ports"] = [_port(port) for port in service.ports]

@@ -6,6 +6,7 @@ Every failure is a ``ConfigError`` with a bounded message, never another excepti
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def parse_yaml_documents(text: str | bytes, source: str = "<config>") -> list[ob
         raise ConfigError(
             [Problem("", f"{source}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")], source
         )
+    if text.lstrip()[:1] in ("{", b"{"):
+        document = _parse_json(text, source)
+        if document is not _NOT_JSON:
+            return [document]
     try:
         documents = _load_all(text)
     except _MARKED as error:
@@ -192,6 +197,36 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     if isinstance(node, yaml.MappingNode):
         return [item for pair in node.value for item in pair]
     return []
+
+
+_NOT_JSON = object()
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ConfigError([Problem("", f"duplicate key {show(key)}")])
+            seen.add(key)
+    return mapping
+
+
+def _parse_json(text: str | bytes, source: str) -> object:
+    """A document that is JSON (what the Kubernetes source generates): ``json`` parses it
+    about fifty times faster than the YAML parser. Not JSON after all (a YAML flow mapping):
+    ``_NOT_JSON``, and the YAML parser reads it."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError:
+        return _NOT_JSON
+    except ConfigError as error:
+        raise ConfigError([Problem("", f"{source}: {error.problems[0].message}")], source) from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise ConfigError([Problem("", f"{source}: invalid JSON: {error}")], source) from None
+    except RecursionError:
+        raise ConfigError([Problem("", f"{source}: JSON nested too deeply")], source) from None
 
 
 def read_config_file(path: str | Path) -> bytes:

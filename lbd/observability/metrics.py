@@ -15,46 +15,12 @@ and take the maximum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
-from lbd.observability.stats import CONNECT_SECONDS_BUCKETS, CX_LENGTH_SECONDS_BUCKETS
-
-Kind = Literal["counter", "gauge", "histogram", "info"]  # info: a gauge of 1, labels from the field
-Merge = Literal["sum", "max"]
-Scope = Literal["route", "endpoint", "health", "process", "supervisor", "node"]
-Labels = tuple[str, ...]
-
-SCOPE_LABELS: dict[Scope, Labels] = {
-    "route": ("namespace", "service", "port"),
-    "endpoint": ("namespace", "service", "port", "endpoint"),
-    "health": (),
-    "process": (),
-    "supervisor": (),
-    "node": (),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class MetricSpec:
-    field: str  # the stats field it reads; the metric is named after it
-    kind: Kind
-    help: str
-    scope: Scope
-    label: str | None = None  # the field is a family: one value of this label per sub-field
-    merge: Merge = "sum"
-    buckets: tuple[float, ...] = ()  # histograms: upper bounds, +Inf implied
-    info: Labels = ()  # info metrics: the label names of the field's tuple
-    udp_only: bool = False  # read only for UDP service ports
-
-    @property
-    def name(self) -> str:
-        return f"lbd_{self.field}"
-
-    @property
-    def labels(self) -> Labels:
-        extra = (self.label,) if self.label is not None else self.info
-        return (*SCOPE_LABELS[self.scope], *extra)
+from lbd.observability.kubernetes_metrics import KUBERNETES_METRICS
+from lbd.observability.metric_spec import SCOPE_LABELS, Kind, MetricSpec, Scope
+from lbd.observability.stats import (
+    CONNECT_SECONDS_BUCKETS,
+    CX_LENGTH_SECONDS_BUCKETS,
+)
 
 
 def _route(field: str, kind: Kind, help: str, **more: object) -> MetricSpec:
@@ -71,7 +37,7 @@ def _udp(field: str, kind: Kind, help: str, **more: object) -> MetricSpec:
 
 C: Kind = "counter"
 G: Kind = "gauge"
-_TABLE = (
+_TABLE: tuple[MetricSpec, ...] = (
     # -- downstream: clients → lbd, per service port ------------------------------------------
     _route("downstream_cx_total", C, "Client connections accepted."),
     _route("downstream_cx_active", G, "Client connections open now."),
@@ -300,6 +266,7 @@ _TABLE = (
         "Netlink requests for the node's service addresses that failed.",
         "node",
     ),
+    *KUBERNETES_METRICS,
     # -- supervisor (workers: N > 1) ----------------------------------------------------------
     MetricSpec("workers", G, "Worker processes serving now.", "supervisor", merge="max"),
     MetricSpec(

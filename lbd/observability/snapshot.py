@@ -24,7 +24,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from lbd.observability.metrics import BY_SCOPE, METRICS, Labels, MetricSpec, Scope
+from lbd.observability.metric_spec import Labels, MetricSpec, Scope
+from lbd.observability.metrics import BY_SCOPE, METRICS
 from lbd.observability.stats import Buckets
 
 HistogramValue = tuple[list[int], float]  # per-bucket counts (last is +Inf), sum of values

@@ -233,3 +233,75 @@ class SupervisorStats:
 
     workers: int = 0
     worker_restarts_total: int = 0
+
+
+# -- the Kubernetes API source (lbd run --kubernetes) -------------------------------------------
+
+# kube-proxy's network programming latency is usually well under a second, but bounded
+# frequency (minSyncPeriod) and large applies push it to seconds.
+NETWORK_PROGRAMMING_SECONDS_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class WatchEvents:
+    """Watch events of one kind, by ``type``."""
+
+    ADDED: int = 0
+    MODIFIED: int = 0
+    DELETED: int = 0
+    BOOKMARK: int = 0
+    ERROR: int = 0
+
+
+@dataclass(slots=True)
+class Syncs:
+    """Applies of the API's state, by ``result``."""
+
+    applied: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class KubernetesKindStats:
+    """One watched kind (Service, EndpointSlice, Node): the ``kind`` label."""
+
+    kubernetes_watch_events_total: WatchEvents = field(default_factory=WatchEvents)
+    kubernetes_relists_total: int = 0  # lists after the first (410 Gone)
+    kubernetes_errors_total: int = 0  # failed requests or broken streams
+
+
+@dataclass(slots=True)
+class KubernetesStats:
+    """The Kubernetes API source; written by its event loop only.
+
+    ``connected``, ``synced`` and ``last_sync_time`` are what health and readiness read: the
+    state being served is as old as ``last_sync_time`` while ``connected`` is False."""
+
+    kubernetes_connected: int = 0  # 1 while every watch is open
+    kubernetes_last_sync_timestamp_seconds: float = 0.0  # the last apply (or no-op) of the API
+    kubernetes_syncs_total: Syncs = field(default_factory=Syncs)
+    kubernetes_services_rejected_total: int = 0  # invalid update: the last good form stays
+    kubernetes_service_ips_skipped_total: int = 0  # outside --allowed-service-ips
+    network_programming_duration_seconds: Buckets = field(
+        default_factory=lambda: Buckets(NETWORK_PROGRAMMING_SECONDS_BUCKETS)
+    )
+    synced: bool = False  # the first full list of every kind was applied (readiness)
+    kinds: dict[str, KubernetesKindStats] = field(default_factory=dict)  # not a metric itself
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.kubernetes_connected)
+
+    @property
+    def last_sync_time(self) -> float:
+        """Wall clock of the last apply of the API's state; 0 before the first."""
+        return self.kubernetes_last_sync_timestamp_seconds
+
+    def kind(self, name: str) -> KubernetesKindStats:
+        found = self.kinds.get(name)
+        if found is None:
+            found = self.kinds[name] = KubernetesKindStats()
+        return found

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -66,25 +67,32 @@ class ReloadFanOut:
         self._failed_bytes: tuple[str, tuple[str, ...]] = ("", ())  # invalid bytes, and why
         self._lock = asyncio.Lock()
         self._requests = ReloadRequests()
+        # lbd run --kubernetes: a reload without data reads the file's settings (KubeMode)
+        self.file_reload: Callable[[str], Awaitable[ReloadResult]] | None = None
 
     def request(self, reason: str) -> None:
         self._requests.request(reason)
 
     async def run(self) -> None:
-        await self._requests.serve(self.reload, self._crashed)
+        await self._requests.serve(self.reload, self.count_failure)
 
-    def _crashed(self) -> None:
+    def count_failure(self) -> None:
+        """A reload that failed outside ``reload`` (it raised, or a source gave up)."""
         self.results.failure += 1
 
-    async def reload(self, reason: str) -> ReloadResult:
+    async def reload(self, reason: str, data: bytes | None = None) -> ReloadResult:
+        """Reload from the file, or apply ``data`` (the Kubernetes source's document)."""
+        if data is None and self.file_reload is not None:
+            return await self.file_reload(reason)
         async with self._lock:
-            return await self._reload(reason)
+            return await self._reload(reason, data)
 
-    async def _reload(self, reason: str) -> ReloadResult:
+    async def _reload(self, reason: str, data: bytes | None) -> ReloadResult:
         started = time.perf_counter()
         digest = ""
         try:
-            data = await asyncio.to_thread(read_config_file, self.path)
+            if data is None:
+                data = await asyncio.to_thread(read_config_file, self.path)
             digest = content_hash(data)
             if digest == content_hash(self.data):
                 return ReloadResult("unchanged", time.perf_counter() - started)

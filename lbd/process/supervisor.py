@@ -29,12 +29,14 @@ from lbd.net.addresses import NodeAddresses
 from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.observability.snapshot import Snapshot, read_stats
+from lbd.observability.stats import KubernetesStats
 from lbd.process.listening import ListeningSockets, SocketMode, listener_specs
 from lbd.process.messages import SnapshotReply, SnapshotRequest, Start
 from lbd.process.reload_fanout import ReloadFanOut
 from lbd.process.worker import STOP_SIGNALS
 from lbd.process.workers import StartError, WorkerSet
 from lbd.runtime.runtime import ListenerError
+from lbd.runtime.snapshot import kubernetes_snapshot
 from lbd.shm.counts import DEFAULT_SLOTS, SharedCounts, SlotAllocator
 from lbd.sources.file import watch_config
 
@@ -75,6 +77,7 @@ class Supervisor:
             SlotAllocator(DEFAULT_SLOTS),
             self.addresses,
         )
+        self.kubernetes: KubernetesStats | None = None  # lbd run --kubernetes
 
     @property
     def config(self) -> Config:
@@ -143,7 +146,8 @@ class Supervisor:
 
     @property
     def ready(self) -> bool:
-        return not self.stopping.is_set() and bool(self.pool.serving())
+        synced = self.kubernetes is None or self.kubernetes.synced  # lbd run --kubernetes
+        return synced and not self.stopping.is_set() and bool(self.pool.serving())
 
     async def snapshot(self) -> Snapshot:
         serving = self.pool.serving()
@@ -162,6 +166,8 @@ class Supervisor:
         # Reloads are the supervisor's to count: a file it rejects never reaches a worker.
         reloads = dataclasses.asdict(self.reloads.results)
         total.values["lbd_config_reloads_total"] = {(k,): v for k, v in reloads.items()}
+        if self.kubernetes is not None:
+            kubernetes_snapshot(total, self.kubernetes)
         return total
 
     async def run(self, *, watch: bool) -> int:

@@ -8,6 +8,7 @@ worker and are replayed to a worker that replaces one.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import structlog
@@ -17,10 +18,12 @@ from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
 from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.kube_mode import KubeMode
 from lbd.process.messages import AdminReply, AdminRequest, SocketKey
 from lbd.process.sdnotify import ServiceNotifier
 from lbd.process.supervisor import Supervisor
 from lbd.process.worker import admin_reload
+from lbd.sources.kubernetes import KubernetesSource
 
 log = structlog.get_logger("lbd.process.supervisor")
 
@@ -65,15 +68,28 @@ class SupervisorBackend:
 
 
 async def serve_supervised(
-    supervisor: Supervisor, *, watch: bool, restart: Restart | None = None
+    supervisor: Supervisor,
+    *,
+    watch: bool,
+    restart: Restart | None = None,
+    kubernetes: KubernetesSource | None = None,
 ) -> int:
-    """Start the workers and the admin API, serve until stopped; returns the exit code."""
+    """Start the workers and the admin API, serve until stopped; returns the exit code.
+    With ``kubernetes`` the services come from that source, applied through the fan-out."""
     config = supervisor.config
+    reloads = supervisor.reloads
+    kube: KubeMode | None = None
+    if kubernetes is not None:
+        await kubernetes.open()  # SourceError: no client library or configuration
+
+        kube = KubeMode(kubernetes, reloads.reload, reloads.options, reloads.count_failure)
+        reloads.file_reload = kube.reload
+        supervisor.kubernetes = kubernetes.stats
     restart = restart or Restart(None)
     admin: AdminServer | None = None
     if config.admin.enabled:
         admin = AdminServer(
-            config.admin, SupervisorBackend(supervisor), admin_reload(supervisor.reloads.reload)
+            config.admin, SupervisorBackend(supervisor), admin_reload(reloads.reload)
         )
     admin_sock = restart.take_admin()  # before start() closes what it did not take
     systemd = ServiceNotifier.from_environment()
@@ -100,9 +116,18 @@ async def serve_supervised(
                 handed[ADMIN_KEY] = admin.sock
             return handed
 
-        systemd.ready()  # every worker serves: start() waited for each
+        if kube is not None:
+            kube.when_synced(systemd.ready)  # ready once the API's state is applied
+        else:
+            systemd.ready()  # every worker serves: start() waited for each
         restart.serving(sockets, supervisor.stopping.set)
-        return await supervisor.run(watch=watch)
+        following = asyncio.create_task(kubernetes.run()) if kubernetes is not None else None
+        try:
+            return await supervisor.run(watch=watch)
+        finally:
+            if following is not None:
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
     finally:
         systemd.close()
         restart.close()

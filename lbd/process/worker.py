@@ -21,10 +21,12 @@ from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.process.handoff import ADMIN_KEY, Restart
+from lbd.process.kube_mode import KubeMode
 from lbd.process.sdnotify import ServiceNotifier
 from lbd.runtime.reload import Reloader, ReloadResult
 from lbd.runtime.runtime import Runtime
 from lbd.sources.file import watch_config
+from lbd.sources.kubernetes import KubernetesSource
 
 log = structlog.get_logger("lbd.process.worker")
 
@@ -61,6 +63,7 @@ async def serve(
     runtime: Runtime | None = None,
     admin_api: bool = True,
     restart: Restart | None = None,
+    kubernetes: KubernetesSource | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code.
 
@@ -71,6 +74,7 @@ async def serve(
     starts after the listeners (so /readyz never says ready too early) and
     stops after the last connection has drained (so the drain can be watched through it),
     unless a successor took over (``restart``): then the successor serves it already.
+    With ``kubernetes`` the services come from that source (``lbd.process.kube_mode``).
     """
     loop = asyncio.get_running_loop()
     # The event loop shares the GIL with a reload's planning thread (lbd.runtime.plan) and the
@@ -85,9 +89,16 @@ async def serve(
     restart = restart or Restart(None)
     runtime = runtime or Runtime(config, sockets=restart.inherited)
     reloader = Reloader(runtime, *source, options) if source is not None else None
+    control: Reloader | KubeMode | None = reloader
+    if kubernetes is not None:
+        await kubernetes.open()  # SourceError: no client library or configuration
+    if kubernetes is not None and reloader is not None:
+        failed = runtime.process.reload_failed
+        control = KubeMode(kubernetes, reloader.reload, options or LoadOptions(), failed)
+        runtime.kubernetes = kubernetes.stats
     admin: AdminServer | None = None
     if config.admin.enabled and admin_api:
-        reload = admin_reload(reloader.reload) if reloader else None
+        reload = admin_reload(control.reload) if control else None
         admin = AdminServer(config.admin, runtime, reload)
     background: list[asyncio.Task[None]] = []
     systemd = ServiceNotifier.from_environment(enabled=admin_api)  # not in supervised workers
@@ -107,11 +118,11 @@ async def serve(
             node=config.node.name,
             admin=admin.bound if admin is not None else None,
         )
-        if reloader is not None and source is not None:
-            loop.add_signal_handler(signal.SIGHUP, reloader.request, "SIGHUP")
-            background.append(asyncio.create_task(reloader.run()))
+        if control is not None and source is not None:
+            loop.add_signal_handler(signal.SIGHUP, control.request, "SIGHUP")
+            background.append(asyncio.create_task(control.run()))
             if watch:
-                on_change = functools.partial(reloader.request, "file")
+                on_change = functools.partial(control.request, "file")
                 watching = asyncio.Event()
                 watcher = watch_config(source[0], on_change, state.should_exit, watching)
                 background.append(asyncio.create_task(watcher))
@@ -119,7 +130,10 @@ async def serve(
                 await asyncio.wait_for(watching.wait(), WATCH_START_TIMEOUT_S)
         if ready is not None:
             await ready(runtime)
-        systemd.ready()
+        if isinstance(control, KubeMode):
+            control.when_synced(systemd.ready)  # ready once the API's state is applied
+        else:
+            systemd.ready()
         restart.serving(functools.partial(handoff_sockets, runtime, admin), state.should_exit.set)
         await state.should_exit.wait()
         if restart.handed_off and admin is not None:

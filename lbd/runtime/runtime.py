@@ -38,10 +38,10 @@ from lbd.net.tcp_listener import TcpListener
 from lbd.net.tcp_proxy import Downstream
 from lbd.net.udp_listener import UdpListener
 from lbd.observability.snapshot import Snapshot, read_stats
-from lbd.observability.stats import ProcessStats
+from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
 from lbd.runtime.plan import Plan, make_plan
-from lbd.runtime.snapshot import runtime_snapshot
+from lbd.runtime.snapshot import kubernetes_snapshot, runtime_snapshot
 from lbd.shm.counts import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime.runtime")
@@ -112,7 +112,7 @@ def _moves_connections(diff: ConfigDiff) -> bool:
 
 def empty_like(config: Config) -> Config:
     """``config`` without services: what a runtime has applied before it starts."""
-    return dataclasses.replace(config, services=())
+    return dataclasses.replace(config, services=(), warnings=())
 
 
 class Runtime:
@@ -151,6 +151,8 @@ class Runtime:
         # node.manageAddresses: the service addresses on the node. One owner per node: not a
         # worker that shares its supervisor's listeners.
         self.addresses = None if shared_listeners else NodeAddresses(self._draining_addresses)
+        # lbd run --kubernetes: the API source's counters, and whether it has synced once
+        self.kubernetes: KubernetesStats | None = None
 
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
@@ -169,6 +171,8 @@ class Runtime:
             plan = self.plan(plan.config)
         new, diff = plan.config, plan.diff
         await self._prepare_addresses(new)
+        for warning in sorted(set(new.warnings) - set(self.config.warnings)):
+            log.warning("config warning", warning=warning)
         if diff.empty:
             # e.g. the admin section (takes effect on restart), dns, or a healthCheckNodePort
             node_checks = self._prepare_extras(new, [])
@@ -340,12 +344,14 @@ class Runtime:
         self.process.config_info = (plan.hash,)
 
     def metrics_snapshot(self) -> Snapshot:
-        snap = runtime_snapshot(
+        snapshot = runtime_snapshot(
             self.routes.values(), self.connections, self.process, self.health.stats
         )
         if self.addresses is not None:
-            read_stats(snap, "node", self.addresses.stats, ())
-        return snap
+            read_stats(snapshot, "node", self.addresses.stats, ())
+        if self.kubernetes is not None:
+            kubernetes_snapshot(snapshot, self.kubernetes)
+        return snapshot
 
     def sync_health(self) -> None:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``

@@ -16,7 +16,7 @@ from lbd.endpoints.route import Route
 from lbd.net.tcp_proxy import Downstream
 from lbd.observability.metrics import METRICS
 from lbd.observability.snapshot import Snapshot, read_stats
-from lbd.observability.stats import HealthStats, ProcessStats
+from lbd.observability.stats import HealthStats, KubernetesStats, ProcessStats
 
 _OPEN_BYTES = (
     # (route metric, endpoint metric, Downstream attribute)
@@ -73,3 +73,10 @@ def _endpoint_stats(endpoint: UpstreamEndpoint) -> object:
     stats.endpoint_eligible = 1 if ineligible_reason(endpoint) is None else 0
     stats.endpoint_healthy = 1 if endpoint.healthy else 0
     return stats
+
+
+def kubernetes_snapshot(snap: Snapshot, stats: KubernetesStats) -> None:
+    """The Kubernetes API source's metrics (``lbd run --kubernetes``), into ``snap``."""
+    read_stats(snap, "kubernetes", stats, ())
+    for kind, kind_stats in stats.kinds.items():
+        read_stats(snap, "kubernetes_kind", kind_stats, (kind,))
