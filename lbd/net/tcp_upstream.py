@@ -20,7 +20,9 @@ class UpstreamOwner(Protocol):
     transport: asyncio.Transport | None  # the client's
     loop: asyncio.AbstractEventLoop
     closed: bool
-    sent: int
+    sent: int  # bytes from the endpoint
+    received: int  # bytes from the client (all forwarded once the upstream exists)
+    client_eof: bool
     last_activity: float
 
     def attach(self, upstream: Upstream) -> None: ...
@@ -33,15 +35,20 @@ class UpstreamOwner(Protocol):
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
+    def retry_elsewhere(self, upstream: Upstream, why: str) -> None: ...
+
 
 class Upstream(asyncio.Protocol):
     """The endpoint side of a proxied connection; forwards everything to its Downstream."""
 
-    __slots__ = ("attached", "downstream", "endpoint", "timed_out", "transport")
+    __slots__ = ("attached", "downstream", "endpoint", "timed_out", "transport", "tried")
 
-    def __init__(self, downstream: UpstreamOwner, endpoint: UpstreamEndpoint) -> None:
+    def __init__(
+        self, downstream: UpstreamOwner, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+    ) -> None:
         self.downstream = downstream
         self.endpoint = endpoint
+        self.tried = tried  # the connection's tries so far: a retry after an early close skips them
         self.attached = False  # the connection's upstream (a later try may not be)
         self.timed_out = False  # its try's deadline passed before it connected
         self.transport: asyncio.Transport
@@ -60,12 +67,19 @@ class Upstream(asyncio.Protocol):
             downstream.splice(False)
 
     def eof_received(self) -> bool:
-        self.downstream.upstream_ended()
+        downstream = self.downstream
+        if _nothing_passed(downstream):
+            downstream.retry_elsewhere(self, "closed before any byte")
+            return False
+        downstream.upstream_ended()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         downstream = self.downstream
         if self.attached and not downstream.closed:
+            if _nothing_passed(downstream):
+                downstream.retry_elsewhere(self, "reset before any byte" if exc else "closed")
+                return
             downstream.finish("upstream_reset" if exc else "upstream_closed", abort=exc is not None)
 
     def pause_writing(self) -> None:
@@ -81,3 +95,8 @@ class Upstream(asyncio.Protocol):
             and not self.downstream.spliced(True)
         ):
             transport.resume_reading()
+
+
+def _nothing_passed(downstream: UpstreamOwner) -> bool:
+    """No byte went either way: nothing was delivered, so another endpoint may be tried."""
+    return not downstream.closed and downstream.sent == 0 and downstream.received == 0

@@ -160,6 +160,7 @@ class EndpointStats:
     upstream_cx_active: int = 0  # at scrape: this worker's connections
     upstream_cx_connect_fail_total: int = 0
     upstream_cx_connect_timeout_total: int = 0
+    upstream_cx_closed_before_data_total: int = 0  # closed or reset before a byte: retried
     # lbd → endpoint and back, of closed connections (open ones add theirs at scrape)
     upstream_bytes_sent_total: int = 0
     upstream_bytes_received_total: int = 0
