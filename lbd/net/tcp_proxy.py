@@ -276,21 +276,6 @@ class Downstream(asyncio.Protocol):
     def new_upstream(self, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]) -> Upstream:
         return Upstream(self, endpoint, tried)
 
-    def retry_elsewhere(self, upstream: Upstream, why: str) -> None:
-        """The endpoint closed or reset the connection before a byte passed either way and
-        before lbd forwarded any of the client's: nothing was delivered, so another endpoint
-        may take the client (a backend that died with connections in its accept queue resets
-        them all). Another try, as after a refused connect, within the same limit."""
-        endpoint = upstream.endpoint
-        upstream.attached = False  # its connection_lost no longer ends the connection
-        self.upstream = self.endpoint = None
-        endpoint.stats.upstream_cx_closed_before_data_total += 1
-        if not upstream.transport.is_closing():
-            upstream.transport.abort()
-        self.connections.idle.remove(self)
-        connect.connect_failed(self, endpoint, why)  # releases it, tells outlier detection
-        connect.try_next(self, upstream.tried)
-
     def attach(self, upstream: Upstream) -> None:
         """Called from the upstream's ``connection_made``: start moving bytes."""
         if self.closed or upstream.timed_out:
