@@ -93,6 +93,13 @@ class UdpListener:
     def bound(self) -> tuple[str, int]:
         return self.socket.address, self.socket.port
 
+    def check(self) -> None:
+        self.socket.check()
+
+    @property
+    def destroyed(self) -> bool:
+        return False  # a UDP socket's errors come with the datagrams that failed (counted)
+
     @property
     def removed(self) -> bool:
         return self.socket.closed

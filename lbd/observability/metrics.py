@@ -72,6 +72,13 @@ _TABLE: tuple[MetricSpec, ...] = (
         label="protocol",
     ),
     _route(
+        "listener_destroyed_total",
+        C,
+        "Listening sockets found destroyed from outside (ss -K, or an error that closed them) "
+        "and bound again, by protocol.",
+        label="protocol",
+    ),
+    _route(
         "endpoints_panic_total",
         C,
         "Times the service port had only unhealthy or ejected endpoints and used them all.",

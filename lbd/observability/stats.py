@@ -128,6 +128,7 @@ class RouteStats:
         default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS)
     )
     listener_rebind_failures_total: ByProtocol = field(default_factory=ByProtocol)
+    listener_destroyed_total: ByProtocol = field(default_factory=ByProtocol)
     upstream_cx_retries_total: int = 0
     upstream_cx_connect_attempts_exceeded_total: int = 0  # no endpoint accepted a connect
     endpoints_panic_total: int = 0  # at scrape, from the pool
