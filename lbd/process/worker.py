@@ -23,8 +23,9 @@ from lbd.config.model import Config
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
 from lbd.process.sdnotify import ServiceNotifier
-from lbd.runtime.reload import Reloader, ReloadResult
+from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import Runtime
+from lbd.runtime.status import ReloadResult
 from lbd.sources.file import watch_config
 from lbd.sources.kubernetes import KubernetesSource
 

@@ -43,6 +43,7 @@ from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
 from lbd.runtime.plan import Plan, make_plan
 from lbd.runtime.snapshot import kubernetes_snapshot, runtime_snapshot
+from lbd.runtime.status import ReloadStatus
 from lbd.shm.counts import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime.runtime")
@@ -148,6 +149,7 @@ class Runtime:
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
+        self.reloads = ReloadStatus()  # written by the Reloader, read by /healthz
         self.checks = ListenerCheck(lambda: (listener.net for listener in self.listeners.values()))
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
         # node.manageAddresses: the service addresses on the node. One owner per node: not a
