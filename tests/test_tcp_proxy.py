@@ -495,3 +495,17 @@ async def test_clients_opening_connections_back_to_back_see_no_failure_when_a_ba
             dying.close()
             await asyncio.wait_for(asyncio.gather(*clients), 30)
             assert failures == []
+
+
+@pytest.mark.parametrize(("hash_on", "distinct"), [("clientIP", 1), ("clientIPPort", 3)])
+async def test_hash_on_picks_by_client_address_or_address_and_port(
+    hash_on: str, distinct: int
+) -> None:
+    async with echo_backends(3) as backends:
+        endpoints = [(h, p) for h, p, _ in backends]
+        extra = f"    hashOn: {hash_on}\n    maglevTableSize: 251\n"
+        cfg = config(document(service_yaml("svc", endpoints, strategy="maglev", extra=extra)))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            names = {await read_name(host, port) for _ in range(40)}  # one client address
+    assert len(names) == distinct

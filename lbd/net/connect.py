@@ -55,6 +55,7 @@ class Connecting(Protocol):
 
     route: Route
     client: str
+    client_port: int
     closed: bool
     trying: ConnectTry | None  # the try in flight, if any
     loop: asyncio.AbstractEventLoop
@@ -87,7 +88,9 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
     eligible: list[UpstreamEndpoint] = []
     if attempt < MAX_CONNECT_TRIES:
         eligible = route.pool.eligible(connection.external)
-        endpoint = route.pick(eligible, connection.client, loop.time(), tried)
+        endpoint = route.pick(
+            eligible, connection.client, loop.time(), tried, connection.client_port
+        )
         limit = route.tunables.max_connections_per_endpoint
         if limit is not None and endpoint is not None and endpoint.active >= limit:
             endpoint = _pick_under_limit(connection, eligible, tried, limit)

@@ -271,7 +271,8 @@ class UdpListener:
                 1  # dropped: no ICMP per client without raw sockets
             )
             return None
-        endpoint = route.pick(route.pool.eligible(self.external), client[0], self.loop.time())
+        eligible = route.pool.eligible(self.external)
+        endpoint = route.pick(eligible, client[0], self.loop.time(), (), client[1])
         if endpoint is None:
             stats.udp_sess_dropped_total.no_endpoint += 1
             return None
