@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from lbd.admin.client import AdminTarget, call
+from lbd.admin.health import STUCK_AFTER_S
 from lbd.admin.server import AdminError, AdminServer
 from lbd.config import load_text
+from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import Runtime
 from tests.support import (
     admin_running,
@@ -59,12 +61,17 @@ async def test_healthz_and_readyz_follow_the_runtime() -> None:
     await admin.start()
     try:
         target = AdminTarget(address=admin.bound)
-        assert await call(target, "/healthz") == (200, {"status": "ok"})
+        code, body = await call(target, "/healthz")
+        assert (code, body["status"]) == (503, "not serving")  # not started yet
         assert await call(target, "/readyz") == (503, {"status": "not ready"})
         await runtime.start()
         assert await call(target, "/readyz") == (200, {"status": "ready"})
+        code, body = await call(target, "/healthz")
+        assert (code, body["status"], body["lastReload"]) == (200, "ok", None)
+        assert body["lastUpdated"].endswith("Z") and body["currentTime"] >= body["lastUpdated"]
         runtime.stop_accepting()
         assert (await call(target, "/readyz"))[0] == 503
+        assert (await call(target, "/healthz"))[0] == 503  # shutting down
     finally:
         runtime.stop_accepting()
         await admin.stop()
@@ -398,3 +405,25 @@ async def test_connection_id_links_error_and_access_logs() -> None:
     assert len(failed) + sum(e["similar_lines_skipped"] for e in failed) <= 4
     for event in failed:
         assert closed[event["connection"]]["endpoint"] == f"{bh}:{bp}"
+
+
+async def test_healthz_reports_a_failed_reload_but_stays_200(tmp_path: Path) -> None:
+    """A bad config file must not make a liveness probe restart lbd: the failure is in the
+    body, lbd keeps serving its last good config, and the status stays 200."""
+    path = tmp_path / "lbd.yaml"
+    good = document(service_yaml("svc", []))
+    path.write_text(good)
+    cfg = config(good)
+    async with admin_running(cfg) as (runtime, target):
+        reloader = Reloader(runtime, str(path), good.encode())
+        path.write_text(good.replace("round-robin", "round-robbin"))
+        assert (await reloader.reload("test")).outcome == "failed"
+        code, body = await call(target, "/healthz")
+        assert (code, body["status"]) == (200, "ok")
+        assert body["lastReload"]["outcome"] == "failed"
+        assert "round-robbin" in body["lastReload"]["problems"][0]
+        runtime.reloads.begin()  # a reload under way for longer than any may take:
+        assert runtime.reloads.started is not None
+        runtime.reloads.started -= STUCK_AFTER_S + 1
+        code, body = await call(target, "/healthz")
+        assert (code, body["status"]) == (503, "stuck")

@@ -425,3 +425,87 @@ async def test_both_halves_use_tcp_nodelay() -> None:
                 sock = transport.get_extra_info("socket")
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             writer.close()
+
+
+async def test_connections_queued_at_a_backend_that_dies_are_retried_elsewhere() -> None:
+    """A backend whose listening socket closes resets every connection still in its accept
+    queue. Nothing passed on them either way, so lbd takes each client to another endpoint:
+    no client sees the failure (before: one reset client per queued connection)."""
+    async with echo_backend("alive") as (bh, bp, _):
+        dying_host = fresh_ip()
+        dying = socket.socket()
+        dying.bind((dying_host, 0))
+        dying.listen(64)  # accepts nothing: connections wait in its queue
+        dying_port = dying.getsockname()[1]
+        cfg = config(document(service_yaml("svc", [(dying_host, dying_port), (bh, bp)])))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            route = route_of(runtime)
+            clients = [await asyncio.open_connection(host, port) for _ in range(10)]
+            queued = route.pool.find(dying_host)[0]
+            await until(lambda: queued.active == 5, what="five connections queued at it")
+            dying.close()  # the kernel resets the five
+            names = [
+                (await asyncio.wait_for(reader.readline(), 5)).decode().strip()
+                for reader, _ in clients
+            ]
+            for _, writer in clients:
+                writer.close()
+            assert names == ["alive"] * 10
+            # Each one was retried: as an early close, or (asyncio's loop, when the reset beats
+            # the connect's completion) as a failed connect.
+            early = queued.stats.upstream_cx_closed_before_data_total
+            assert early + queued.stats.upstream_cx_connect_fail_total == 5 and early >= 4
+            assert route.stats.upstream_cx_retries_total == 5
+
+
+async def test_clients_opening_connections_back_to_back_see_no_failure_when_a_backend_dies() -> (
+    None
+):
+    async with echo_backend("a") as (ah, ap, _), echo_backend("b") as (bh, bp, _):
+        dying_host = fresh_ip()
+        dying = socket.socket()
+        dying.bind((dying_host, 0))
+        dying.listen(64)
+        cfg = config(
+            document(
+                service_yaml("svc", [(dying_host, dying.getsockname()[1]), (ah, ap), (bh, bp)])
+            )
+        )
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            failures: list[str] = []
+            done = asyncio.Event()
+
+            async def client() -> None:
+                for _ in range(50):  # bounded: 50 connections each
+                    try:
+                        reader, writer = await asyncio.open_connection(host, port)
+                        name = (await asyncio.wait_for(reader.readline(), 5)).strip()
+                        writer.close()
+                        if name not in (b"a", b"b"):
+                            failures.append(f"got {name!r}")
+                    except (OSError, TimeoutError) as error:
+                        failures.append(repr(error))
+                    if done.is_set():
+                        return
+
+            clients = [asyncio.create_task(client()) for _ in range(4)]
+            await until(lambda: route_of(runtime).pool.find(dying_host)[0].active >= 2)
+            dying.close()
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+            assert failures == []
+
+
+@pytest.mark.parametrize(("hash_on", "distinct"), [("clientIP", 1), ("clientIPPort", 3)])
+async def test_hash_on_picks_by_client_address_or_address_and_port(
+    hash_on: str, distinct: int
+) -> None:
+    async with echo_backends(3) as backends:
+        endpoints = [(h, p) for h, p, _ in backends]
+        extra = f"    hashOn: {hash_on}\n    maglevTableSize: 251\n"
+        cfg = config(document(service_yaml("svc", endpoints, strategy="maglev", extra=extra)))
+        async with running(cfg) as runtime:
+            host, port = address_of(runtime)
+            names = {await read_name(host, port) for _ in range(40)}  # one client address
+    assert len(names) == distinct

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from lbd.admin import views
+from lbd.admin.health import Health
 from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
 from lbd.runtime.runtime import Runtime
@@ -25,6 +26,10 @@ class AdminBackend(Protocol):
 
     async def view(self, name: str, query: dict[str, str]) -> views.Json:
         """``views.call``; raises ``views.NotFound``/``views.BadRequest``."""
+        ...
+
+    def health(self) -> Health:
+        """What ``GET /healthz`` answers from."""
         ...
 
 
@@ -49,3 +54,8 @@ class LocalBackend:
 
     async def view(self, name: str, query: dict[str, str]) -> views.Json:
         return views.call(self.runtime, name, query)
+
+    def health(self) -> Health:
+        runtime = self.runtime
+        applied = runtime.process.config_last_reload_success_timestamp_seconds
+        return Health(runtime.ready, applied, runtime.reloads, runtime.kubernetes)

@@ -25,6 +25,7 @@ from prometheus_client.exposition import choose_encoder
 
 from lbd.admin import views
 from lbd.admin.backend import AdminBackend, LocalBackend
+from lbd.admin.health import health_answer
 from lbd.config.model import Admin
 from lbd.config.render import render_config
 from lbd.observability.snapshot import SnapshotCollector
@@ -224,7 +225,8 @@ async def _authorize(
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    status, body = health_answer(request.app[BACKEND].health())
+    return web.json_response(body, status=status)
 
 
 async def _readyz(request: web.Request) -> web.Response:

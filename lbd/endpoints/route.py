@@ -33,6 +33,7 @@ class Route:
         "affinity",
         "balancer",
         "fd_exhausted_logged_at",
+        "hash_port",
         "log_limiter",
         "namespace",
         "outlier",
@@ -115,15 +116,18 @@ class Route:
         client: str,
         now: float,
         tried: Collection[UpstreamEndpoint] = (),
+        client_port: int = 0,
     ) -> UpstreamEndpoint | None:
         """The endpoint for a new connection or session: the client's affinity entry while it
-        is eligible and untried, else the balancer's choice (then recorded)."""
+        is eligible and untried, else the balancer's choice (then recorded). A hash-based
+        strategy hashes the client's address, or address and port (``hashOn: clientIPPort``)."""
+        key = f"{client}:{client_port}" if self.hash_port else client
         affinity = self.affinity
         if affinity is None:
-            return self.balancer.pick(eligible, client, tried)
+            return self.balancer.pick(eligible, key, tried)
         endpoint = affinity.lookup(client, now, eligible)
         if endpoint is None or endpoint in tried or endpoint not in eligible:
-            endpoint = self.balancer.pick(eligible, client, tried)
+            endpoint = self.balancer.pick(eligible, key, tried)
             if endpoint is None:
                 return None
         affinity.record(client, endpoint, now)
@@ -147,6 +151,7 @@ class Route:
     def _apply_tunables(self) -> None:
         """Derive the data path's helpers from the tunables (at build and on every update)."""
         tunables = self.tunables
+        self.hash_port = tunables.hash_on == "clientIPPort"  # hash-based strategies' key
         self.trusted_proxies = tuple(
             ipaddress.ip_network(cidr) for cidr in tunables.accept_proxy_protocol_from
         )

@@ -47,6 +47,7 @@ class UpstreamHalf(Protocol):
     endpoint: UpstreamEndpoint
     attached: bool  # the connection's upstream now (its connection_made was accepted)
     timed_out: bool  # its try's deadline passed before it connected
+    tried: list[UpstreamEndpoint]  # this connection's tries so far, its own included
 
 
 class Connecting(Protocol):
@@ -54,6 +55,7 @@ class Connecting(Protocol):
 
     route: Route
     client: str
+    client_port: int
     closed: bool
     trying: ConnectTry | None  # the try in flight, if any
     loop: asyncio.AbstractEventLoop
@@ -64,7 +66,9 @@ class Connecting(Protocol):
     @property
     def external(self) -> bool: ...
 
-    def new_upstream(self, endpoint: UpstreamEndpoint) -> UpstreamHalf: ...
+    def new_upstream(
+        self, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+    ) -> UpstreamHalf: ...
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
@@ -84,7 +88,9 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
     eligible: list[UpstreamEndpoint] = []
     if attempt < MAX_CONNECT_TRIES:
         eligible = route.pool.eligible(connection.external)
-        endpoint = route.pick(eligible, connection.client, loop.time(), tried)
+        endpoint = route.pick(
+            eligible, connection.client, loop.time(), tried, connection.client_port
+        )
         limit = route.tunables.max_connections_per_endpoint
         if limit is not None and endpoint is not None and endpoint.active >= limit:
             endpoint = _pick_under_limit(connection, eligible, tried, limit)
@@ -131,7 +137,7 @@ class ConnectTry:
         deadline: float,
     ) -> None:
         self.connection = connection
-        self.upstream = connection.new_upstream(endpoint)
+        self.upstream = connection.new_upstream(endpoint, tried)
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
         self.cancelled = False  # given up while not waiting on a future: throw at next step
@@ -202,7 +208,7 @@ class ConnectTry:
             _out_of_descriptors(connection, error)
             return
         endpoint.stats.upstream_cx_connect_fail_total += 1
-        _connect_failed(connection, endpoint, error.strerror or type(error).__name__)
+        connect_failed(connection, endpoint, error.strerror or type(error).__name__)
         try_next(connection, self.tried)
 
     def _timed_out(self) -> None:
@@ -215,7 +221,7 @@ class ConnectTry:
         upstream.timed_out = True
         self.give_up()
         upstream.endpoint.stats.upstream_cx_connect_timeout_total += 1
-        _connect_failed(connection, upstream.endpoint, "timeout")
+        connect_failed(connection, upstream.endpoint, "timeout")
         try_next(connection, self.tried)
 
     def give_up(self) -> None:
@@ -287,7 +293,7 @@ def _pick_under_limit(
         skip.append(endpoint)
 
 
-def _connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str) -> None:
+def connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str) -> None:
     route = connection.route
     route.pool.release(endpoint)
     if route.outlier is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Literal, Protocol
 
 import structlog
@@ -71,6 +71,10 @@ class Listener(Protocol):
         """Stop serving for good (open TCP connections carry on)."""
         ...
 
+    def check(self) -> None:
+        """Find out whether the socket was destroyed from outside, and bind it again if so."""
+        ...
+
 
 class SocketHandler(Protocol):
     """The protocol-specific half a ``ListenerSocket`` drives."""
@@ -90,6 +94,11 @@ class SocketHandler(Protocol):
 
     def pool_changed(self, pool: Pool) -> None:
         """After every change of the pool (UDP: sessions whose endpoint left end here)."""
+        ...
+
+    @property
+    def destroyed(self) -> bool:
+        """The open socket no longer works: destroyed from outside (``ss -K``), or failed."""
         ...
 
 
@@ -152,6 +161,19 @@ class ListenerSocket:
         self._unfollow()
         self._stop()
 
+    def check(self) -> None:
+        """A socket destroyed from outside (``ss -K``, or any error that closes it) is shut
+        and bound again, logged and counted. Left alone, the event loop would spin on it: the
+        kernel reports it readable for ever and every accept fails."""
+        if self.closed or not self.handler.destroyed:
+            return
+        counts = self.route.stats.listener_destroyed_total
+        setattr(counts, self.protocol, getattr(counts, self.protocol) + 1)
+        log.warning("listener socket destroyed, binding it again", listener=self.label)
+        self._stop()
+        if not self.pinned:
+            self._pool_changed(self.route.pool)  # bind again, if it should listen at all
+
     def open_failed(self, error: OSError) -> None:
         """The handler could not serve a socket it had bound (TCP: create_server failed)."""
         self._failed("serve", error)
@@ -208,3 +230,29 @@ class ListenerSocket:
             self._retry.cancel()
             self._retry = None
         self.handler.shut()
+
+
+CHECK_INTERVAL_S = 1.0
+
+
+class ListenerCheck:
+    """Checks every listener once a second (``Listener.check``): a listening socket destroyed
+    from outside gives no event a listener could wait on (uvloop retries the failing accept
+    silently, spinning a core), so it is looked for. One getsockopt per TCP listener."""
+
+    def __init__(self, listeners: Callable[[], Iterable[Listener]]) -> None:
+        self.listeners = listeners
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(CHECK_INTERVAL_S, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        for listener in list(self.listeners()):
+            listener.check()
+        self.start()

@@ -94,7 +94,7 @@ def feed_header(connection: Accepting, reader: HeaderReader, data: bytes) -> Non
     reader.close()
     if source is not None and destination is not None:
         connection.addresses = (source, destination)
-        connection.client = source[0]
+        connection.client, connection.client_port = source
     route = connection.route
     if connection.listener.filtered and not route.allows(connection.client):
         route.stats.downstream_cx_refused_total.source_range += 1

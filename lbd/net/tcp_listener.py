@@ -112,6 +112,19 @@ class TcpListener:
         self.removed = True
         self.socket.close()
 
+    def check(self) -> None:
+        self.socket.check()
+
+    @property
+    def destroyed(self) -> bool:
+        sock = self.sock
+        if self.server is None or sock is None:
+            return False
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
+        except OSError:
+            return True
+
     # -- SocketHandler: the ListenerSocket opens and shuts the socket --------------------------
 
     def pool_changed(self, pool: Pool) -> None:

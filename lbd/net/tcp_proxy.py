@@ -46,6 +46,7 @@ class Downstream(asyncio.Protocol):
         "admission",
         "client",
         "client_eof",
+        "client_port",
         "closed",
         "connections",
         "endpoint",
@@ -87,14 +88,12 @@ class Downstream(asyncio.Protocol):
         self.header: HeaderReader | None = None
         # (client, destination) as a trusted PROXY header said; else the socket's own.
         self.addresses: tuple[Address, Address] | None = None
-        self.client = ""
-        self.client_eof = False
-        self.upstream_eof = False
+        self.client, self.client_port = "", 0  # the port: for hashOn: clientIPPort
+        self.client_eof = self.upstream_eof = False
         self.closed = False
         self.received = 0  # bytes from the client
         self.sent = 0  # bytes from the upstream, written to the client
-        self.started = 0.0
-        self.last_activity = 0.0
+        self.started = self.last_activity = 0.0
         self._serial = 0  # numbered when first logged (see ``id``): no int object per connection
         # [upward, downward] splice pumps once a direction went bulk (lbd.net.splice).
         self.pumps: list[SplicePump | None] | None = None
@@ -128,7 +127,8 @@ class Downstream(asyncio.Protocol):
         self.started = self.last_activity = loop.time()
         self.route.stats.downstream_cx_total += 1
         peer = transport.get_extra_info("peername")
-        self.client = peer[0] if peer else ""
+        if peer:
+            self.client, self.client_port = peer[0], peer[1]
         tcp_accept.accepted(self)
 
     def track(self) -> None:
@@ -273,8 +273,8 @@ class Downstream(asyncio.Protocol):
         client_failed = upward == at_source
         self.finish("client_reset" if client_failed else "upstream_reset", abort=True)
 
-    def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream:
-        return Upstream(self, endpoint)
+    def new_upstream(self, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]) -> Upstream:
+        return Upstream(self, endpoint, tried)
 
     def attach(self, upstream: Upstream) -> None:
         """Called from the upstream's ``connection_made``: start moving bytes."""

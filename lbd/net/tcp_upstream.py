@@ -8,19 +8,26 @@ half-close.
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.net import connect
+from lbd.net.connections import ConnectionSet
+from lbd.net.idle import Idler
 from lbd.net.splice import BULK_READ
 
 
-class UpstreamOwner(Protocol):
+class UpstreamOwner(connect.Connecting, Idler, Protocol):
     """What an Upstream needs of its connection (``lbd.net.tcp_proxy.Downstream``)."""
 
+    upstream: Upstream | None
+    endpoint: UpstreamEndpoint | None
+    connections: ConnectionSet[Any]
+
     transport: asyncio.Transport | None  # the client's
-    loop: asyncio.AbstractEventLoop
-    closed: bool
-    sent: int
+    sent: int  # bytes from the endpoint
+    received: int  # bytes from the client (all forwarded once the upstream exists)
+    client_eof: bool
     last_activity: float
 
     def attach(self, upstream: Upstream) -> None: ...
@@ -37,11 +44,14 @@ class UpstreamOwner(Protocol):
 class Upstream(asyncio.Protocol):
     """The endpoint side of a proxied connection; forwards everything to its Downstream."""
 
-    __slots__ = ("attached", "downstream", "endpoint", "timed_out", "transport")
+    __slots__ = ("attached", "downstream", "endpoint", "timed_out", "transport", "tried")
 
-    def __init__(self, downstream: UpstreamOwner, endpoint: UpstreamEndpoint) -> None:
+    def __init__(
+        self, downstream: UpstreamOwner, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+    ) -> None:
         self.downstream = downstream
         self.endpoint = endpoint
+        self.tried = tried  # the connection's tries so far: a retry after an early close skips them
         self.attached = False  # the connection's upstream (a later try may not be)
         self.timed_out = False  # its try's deadline passed before it connected
         self.transport: asyncio.Transport
@@ -60,12 +70,19 @@ class Upstream(asyncio.Protocol):
             downstream.splice(False)
 
     def eof_received(self) -> bool:
-        self.downstream.upstream_ended()
+        downstream = self.downstream
+        if _nothing_passed(downstream):
+            _retry_elsewhere(downstream, self, "closed before any byte")
+            return False
+        downstream.upstream_ended()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         downstream = self.downstream
         if self.attached and not downstream.closed:
+            if _nothing_passed(downstream):
+                _retry_elsewhere(downstream, self, "reset before any byte" if exc else "closed")
+                return
             downstream.finish("upstream_reset" if exc else "upstream_closed", abort=exc is not None)
 
     def pause_writing(self) -> None:
@@ -81,3 +98,24 @@ class Upstream(asyncio.Protocol):
             and not self.downstream.spliced(True)
         ):
             transport.resume_reading()
+
+
+def _nothing_passed(downstream: UpstreamOwner) -> bool:
+    """No byte went either way: nothing was delivered, so another endpoint may be tried."""
+    return not downstream.closed and downstream.sent == 0 and downstream.received == 0
+
+
+def _retry_elsewhere(downstream: UpstreamOwner, upstream: Upstream, why: str) -> None:
+    """The endpoint closed or reset the connection before a byte passed either way and before
+    lbd forwarded any of the client's: nothing was delivered, so another endpoint may take the
+    client (a backend that died with connections in its accept queue resets them all).
+    Another try, as after a refused connect, within the same limit."""
+    endpoint = upstream.endpoint
+    upstream.attached = False  # its connection_lost no longer ends the connection
+    downstream.upstream = downstream.endpoint = None
+    endpoint.stats.upstream_cx_closed_before_data_total += 1
+    if not upstream.transport.is_closing():
+        upstream.transport.abort()
+    downstream.connections.idle.remove(downstream)
+    connect.connect_failed(downstream, endpoint, why)  # releases it, tells outlier detection
+    connect.try_next(downstream, upstream.tried)

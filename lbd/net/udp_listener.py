@@ -99,6 +99,13 @@ class UdpListener:
     def bound(self) -> tuple[str, int]:
         return self.socket.address, self.socket.port
 
+    def check(self) -> None:
+        self.socket.check()
+
+    @property
+    def destroyed(self) -> bool:
+        return False  # a UDP socket's errors come with the datagrams that failed (counted)
+
     @property
     def removed(self) -> bool:
         return self.socket.closed
@@ -282,7 +289,8 @@ class UdpListener:
                 1  # dropped: no ICMP per client without raw sockets
             )
             return None
-        endpoint = route.pick(route.pool.eligible(self.external), client[0], self.loop.time())
+        eligible = route.pool.eligible(self.external)
+        endpoint = route.pick(eligible, client[0], self.loop.time(), (), client[1])
         if endpoint is None:
             stats.udp_sess_dropped_total.no_endpoint += 1
             return None

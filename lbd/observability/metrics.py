@@ -72,6 +72,13 @@ _TABLE: tuple[MetricSpec, ...] = (
         label="protocol",
     ),
     _route(
+        "listener_destroyed_total",
+        C,
+        "Listening sockets found destroyed from outside (ss -K, or an error that closed them) "
+        "and bound again, by protocol.",
+        label="protocol",
+    ),
+    _route(
         "endpoints_panic_total",
         C,
         "Times the service port had only unhealthy or ejected endpoints and used them all.",
@@ -129,6 +136,12 @@ _TABLE: tuple[MetricSpec, ...] = (
     _endpoint("upstream_cx_active", G, "Connections to the endpoint open or connecting now."),
     _endpoint("upstream_cx_connect_fail_total", C, "Connects that failed."),
     _endpoint("upstream_cx_connect_timeout_total", C, "Connects that timed out."),
+    _endpoint(
+        "upstream_cx_closed_before_data_total",
+        C,
+        "Connections the endpoint closed or reset before a byte passed either way (a backend "
+        "that died with connections in its accept queue): the client was retried elsewhere.",
+    ),
     _endpoint("upstream_bytes_sent_total", C, "Bytes sent to the endpoint."),
     _endpoint("upstream_bytes_received_total", C, "Bytes received from the endpoint."),
     _endpoint(

@@ -128,6 +128,7 @@ class RouteStats:
         default_factory=lambda: Buckets(CX_LENGTH_SECONDS_BUCKETS)
     )
     listener_rebind_failures_total: ByProtocol = field(default_factory=ByProtocol)
+    listener_destroyed_total: ByProtocol = field(default_factory=ByProtocol)
     upstream_cx_retries_total: int = 0
     upstream_cx_connect_attempts_exceeded_total: int = 0  # no endpoint accepted a connect
     endpoints_panic_total: int = 0  # at scrape, from the pool
@@ -160,6 +161,7 @@ class EndpointStats:
     upstream_cx_active: int = 0  # at scrape: this worker's connections
     upstream_cx_connect_fail_total: int = 0
     upstream_cx_connect_timeout_total: int = 0
+    upstream_cx_closed_before_data_total: int = 0  # closed or reset before a byte: retried
     # lbd → endpoint and back, of closed connections (open ones add theirs at scrape)
     upstream_bytes_sent_total: int = 0
     upstream_bytes_received_total: int = 0

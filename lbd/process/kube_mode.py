@@ -22,7 +22,8 @@ from lbd.config.kubesource import min_sync_period as parse_min_sync_period
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
 from lbd.config.yamlfile import read_config_file
-from lbd.runtime.reload import ReloadRequests, ReloadResult, reload_failed
+from lbd.runtime.reload import ReloadRequests, reload_failed
+from lbd.runtime.status import ReloadResult
 from lbd.sources.kube_client import SourceError
 from lbd.sources.kube_state import read_base
 from lbd.sources.kubernetes import KubernetesOptions, KubernetesSource

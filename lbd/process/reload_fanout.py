@@ -30,11 +30,11 @@ from lbd.runtime.plan import collector_paused
 from lbd.runtime.reload import (
     PLAN_TIMEOUT_S,
     ReloadRequests,
-    ReloadResult,
     content_hash,
     reload_failed,
 )
 from lbd.runtime.runtime import ListenerError
+from lbd.runtime.status import ReloadResult, ReloadStatus
 from lbd.shm.counts import SharedCounts, SlotAllocator
 
 log = structlog.get_logger("lbd.process.supervisor")
@@ -65,6 +65,8 @@ class ReloadFanOut:
         self.slots_table: SlotTable = slots.assign(config)
         self.results = Results()  # lbd_config_reloads_total: the supervisor decides them
         self._failed_bytes: tuple[str, tuple[str, ...]] = ("", ())  # invalid bytes, and why
+        self.status = ReloadStatus()  # the last reload's outcome, for /healthz
+        self.applied_at = time.time()  # wall clock: the running config's apply
         self._lock = asyncio.Lock()
         self._requests = ReloadRequests()
         # lbd run --kubernetes: a reload without data reads the file's settings (KubeMode)
@@ -85,7 +87,13 @@ class ReloadFanOut:
         if data is None and self.file_reload is not None:
             return await self.file_reload(reason)
         async with self._lock:
-            return await self._reload(reason, data)
+            self.status.begin()
+            result = ReloadResult("failed", 0.0, problems=("the reload crashed",))
+            try:
+                result = await self._reload(reason, data)
+            finally:
+                self.status.end(result)
+            return result
 
     async def _reload(self, reason: str, data: bytes | None) -> ReloadResult:
         started = time.perf_counter()
@@ -134,6 +142,7 @@ class ReloadFanOut:
         self.data = data
         self.addresses.commit(config)
         self.results.success += 1
+        self.applied_at = time.time()
         duration = time.perf_counter() - started
         log.info(
             "config reloaded",

@@ -14,6 +14,7 @@ import socket
 import structlog
 
 from lbd.admin import views
+from lbd.admin.health import Health
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
@@ -48,6 +49,14 @@ class SupervisorBackend:
 
     async def snapshot(self) -> Snapshot:
         return await self.supervisor.snapshot()
+
+    def health(self) -> Health:
+        supervisor = self.supervisor
+        reloads = supervisor.reloads
+        workers = (len(supervisor.pool.serving()), supervisor.workers)
+        return Health(
+            supervisor.ready, reloads.applied_at, reloads.status, supervisor.kubernetes, workers
+        )
 
     async def view(self, name: str, query: dict[str, str]) -> views.Json:
         pool = self.supervisor.pool

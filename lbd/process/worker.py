@@ -27,8 +27,9 @@ from lbd.process.kube_mode import KubeMode
 from lbd.process.messages import SocketKey
 from lbd.process.sdnotify import ServiceNotifier
 from lbd.process.udp_handoff import hand_over_udp
-from lbd.runtime.reload import Reloader, ReloadResult
+from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import Runtime
+from lbd.runtime.status import ReloadResult
 from lbd.sources.file import watch_config
 from lbd.sources.kubernetes import KubernetesSource
 

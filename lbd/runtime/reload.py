@@ -14,8 +14,6 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
@@ -26,18 +24,9 @@ from lbd.config.release import release
 from lbd.config.yamlfile import read_config_file
 from lbd.runtime.plan import Plan, collector_paused
 from lbd.runtime.runtime import ListenerError, Runtime
+from lbd.runtime.status import ReloadResult
 
 log = structlog.get_logger("lbd.runtime.reload")
-
-Outcome = Literal["applied", "unchanged", "failed"]
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    outcome: Outcome
-    duration_s: float
-    diff: ConfigDiff | None = None
-    problems: tuple[str, ...] = ()
 
 
 class ReloadRequests:
@@ -106,7 +95,14 @@ class Reloader:
         """Reload from the file, or from ``data`` (a supervisor read and checked the file and
         hands every worker the same bytes)."""
         async with self._lock:
-            return await self._reload(reason, data)
+            status = self.runtime.reloads
+            status.begin()
+            result = ReloadResult("failed", 0.0, problems=("the reload crashed",))
+            try:
+                result = await self._reload(reason, data)
+            finally:
+                status.end(result)
+            return result
 
     async def _reload(self, reason: str, data: bytes | None) -> ReloadResult:
         started = time.perf_counter()

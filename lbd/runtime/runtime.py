@@ -32,6 +32,7 @@ from lbd.health.registry import HealthRegistry
 from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
 from lbd.net.listener import Listener as NetListener
+from lbd.net.listener import ListenerCheck
 from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
@@ -42,6 +43,7 @@ from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
 from lbd.runtime.plan import Plan, make_plan
 from lbd.runtime.snapshot import kubernetes_snapshot, runtime_snapshot
+from lbd.runtime.status import ReloadStatus
 from lbd.shm.counts import EndpointSlots
 
 log = structlog.get_logger("lbd.runtime.runtime")
@@ -147,6 +149,8 @@ class Runtime:
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
+        self.reloads = ReloadStatus()  # written by the Reloader, read by /healthz
+        self.checks = ListenerCheck(lambda: (listener.net for listener in self.listeners.values()))
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
         # node.manageAddresses: the service addresses on the node. One owner per node: not a
         # worker that shares its supervisor's listeners.
@@ -157,6 +161,7 @@ class Runtime:
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
         await self.apply(self._initial)
+        self.checks.start()
         self.ready = True
 
     def plan(self, new: Config) -> Plan:
@@ -364,6 +369,7 @@ class Runtime:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
         connections carry on."""
         self.ready = False
+        self.checks.stop()
         self.health.close()
         if self.addresses is not None:
             self.addresses.stop_watching()
