@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from lbd import __version__
@@ -288,13 +287,13 @@ def check_diff(running: str, new: str, options: LoadOptions | None = None) -> in
 
 
 def send_signal(pid_file: str, signum: signal.Signals, command: str) -> int:
+    """Signal the lbd the pid file names, once it is known to be a running ``lbd run``."""
+    from lbd.process.pidfile import PidFileError, running_lbd
+
     try:
-        pid = int(Path(pid_file).read_text().strip())
-        if pid <= 1:
-            # os.kill(0 or -1, ...) would signal our own process group or every process.
-            raise ValueError(f"{pid} is not the process id of an lbd")
+        pid = running_lbd(pid_file)
         os.kill(pid, signum)
-    except (OSError, ValueError) as error:
+    except (OSError, PidFileError) as error:
         print(f"lbd {command}: cannot signal the process in {pid_file}: {error}", file=sys.stderr)
         return EXIT_START
     print(f"lbd {command}: sent {signum.name} to {pid}")
@@ -306,6 +305,7 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
     from lbd.config.admin import workers_count
     from lbd.process.handoff import HandoffError
     from lbd.process.kube_mode import SourceError, kubernetes_mode
+    from lbd.process.pidfile import defer_signals, remove_pid_file, write_pid_file
     from lbd.process.supervisor import StartError
     from lbd.runtime.runtime import ListenerError
 
@@ -323,8 +323,15 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
         except ValueError as error:  # FieldError is one
             print(f"lbd run: --workers: {error}", file=sys.stderr)
             return EXIT_USAGE
+    # Until their handlers exist, SIGHUP and SIGUSR2 (``lbd reload``/``restart``, which find us
+    # through the pid file) wait rather than end the process.
+    defer_signals()
     if pid_file:
-        Path(pid_file).write_text(f"{os.getpid()}\n")
+        try:
+            write_pid_file(pid_file)
+        except OSError as error:
+            print(f"lbd run: cannot write the pid file {pid_file}: {error}", file=sys.stderr)
+            return EXIT_START
     try:
         with asyncio.Runner(loop_factory=LOOP_FACTORIES[loop]) as runner:
             return runner.run(_serve(args, config, data, workers, options))
@@ -333,16 +340,7 @@ def run(args: argparse.Namespace, options: LoadOptions | None = None) -> int:
         return EXIT_START
     finally:
         if pid_file:
-            _remove_pid_file(Path(pid_file))
-
-
-def _remove_pid_file(path: Path) -> None:
-    """Only our own: after a restart the file names the successor."""
-    try:
-        if path.read_text().strip() == str(os.getpid()):
-            path.unlink()
-    except OSError:
-        pass  # already gone
+            remove_pid_file(pid_file)
 
 
 async def _serve(
@@ -358,7 +356,7 @@ async def _serve(
     source, watch = (args.config or "<kubernetes>", data), not args.no_watch and args.config
     restart_path = args.restart_socket or (f"{args.pid_file}.restart" if args.pid_file else None)
     takeover = await take_over(args.takeover) if args.takeover else None
-    restart = Restart(restart_path, takeover)
+    restart = Restart(restart_path, takeover, pid_file=args.pid_file)
     try:
         if workers == 1:
             from lbd.process.worker import serve

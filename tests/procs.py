@@ -135,3 +135,14 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def restart(lbd: LbdProcess, pid_file: Path) -> int:
+    """``lbd restart``: the successor's pid, once ``lbd`` handed over to it and exited 0."""
+    code, _, err = await run_cli("restart", "--pid-file", str(pid_file))
+    assert code == 0, err
+    await lbd.wait_event("restart: the next lbd serves; draining and exiting", 60)
+    assert await asyncio.wait_for(lbd.process.wait(), 30) == 0
+    successor = int(pid_file.read_text())
+    assert successor != lbd.process.pid and alive(successor)
+    return successor

@@ -462,3 +462,33 @@ async def test_reload_refuses_a_pid_file_that_would_signal_a_group(
     code, _, err = await run_cli("reload", "--pid-file", str(pid_file))
     assert code == 3
     assert "cannot signal the process" in err
+
+
+@pytest.mark.parametrize("command", ["reload", "restart"])
+async def test_reload_and_restart_refuse_a_pid_file_naming_another_program(
+    tmp_path: Path, command: str
+) -> None:
+    """A stale pid file whose pid now belongs to another program: signalling it would end that
+    program (SIGHUP's and SIGUSR2's default action) and reload nothing."""
+    other = await asyncio.create_subprocess_exec("sleep", "60")
+    try:
+        pid_file = tmp_path / "lbd.pid"
+        pid_file.write_text(f"{other.pid}\n")
+        code, out, err = await run_cli(command, "--pid-file", str(pid_file))
+        assert code == 3 and out == "", err
+        assert f"process {other.pid} is not an lbd" in err and "Traceback" not in err
+        assert other.returncode is None
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(other.wait()), 0.2)  # and it still runs
+    finally:
+        other.kill()  # our own child, by PID
+        await other.wait()
+
+
+async def test_reload_refuses_a_pid_file_naming_an_exited_process(tmp_path: Path) -> None:
+    gone = await asyncio.create_subprocess_exec("true")
+    await gone.wait()
+    pid_file = tmp_path / "lbd.pid"
+    pid_file.write_text(f"{gone.pid}\n")
+    code, _, err = await run_cli("reload", "--pid-file", str(pid_file))
+    assert code == 3 and f"no process {gone.pid} runs" in err, err

@@ -22,6 +22,7 @@ class InheritedSockets:
 
     def __init__(self, sockets: dict[tuple[object, ...], socket.socket] | None = None) -> None:
         self.sockets = dict(sockets or {})
+        self.taken: set[tuple[object, ...]] = set()  # the keys handed out (a restart reports them)
 
     def add(self, key: tuple[object, ...], sock: socket.socket) -> None:
         old = self.sockets.pop(key, None)
@@ -33,6 +34,7 @@ class InheritedSockets:
         sock = self.sockets.pop(key, None)
         if sock is not None:
             sock.setblocking(False)
+            self.taken.add(key)
         return sock
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol
 from lbd.net.listener import ListenerSocket
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
+from lbd.net.udp_drain import UdpDrain
 from lbd.net.udp_session import BATCH, Ancillary, Client, UdpSession, connect_upstream
 
 log = structlog.get_logger("lbd.udp")
@@ -47,6 +48,7 @@ class UdpListener:
     __slots__ = (
         "_anc_level",
         "_anc_type",
+        "_inherited",
         "filtered",
         "loop",
         "reuse_port",
@@ -66,8 +68,12 @@ class UdpListener:
         external: bool = False,
         filtered: bool = False,
         reuse_port: bool = False,
+        inherited: socket.socket | None = None,
     ) -> None:
+        """``inherited``: a socket bound elsewhere (the lbd this one took over from, and with
+        workers its worker of the same index), used instead of binding."""
         self.socket = ListenerSocket(self, "UDP", address, port, route, external)
+        self._inherited = inherited
         self.filtered = filtered  # loadBalancerSourceRanges apply
         self.reuse_port = reuse_port  # several workers: each binds its own, the kernel hashes
         self.sock: socket.socket | None = None
@@ -112,7 +118,8 @@ class UdpListener:
         """Bind the socket (raises OSError) and resolve port 0; nothing is read yet. A reload
         binds every new listener first, so a failure can still change nothing."""
         self.loop = self.socket.loop = asyncio.get_running_loop()
-        self.sock = self._bind()
+        sock, self._inherited = self._inherited, None
+        self.sock = sock if sock is not None else self._bind()
         self.socket.port = self.sock.getsockname()[1]
 
     async def start(self) -> None:
@@ -138,6 +145,17 @@ class UdpListener:
         for session in list(self.sessions.values()):
             session.finish("shutdown")
         self.socket.close()
+
+    def hand_over(self) -> UdpDrain | None:
+        """A successor reads this socket now (a seamless restart): stop reading it, and let
+        the sessions finish in a ``UdpDrain``, which keeps the socket for their replies. The
+        listener is then as good as closed (``close`` follows). None when it has no socket."""
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return None
+        self.loop.remove_reader(sock.fileno())
+        sessions, self.sessions = self.sessions, {}
+        return UdpDrain(self.loop, sock, self.route, sessions, self.view)  # no longer read here
 
     # -- SocketHandler: the ListenerSocket opens and shuts the socket --------------------------
 

@@ -69,6 +69,20 @@ class AdminRequest(Request):
     query: dict[str, str]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpSocketsRequest(Request):
+    """A seamless restart: copies of the worker's own UDP listening sockets, for the worker of
+    the same index in the successor (``lbd.process.udp_handoff``)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SuccessorServes(Request):
+    """The successor reads these UDP sockets of the worker now (ListenerSpec identities): at
+    SIGTERM their sessions drain instead of ending."""
+
+    keys: list[SocketKey]
+
+
 # -- worker → supervisor ------------------------------------------------------------------------
 
 
@@ -98,6 +112,17 @@ class AdminReply(Reply):
     status: int  # 200, 400 or 404
     body: dict[str, Any] | None = None
     error: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpSocketsReply(Reply):
+    keys: list[SocketKey]  # the sockets travel beside the message, in this order
+    sockets: list[socket.socket] = field(default_factory=list)  # set on receipt (WorkerSet)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Acknowledged(Reply):
+    pass
 
 
 # -- either way: state every worker must share --------------------------------------------------
@@ -131,7 +156,10 @@ class HandoffSockets:
 
 @dataclass(frozen=True, slots=True)
 class HandoffReady:
-    """The successor serves: the predecessor may stop accepting."""
+    """The successor serves: the predecessor may stop accepting, and stop reading the UDP
+    sockets the successor took (``taken``: their keys)."""
+
+    taken: list[SocketKey] = field(default_factory=list)
 
 
 Message = (
@@ -139,11 +167,15 @@ Message = (
     | Reload
     | SnapshotRequest
     | AdminRequest
+    | UdpSocketsRequest
+    | SuccessorServes
     | Ready
     | StartFailed
     | ReloadDone
     | SnapshotReply
     | AdminReply
+    | UdpSocketsReply
+    | Acknowledged
     | HealthVerdict
     | Ejection
     | HandoffSockets

@@ -33,6 +33,7 @@ from lbd.observability.stats import KubernetesStats
 from lbd.process.listening import ListeningSockets, SocketMode, listener_specs
 from lbd.process.messages import SnapshotReply, SnapshotRequest, Start
 from lbd.process.reload_fanout import ReloadFanOut
+from lbd.process.udp_handoff import WorkerSockets
 from lbd.process.worker import STOP_SIGNALS
 from lbd.process.workers import StartError, WorkerSet
 from lbd.runtime.runtime import ListenerError
@@ -78,6 +79,8 @@ class Supervisor:
             self.addresses,
         )
         self.kubernetes: KubernetesStats | None = None  # lbd run --kubernetes
+        # A seamless restart: the UDP sockets of the predecessor's workers, for ours at start.
+        self.predecessor = WorkerSockets(InheritedSockets(), ())
 
     @property
     def config(self) -> Config:
@@ -87,17 +90,18 @@ class Supervisor:
         """What worker ``index`` is started with (also a replacement, at any later time)."""
         reloads = self.reloads
         keys, socks = self.listening.for_worker(index)
+        udp_keys, udp_socks = self.predecessor.for_worker(index)  # a seamless restart's
         start = Start(
             path=reloads.path,
             data=reloads.data,
             node_name=reloads.options.node_name,
             proxy_name=reloads.options.proxy_name,
-            keys=keys,
+            keys=keys + udp_keys,
             slots=reloads.slots_table,
             index=index,
             health=dict(self.pool.health),
         )
-        return start, socks
+        return start, socks + udp_socks
 
     async def start(self) -> None:
         """Bind the TCP listeners, start every worker, and wait until all serve."""
@@ -110,11 +114,13 @@ class Supervisor:
         except NetlinkFailure as error:
             raise ListenerError(f"node.manageAddresses: {error}") from None
         self.listening.commit(self.listening.bind(listener_specs(self.config)))
+        self.predecessor = WorkerSockets(self.listening.inherited, listener_specs(self.config))
         self.listening.inherited.close()
         for member in self.pool.members:
             await self.pool.spawn(member)
         waits = [m.ready for m in self.pool.members if m.ready is not None]
         done, pending = await asyncio.wait(waits, timeout=START_TIMEOUT_S)
+        self.predecessor.close()  # every worker that started has its copies
         failed = [f.exception() for f in done if f.exception() is not None]
         if failed or pending:
             for future in pending:
@@ -142,6 +148,7 @@ class Supervisor:
         for signum in (*STOP_SIGNALS, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         self.listening.close()
+        self.predecessor.close()
         self.counts.close()
 
     @property

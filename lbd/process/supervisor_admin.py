@@ -18,6 +18,7 @@ from lbd.admin.health import Health
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
 from lbd.observability.snapshot import Snapshot
+from lbd.process import udp_handoff
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
 from lbd.process.messages import AdminReply, AdminRequest, SocketKey
@@ -119,17 +120,26 @@ async def serve_supervised(
             admin=admin.bound if admin is not None else None,
         )
 
-        def sockets() -> dict[SocketKey, socket.socket]:
-            handed = supervisor.listening.handoff()
+        async def sockets() -> dict[SocketKey, socket.socket]:
+            handed = {key: sock.dup() for key, sock in supervisor.listening.handoff().items()}
             if admin is not None and admin.sock is not None:
-                handed[ADMIN_KEY] = admin.sock
+                handed[ADMIN_KEY] = admin.sock.dup()
+            handed.update(await udp_handoff.collect(supervisor.pool))  # the workers' own
             return handed
+
+        retiring: set[asyncio.Task[None]] = set()  # the task below, referenced while it runs
+
+        async def retire() -> None:
+            try:  # each worker learns which of its UDP sockets to drain, then is stopped
+                await udp_handoff.successor_serves(supervisor.pool, restart.successor_keys)
+            finally:
+                supervisor.stopping.set()
 
         if kube is not None:
             kube.when_synced(systemd.ready)  # ready once the API's state is applied
         else:
             systemd.ready()  # every worker serves: start() waited for each
-        restart.serving(sockets, supervisor.stopping.set)
+        restart.serving(sockets, lambda: retiring.add(asyncio.create_task(retire())))
         following = asyncio.create_task(kubernetes.run()) if kubernetes is not None else None
         try:
             return await supervisor.run(watch=watch)

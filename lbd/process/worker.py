@@ -11,6 +11,7 @@ import asyncio
 import functools
 import resource
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,9 +21,12 @@ import structlog
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
+from lbd.net.udp_drain import UdpDrain
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
+from lbd.process.messages import SocketKey
 from lbd.process.sdnotify import ServiceNotifier
+from lbd.process.udp_handoff import hand_over_udp
 from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import Runtime
 from lbd.runtime.status import ReloadResult
@@ -44,6 +48,8 @@ class ShutdownState:
     def __init__(self) -> None:
         self.should_exit = asyncio.Event()
         self.force_exit = asyncio.Event()
+        # A seamless restart: the UDP sockets the successor reads now (their sessions drain).
+        self.successor: frozenset[SocketKey] = frozenset()
 
     def on_signal(self, signum: int) -> None:
         if self.should_exit.is_set():
@@ -142,7 +148,7 @@ async def serve(
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
-        await shutdown(runtime, state)
+        await shutdown(runtime, state, restart.successor_keys | state.successor)
     finally:
         systemd.close()
         restart.close()
@@ -154,15 +160,18 @@ async def serve(
     return 0
 
 
-def handoff_sockets(runtime: Runtime, admin: AdminServer | None) -> dict[tuple[object, ...], Any]:
-    """What a successor takes over: every TCP listening socket, and the admin socket."""
-    sockets: dict[tuple[object, ...], Any] = {
-        key: listener.sock
+async def handoff_sockets(
+    runtime: Runtime, admin: AdminServer | None
+) -> dict[SocketKey, socket.socket]:
+    """What a successor takes over: copies of every listening socket (TCP and UDP), and of the
+    admin socket."""
+    sockets = {
+        key: listener.sock.dup()
         for key, listener in runtime.listeners.items()
         if listener.sock is not None and not listener.removed
     }
     if admin is not None and admin.sock is not None:
-        sockets[ADMIN_KEY] = admin.sock
+        sockets[ADMIN_KEY] = admin.sock.dup()
     return sockets
 
 
@@ -226,8 +235,13 @@ def raise_file_limit() -> int:
     return hard
 
 
-async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
+async def shutdown(
+    runtime: Runtime, state: ShutdownState, successor: frozenset[SocketKey] = frozenset()
+) -> None:
+    """``successor``: the UDP sockets a successor reads now; their sessions drain like
+    connections (``lbd.process.udp_handoff``) rather than end with the listener."""
     log.info("shutdown: stop accepting", open_connections=len(runtime.connections))
+    udp = hand_over_udp(runtime, successor)
     runtime.stop_accepting()
     # A connection accepted just before the listeners closed reaches connection_made a loop
     # turn or two later (uvloop schedules it; asyncio runs an accept task first). Count only
@@ -236,14 +250,16 @@ async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
     # belongs to the drain phase below, under its deadline.
     for _ in range(ACCEPTED_SETTLE_TURNS):
         await asyncio.sleep(0)
-    if runtime.connections:
+    if runtime.connections or udp:
         log.info("shutdown: draining", open_connections=len(runtime.connections))
-        drained = asyncio.ensure_future(runtime.drain())
+        drained = asyncio.ensure_future(_drain(runtime, udp))
         forced = asyncio.ensure_future(state.force_exit.wait())
         await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
         for task in (drained, forced):
             task.cancel()
         await asyncio.gather(drained, forced, return_exceptions=True)
+    for drain in udp:
+        drain.close()
     if len(runtime.connections):
         log.info("shutdown: closing remaining", open_connections=len(runtime.connections))
         runtime.close_all("shutdown")
@@ -251,3 +267,7 @@ async def shutdown(runtime: Runtime, state: ShutdownState) -> None:
     # Give the transports one loop turn to send their FINs/RSTs before the loop closes.
     await asyncio.sleep(0)
     log.info("lbd stopped")
+
+
+async def _drain(runtime: Runtime, udp: list[UdpDrain]) -> None:
+    await asyncio.gather(runtime.drain(), *(drain.wait() for drain in udp))

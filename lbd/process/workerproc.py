@@ -30,6 +30,7 @@ from lbd.net.sockets import InheritedSockets
 from lbd.observability.logging import configure_logging
 from lbd.process.channel import Channel, ChannelClosed
 from lbd.process.messages import (
+    Acknowledged,
     AdminReply,
     AdminRequest,
     Ejection,
@@ -43,8 +44,12 @@ from lbd.process.messages import (
     SocketKey,
     Start,
     StartFailed,
+    SuccessorServes,
+    UdpSocketsReply,
+    UdpSocketsRequest,
     dispatch,
 )
+from lbd.process.udp_handoff import udp_sockets
 from lbd.process.worker import ShutdownState, serve
 from lbd.runtime.reload import Reloader
 from lbd.runtime.runtime import ListenerError, Runtime
@@ -75,6 +80,8 @@ class WorkerProcess:
             Ejection: self._ejection,
             SnapshotRequest: self._snapshot,
             AdminRequest: self._admin,
+            UdpSocketsRequest: self._udp_sockets,
+            SuccessorServes: self._successor_serves,
         }
         self.channel = Channel(channel_sock, functools.partial(dispatch, handlers), self.on_close)
 
@@ -140,6 +147,23 @@ class WorkerProcess:
             self._send(AdminReply(id=message.id, status=400, error=str(error)))
         else:
             self._send(AdminReply(id=message.id, status=200, body=body))
+
+    def _udp_sockets(self, message: UdpSocketsRequest, sockets: list[socket.socket]) -> None:
+        """A seamless restart: our own UDP sockets, for our successor (as copies)."""
+        copies = udp_sockets(self.runtime) if self.runtime is not None else {}
+        try:
+            if not self.channel.closed:
+                self.channel.send(
+                    UdpSocketsReply(id=message.id, keys=list(copies)), [*copies.values()]
+                )
+                self.channel.flush_blocking()  # sent: the copies may close
+        finally:
+            for sock in copies.values():
+                sock.close()
+
+    def _successor_serves(self, message: SuccessorServes, sockets: list[socket.socket]) -> None:
+        self.state.successor = frozenset(message.keys)  # read when SIGTERM comes
+        self._send(Acknowledged(id=message.id))
 
     def _send(self, message: object) -> None:
         if not self.channel.closed:

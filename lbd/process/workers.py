@@ -37,6 +37,7 @@ from lbd.process.messages import (
     Request,
     Start,
     StartFailed,
+    UdpSocketsReply,
     dispatch,
 )
 from lbd.shm.counts import SharedCounts
@@ -149,7 +150,12 @@ class WorkerSet:
 
         def reply(message: Reply, socks: list[socket.socket]) -> None:
             future = member.pending.pop(message.id, None)
-            if future is not None and not future.done():
+            if future is None or future.done():
+                for sock in socks:
+                    sock.close()  # an answer nobody waits for any more
+            elif isinstance(message, UdpSocketsReply):  # its sockets travel beside it
+                future.set_result(dataclasses.replace(message, sockets=socks))
+            else:
                 future.set_result(message)
 
         handlers: Handlers = {

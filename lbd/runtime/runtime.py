@@ -275,6 +275,7 @@ class Runtime:
                 external=spec.external,
                 filtered=spec.filtered,
                 reuse_port=self.udp_reuse_port,
+                inherited=self._inherited(spec),
             )
         return TcpListener(
             spec.address,
