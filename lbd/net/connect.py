@@ -20,6 +20,7 @@ import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
+from lbd.net import tcp_faults
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -49,8 +50,9 @@ class UpstreamHalf(Protocol):
     timed_out: bool  # its try's deadline passed before it connected
 
 
-class Connecting(Protocol):
-    """What the tries need of the client connection they serve."""
+class Connecting(tcp_faults.Faultable, Protocol):
+    """What the tries need of the client connection they serve (with a port's faults, the
+    tries make its upstream half themselves: ``lbd.net.tcp_faults``)."""
 
     route: Route
     client: str
@@ -92,6 +94,15 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
         connection.trying = None
         _none_succeeded(connection, attempt)
         return
+    faults = route.faults  # the one check of a port without faults: None
+    if faults is None:
+        upstream = connection.new_upstream(endpoint)
+    else:
+        made = tcp_faults.upstream(connection, endpoint, faults, attempt)
+        if made is None:
+            _refused_by_fault(connection, endpoint, tried)
+            return
+        upstream = made
     tried.append(endpoint)
     if attempt:
         route.stats.upstream_cx_retries_total += 1
@@ -99,8 +110,23 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
     endpoint.stats.upstream_cx_total += 1
     began = loop.time()
     timeout = try_timeout(route.tunables.connect_timeout, attempt, len(eligible) - attempt)
-    attempt_ = connection.trying = ConnectTry(connection, endpoint, tried, began, began + timeout)
+    attempt_ = connection.trying = ConnectTry(connection, upstream, tried, began, began + timeout)
     attempt_.start()
+
+
+def _refused_by_fault(
+    connection: Connecting, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+) -> None:
+    """A ``refuse`` fault reset the connection, or made ``endpoint`` refuse this try: that is
+    counted as a real refusal would be, and the next try starts."""
+    if connection.closed:
+        return
+    tried.append(endpoint)
+    connection.route.pool.acquire(endpoint)
+    endpoint.stats.upstream_cx_total += 1
+    endpoint.stats.upstream_cx_connect_fail_total += 1
+    _connect_failed(connection, endpoint, "refused (fault)")
+    try_next(connection, tried)
 
 
 class ConnectTry:
@@ -125,13 +151,14 @@ class ConnectTry:
     def __init__(
         self,
         connection: Connecting,
-        endpoint: UpstreamEndpoint,
+        upstream: UpstreamHalf,
         tried: list[UpstreamEndpoint],
         began: float,
         deadline: float,
     ) -> None:
         self.connection = connection
-        self.upstream = connection.new_upstream(endpoint)
+        self.upstream = upstream
+        endpoint = upstream.endpoint
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
         self.cancelled = False  # given up while not waiting on a future: throw at next step

@@ -59,16 +59,23 @@ class Closable(Protocol):
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 T = TypeVar("T", bound=Closable)
 
 
 class ConnectionSet(Generic[T]):
-    __slots__ = ("_empty", "_items", "idle")
+    __slots__ = ("_empty", "_items", "idle", "lingering")
 
     def __init__(self) -> None:
         self._items: set[T] = set()
         self._empty: asyncio.Event | None = None
         self.idle = IdleWheel()  # the idle deadlines of these connections, one timer for all
+        # What outlives its ended connection for a while: a fault's delayed bytes or FIN, a
+        # mirror's last copy (lbd.net.tcp_faults). Shutdown aborts what is still there.
+        self.lingering: set[Abortable] = set()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -29,6 +29,7 @@ from lbd.config.routes import RouteKey, RouteSpec
 from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
+from lbd.net import udp_faults
 from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
 from lbd.net.listener import Listener as NetListener
@@ -97,6 +98,7 @@ class Listener:
 
 
 LIMIT_KEYS = frozenset({"maxConnections", "maxConnectionsPerEndpoint"})
+FAULT_KEYS = frozenset({"faults", "mirror"})
 
 
 def _moves_connections(diff: ConfigDiff) -> bool:
@@ -292,6 +294,8 @@ class Runtime:
         changed = [self.routes[change.key] for change in diff.routes_changed]
         for change, route in zip(diff.routes_changed, changed, strict=True):
             route.update(specs[change.key], self._rng)
+            if FAULT_KEYS.intersection(change.settings_changed):
+                self.follow_faults(route)
         self.routes.update(added)
         for removed in diff.routes_removed:
             route = self.routes.pop(removed.key)
@@ -313,7 +317,15 @@ class Runtime:
             for connection in self.connections:  # limits a reload turned on count them too
                 connection.count_under_new_limits()
         for route in (*changed, *added.values()):
-            self.health.sync(route.pool, route.tunables.health_check)
+            self.health.sync(route.pool, route.tunables.health_check, route.faults)
+
+    def follow_faults(self, route: Route) -> None:
+        """The port's faults changed: its health probes and its open UDP sessions take them, or
+        drop them, at once (a TCP connection takes faults when it connects)."""
+        self.health.sync(route.pool, route.tunables.health_check, route.faults)
+        for listener in self.listeners.values():
+            if listener.route is route and isinstance(listener.net, UdpListener):
+                udp_faults.follow(listener.net.sessions, route.faults)
 
     def _mark_draining(self) -> None:
         """Connections whose endpoint, service port or listener is gone drain; a connection
@@ -357,7 +369,7 @@ class Runtime:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``
         and after every reload that changed a pool or a route's ``health_check``."""
         for route in self.routes.values():
-            self.health.sync(route.pool, route.tunables.health_check)
+            self.health.sync(route.pool, route.tunables.health_check, route.faults)
 
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
@@ -381,3 +393,5 @@ class Runtime:
         """Shutdown phase 3: end whatever is still open."""
         for connection in self.connections:
             connection.finish(reason, abort=True)
+        for lingering in list(self.connections.lingering):  # faults' delayed bytes, mirrors
+            lingering.abort()
