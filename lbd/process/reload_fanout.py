@@ -132,6 +132,7 @@ class ReloadFanOut:
         self.listening.commit(added, diff.listeners_removed)
         self.config = config
         self.data = data
+        self.workers.forget_faults({spec.key for spec in diff.routes_removed})
         self.addresses.commit(config)
         self.results.success += 1
         duration = time.perf_counter() - started
