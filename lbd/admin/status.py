@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from lbd.config.durations import format_duration
+
 Json = dict[str, Any]
 RateKey = tuple[str, str, str]  # service, port, endpoint
 COLUMNS = ("SERVICE", "PORT", "LISTENERS", "ENDPOINT", "STATE", "WEIGHT", "ACTIVE", "TOTAL", "CX/S")
@@ -94,7 +96,7 @@ def fault_table(faults: list[Json]) -> str:
     rows: list[tuple[str, ...]] = [FAULT_COLUMNS]
     for fault in faults:
         settings = " ".join(
-            f"{key}={_setting(value)}"
+            f"{key}={_setting(key, value)}"
             for key, value in fault.items()
             if key not in COMMON and key not in COUNTERS
         )
@@ -120,7 +122,12 @@ def fault_table(faults: list[Json]) -> str:
     return "\n".join(lines)
 
 
-def _setting(value: object) -> str:
+DURATIONS = ("latency", "jitter", "delay", "timeout")
+
+
+def _setting(key: str, value: object) -> str:
+    if key in DURATIONS and isinstance(value, int | float):
+        return format_duration(value)
     if isinstance(value, list):
         return ",".join(map(str, value))
     if isinstance(value, float):
