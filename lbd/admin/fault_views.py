@@ -17,7 +17,7 @@ import structlog
 
 from lbd.admin.lookup import BadRequest, Json, NotFound, find_route
 from lbd.config import fields as f
-from lbd.config.faults import FAULT_KEYS, read_fault, render_fault
+from lbd.config.faults import FAULT_KEYS, MAX_FAULTS, read_fault, render_fault
 from lbd.endpoints.faults import RUNTIME, LiveFault
 from lbd.endpoints.route import Route
 from lbd.runtime.runtime import Runtime
@@ -101,6 +101,8 @@ def add_fault(runtime: Runtime, query: dict[str, str]) -> Json:
         raise BadRequest("; ".join(str(problem) for problem in problems.all()))
     if spec.tcp != (route.protocol == "TCP"):
         raise BadRequest(f"type: {spec.type} does not act on a {route.protocol} port")
+    if len(route.fault_book.runtime) >= MAX_FAULTS:
+        raise BadRequest(f"service port {route.label} has {MAX_FAULTS} faults already")
     fault_id = query.get("id") or new_fault_id()
     if _find(runtime, fault_id) is not None:
         raise BadRequest(f"id: {fault_id} is taken")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol, cast
 
+from lbd.config.faultspec import Mirror
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.faults import LiveFault, RouteFaults
 from lbd.endpoints.route import Route
@@ -59,7 +60,7 @@ def upstream(
         mirror = None
     if not applied and mirror is None:
         return Upstream(connection, endpoint)
-    return FaultyUpstream(connection, endpoint, Arrangement(faults, applied, mirror is not None))
+    return FaultyUpstream(connection, endpoint, Arrangement(faults, applied, mirror))
 
 
 def _refuse(connection: Faultable, fault: LiveFault) -> None:
@@ -71,12 +72,14 @@ def _refuse(connection: Faultable, fault: LiveFault) -> None:
 class Arrangement:
     """What one connection took: its faults per direction, its timers, its mirror's copy."""
 
-    __slots__ = ("applied", "faults", "mirrored", "shadow", "timers")
+    __slots__ = ("applied", "faults", "mirror", "shadow", "timers")
 
-    def __init__(self, faults: RouteFaults, applied: list[LiveFault], mirrored: bool) -> None:
+    def __init__(
+        self, faults: RouteFaults, applied: list[LiveFault], mirror: Mirror | None
+    ) -> None:
         self.faults = faults
         self.applied = applied
-        self.mirrored = mirrored
+        self.mirror = mirror  # the port's, when this connection's percent roll took it
         self.shadow: Shadow | None = None
         self.timers: list[asyncio.TimerHandle] = []
 
@@ -105,13 +108,9 @@ class Arrangement:
         )
         client_side.peer, endpoint_side.peer = endpoint_side, client_side
         route = owner.route
-        if self.mirrored and route.fault_book.mirror is not None:
+        if self.mirror is not None:
             self.shadow = endpoint_side.mirror = Shadow(
-                loop,
-                route.fault_book.mirror,
-                route.stats,
-                lingering,
-                route.tunables.connect_timeout,
+                loop, self.mirror, route.stats, lingering, route.tunables.connect_timeout
             )
         owner.transport = cast(asyncio.Transport, client_side)
         upstream.transport = cast(asyncio.Transport, endpoint_side)
