@@ -3,8 +3,8 @@
 A connection whose faults applied (``lbd.net.tcp_faults``) gets one ``FaultyTransport`` in front
 of each of its two transports; the proxy's protocols keep writing, half-closing and pausing as
 they always do, unaware of it. Whatever is written passes through the faults of that
-direction first (``Direction``): ``timeout`` discards it, ``limit_data`` cuts it at the limit
-and ends the connection, ``latency`` and ``slicer`` give each piece a time to leave at (never
+direction first (``DirectionFaults``): ``timeout`` discards it, ``limit_data`` cuts it at the
+limit and ends the connection, ``latency`` and ``slicer`` give each piece a time to leave at (never
 before the piece ahead of it, so the order holds), ``bandwidth`` lets pieces leave only as its
 token bucket allows, ``slow_close`` holds the FIN and the close back.
 
@@ -43,7 +43,7 @@ class Copier(Abortable, Protocol):
     def copy_eof(self) -> None: ...
 
 
-class Direction:
+class DirectionFaults:
     """The faults one direction of one connection took; each is checked for ``live`` per
     piece, so a fault removed at runtime stops acting on the next byte."""
 
@@ -96,7 +96,7 @@ class FaultyTransport:
         self,
         real: asyncio.Transport,
         loop: asyncio.AbstractEventLoop,
-        plan: Direction,
+        plan: DirectionFaults,
         rng: random.Random,
         cut: Callable[[LiveFault, str], None],
         lingering: set[Abortable],

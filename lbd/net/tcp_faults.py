@@ -25,7 +25,7 @@ from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.faults import LiveFault, RouteFaults
 from lbd.endpoints.route import Route
 from lbd.net.connections import ConnectionSet
-from lbd.net.fault_transport import Direction, FaultyTransport
+from lbd.net.fault_transport import DirectionFaults, FaultyTransport
 from lbd.net.mirror import Shadow
 from lbd.net.tcp_upstream import Upstream, UpstreamOwner
 
@@ -100,8 +100,8 @@ class Arrangement:
         applied = self.applied
         for fault in applied:
             fault.stats.fault_applied_total += 1
-        towards_client = Direction([f for f in applied if f.spec.downstream])
-        towards_endpoint = Direction([f for f in applied if f.spec.upstream])
+        towards_client = DirectionFaults([f for f in applied if f.spec.downstream])
+        towards_endpoint = DirectionFaults([f for f in applied if f.spec.upstream])
         client_side = FaultyTransport(client, loop, towards_client, rng, cut, lingering)
         endpoint_side = FaultyTransport(
             upstream.transport, loop, towards_endpoint, rng, cut, lingering
