@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint.add_argument("--token-file", metavar="FILE", help="the admin bearer token")
     endpoint.add_argument("--json", action="store_true", help="print the admin API's JSON")
     with_admin_target(endpoint)
+    from lbd.admin.fault_cli import add_fault_parser  # argparse only: nothing heavy
+
+    add_fault_parser(commands, with_admin_target)
     return parser
 
 
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return send_signal(args.pid_file, signal.SIGHUP, "reload")
     if args.command == "restart":
         return send_signal(args.pid_file, signal.SIGUSR2, "restart")
-    if args.command in ("status", "explain", "endpoint"):
+    if args.command in ("status", "explain", "endpoint", "fault"):
         from lbd.admin.commands import admin_command
 
         target = _admin_target(args)
@@ -215,7 +218,7 @@ def _admin_target(args: argparse.Namespace) -> AdminTarget | None:
         config = _load(args.config)
         if config is None:
             return None
-        if getattr(args, "token_file", "") is None:  # lbd endpoint: the config's token file
+        if getattr(args, "token_file", "") is None:  # endpoint, fault: the config's token file
             args.token_file = config.admin.token_file
         return AdminTarget.of(config.admin)
     return AdminTarget(address=args.admin or "127.0.0.1:9180")

@@ -9,6 +9,7 @@ import hashlib
 import inspect
 import itertools
 import os
+import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -89,9 +90,10 @@ def document(*services: str, defaults: str = "", node: str = "", admin: str = ""
 
 
 @contextlib.asynccontextmanager
-async def running(cfg: Config) -> AsyncIterator[Runtime]:
-    """An lbd runtime serving ``cfg`` in this loop; always torn down."""
-    runtime = Runtime(cfg)
+async def running(cfg: Config, rng: random.Random | None = None) -> AsyncIterator[Runtime]:
+    """An lbd runtime serving ``cfg`` in this loop (``rng``: its injected randomness); always
+    torn down."""
+    runtime = Runtime(cfg, rng)
     await runtime.start()
     try:
         yield runtime
@@ -420,10 +422,15 @@ async def tcp_server(
 
 
 async def send_hashed(
-    writer: asyncio.StreamWriter, total: int, seed: bytes, block_size: int = 65536
+    writer: asyncio.StreamWriter,
+    total: int,
+    seed: bytes,
+    block_size: int = 65536,
+    first: Callable[[], bool] | None = None,
 ) -> str:
     """Write ``total`` bytes in ``block_size`` writes, each starting with its offset (so a
-    reordered or repeated block changes the hash), then FIN; returns their SHA-256."""
+    reordered or repeated block changes the hash), then FIN; returns their SHA-256. ``first``:
+    after the first block, wait until it holds before sending the rest."""
     digest = hashlib.sha256()
     block = hashlib.sha256(seed).digest() * (block_size // 32)
     sent = 0
@@ -432,6 +439,8 @@ async def send_hashed(
         digest.update(chunk)
         writer.write(chunk)
         await writer.drain()
+        if first is not None and not sent:
+            await until(first)
         sent += len(chunk)
     writer.write_eof()
     return digest.hexdigest()

@@ -46,6 +46,10 @@ NON_DEFAULT = {
     "acceptProxyProtocolFrom": "[127.0.0.0/8, '::1']",
     "hashOn": "clientIPPort",
     "maglevTableSize": "13",
+    "faults": "[{type: latency, direction: both, latency: 50ms, jitter: 5ms, probability: 0.5, "
+    "endpoints: [127.0.1.1, '127.0.1.2:8081']}, {type: bandwidth, rate: 1MiB}, "
+    "{type: refuse, probability: 0.1}]",
+    "mirror": "{endpoint: '127.0.1.9:8080', percent: 50}",
 }
 # Another value still, for the service, so that it differs from defaults too.
 OTHER = {
@@ -57,6 +61,8 @@ OTHER = {
     "maxConnections": "none",
     "proxyProtocol": "none",
     "maglevTableSize": "7",
+    "faults": "[{type: slicer, averageSize: 100, sizeVariation: 10, delay: 1ms}]",
+    "mirror": "none",
 }
 SEMANTICS = (
     "    sessionAffinity: ClientIP\n"

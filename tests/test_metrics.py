@@ -27,6 +27,7 @@ from lbd.observability.stats import (
     CX_LENGTH_SECONDS_BUCKETS,
     Buckets,
     EndpointStats,
+    FaultStats,
     HealthStats,
     KubernetesKindStats,
     KubernetesStats,
@@ -196,6 +197,7 @@ SCOPE_STATS = {
     "node": NodeAddressStats,
     "kubernetes": KubernetesStats,
     "kubernetes_kind": KubernetesKindStats,
+    "fault": FaultStats,
 }
 
 

@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from lbd.net.udp_listener import UdpListener
-from lbd.runtime.runtime import Listener, Runtime
+from lbd.runtime.listeners import Listener
+from lbd.runtime.runtime import Runtime
 from tests.support import (
     UdpClient,
     address_of,

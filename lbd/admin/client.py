@@ -37,8 +37,9 @@ async def call(
     params: dict[str, str] | None = None,
     method: str = "GET",
     token: str | None = None,
+    body: Json | None = None,
 ) -> tuple[int, Json]:
-    """(HTTP status, JSON body) of one admin call."""
+    """(HTTP status, JSON body) of one admin call (``body``: sent as JSON)."""
     connector: aiohttp.BaseConnector
     if target.socket:
         connector, base = aiohttp.UnixConnector(path=target.socket), "http://lbd"
@@ -48,7 +49,9 @@ async def call(
     try:
         async with (
             aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as session,
-            session.request(method, base + path, params=params, headers=headers) as response,
+            session.request(
+                method, base + path, params=params, headers=headers, json=body
+            ) as response,
         ):
             text = await response.text()
             try:

@@ -1,4 +1,5 @@
-"""``lbd status``, ``lbd explain`` and ``lbd endpoint``: admin API calls printed for people."""
+"""``lbd status``, ``lbd explain``, ``lbd endpoint`` and ``lbd fault``: admin API calls printed
+for people."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import json
 import sys
 import time
 from typing import Any
+from urllib.parse import quote
 
 from lbd.admin.client import AdminTarget, AdminUnreachable, call
+from lbd.admin.fault_cli import fault_settings
 from lbd.admin.server import AdminError, read_token
-from lbd.admin.status import endpoint_totals, rates, status_table
+from lbd.admin.status import endpoint_totals, fault_table, rates, status_table
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the admin API answered, and said no (unknown service, bad weight, token)
@@ -20,7 +23,7 @@ CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
 def admin_command(args: argparse.Namespace, target: AdminTarget) -> int:
-    commands = {"status": status, "explain": explain, "endpoint": endpoint}
+    commands = {"status": status, "explain": explain, "endpoint": endpoint, "fault": fault}
     command = commands[args.command](args, target)
     try:
         return asyncio.run(command)
@@ -87,27 +90,38 @@ async def explain(args: argparse.Namespace, target: AdminTarget) -> int:
     return EXIT_OK
 
 
+def _answered(args: argparse.Namespace, code: int, body: Any) -> int | None:
+    """The exit code when the admin API refused the call, or ``--json`` printed its answer;
+    None when the answer is left to print for people."""
+    if code != 200:
+        print(f"lbd {args.command}: {code} {body.get('error', body)}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return EXIT_OK
+    return None
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token of ``--token-file`` (or the config's); raises AdminError."""
+    return read_token(args.token_file).decode() if args.token_file else None
+
+
 async def endpoint(args: argparse.Namespace, target: AdminTarget) -> int:
     """POST /endpoints/{drain,enable,weight}; prints each service port it changed."""
-    token = None
-    if args.token_file:
-        try:
-            token = read_token(args.token_file).decode()
-        except AdminError as error:
-            print(f"lbd endpoint: {error}", file=sys.stderr)
-            return EXIT_REFUSED
+    try:
+        token = _token(args)
+    except AdminError as error:
+        print(f"lbd endpoint: {error}", file=sys.stderr)
+        return EXIT_REFUSED
     params = {"service": args.service, "endpoint": args.endpoint}
     if args.port:
         params["port"] = args.port
     if args.weight is not None:
         params["weight"] = args.weight
     code, body = await call(target, f"/endpoints/{args.action}", params, "POST", token)
-    if code != 200:
-        print(f"lbd endpoint: {code} {body.get('error', body)}", file=sys.stderr)
-        return EXIT_REFUSED
-    if args.json:
-        print(json.dumps(body, indent=2))
-        return EXIT_OK
+    if (done := _answered(args, code, body)) is not None:
+        return done
     for changed in body["changed"]:
         for view in changed["endpoints"]:
             override = view["override"] or {}
@@ -116,4 +130,28 @@ async def endpoint(args: argparse.Namespace, target: AdminTarget) -> int:
                 f"{changed['service']} port {changed['port']}: {view['endpoint']} "
                 f"{view['state']}, weight {weight}"
             )
+    return EXIT_OK
+
+
+async def fault(args: argparse.Namespace, target: AdminTarget) -> int:
+    """GET/POST/DELETE /faults; prints the faults it listed, added or removed."""
+    try:
+        token = _token(args)
+        if args.action == "add":
+            body = {**fault_settings(args.settings), "service": args.service, "type": args.type}
+            if args.port:
+                body["port"] = args.port
+            code, answer = await call(target, "/faults", None, "POST", token, body)
+        elif args.action == "remove":
+            path = "/faults" if args.id == "all" else f"/faults/{quote(args.id, safe='')}"
+            code, answer = await call(target, path, None, "DELETE", token)
+        else:
+            code, answer = await call(target, "/faults")
+    except (AdminError, ValueError) as error:
+        print(f"lbd fault: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    if (done := _answered(args, code, answer)) is not None:
+        return done
+    shown = answer["faults"] if args.action == "list" else answer.get("removed", [answer])
+    print(fault_table(shown) if shown else "(no faults)")
     return EXIT_OK

@@ -51,6 +51,7 @@ class AdminSettings:
         self.reload = reload
 
 
+MUTATING = ("POST", "DELETE")
 BACKEND = web.AppKey("backend", AdminBackend)
 SETTINGS = web.AppKey("settings", AdminSettings)
 
@@ -180,6 +181,10 @@ def build_app(
     app.router.add_post("/endpoints/drain", _drain)
     app.router.add_post("/endpoints/enable", _enable)
     app.router.add_post("/endpoints/weight", _weight)
+    app.router.add_get("/faults", _faults)
+    app.router.add_post("/faults", _add_fault)
+    app.router.add_delete("/faults", _remove_faults)
+    app.router.add_delete("/faults/{id}", _remove_fault)
     return app
 
 
@@ -206,8 +211,9 @@ async def _json_errors(
 async def _authorize(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """POST routes need the bearer token, unless the request came over the unix socket."""
-    if request.method != "POST" or request.match_info.http_exception is not None:
+    """POST and DELETE routes need the bearer token, unless the request came over the unix
+    socket."""
+    if request.method not in MUTATING or request.match_info.http_exception is not None:
         return await handler(request)
     settings = request.app[SETTINGS]
     if settings.trusted:
@@ -298,3 +304,23 @@ async def _endpoint_action(request: web.Request, action: str) -> web.Response:
         weight=query.get("weight"),
     )
     return web.json_response(body)
+
+
+async def _faults(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[BACKEND].view("faults", {}))
+
+
+async def _add_fault(request: web.Request) -> web.Response:
+    """The body is one fault as JSON, plus ``service`` (and ``namespace``, ``port``)."""
+    body = (await request.read()).decode("utf-8", "replace")
+    return web.json_response(await request.app[BACKEND].view("fault_add", {"body": body}))
+
+
+async def _remove_fault(request: web.Request) -> web.Response:
+    query = {"id": request.match_info["id"]}
+    return web.json_response(await request.app[BACKEND].view("fault_remove", query))
+
+
+async def _remove_faults(request: web.Request) -> web.Response:
+    """Every fault added over the API (those of the config file stay)."""
+    return web.json_response(await request.app[BACKEND].view("fault_remove", {"id": "all"}))

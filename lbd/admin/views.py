@@ -9,22 +9,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from dataclasses import asdict
-from typing import Any
 
+from lbd.admin import fault_views
+from lbd.admin.lookup import BadRequest, Json, NotFound, find_route, routes_of
 from lbd.endpoints.endpoint import UpstreamEndpoint, ineligible_reason
 from lbd.endpoints.explain import explain
 from lbd.endpoints.route import Route
 from lbd.runtime.runtime import Runtime
 
-Json = dict[str, Any]
-
-
-class NotFound(LookupError):
-    pass
-
-
-class BadRequest(ValueError):
-    pass
+__all__ = ["BadRequest", "Json", "NotFound", "call"]
 
 
 def services_view(runtime: Runtime) -> Json:
@@ -61,6 +54,7 @@ def _route_view(route: Route, listeners: list[Json]) -> Json:
             "refusedBy": refusals,
         },
         **({"sessions": _sessions_view(route)} if route.protocol == "UDP" else {}),
+        **fault_views.route_faults(route),
         "endpoints": [
             _endpoint_view(route, endpoint)
             for endpoint in (*route.pool.members, *route.pool.draining)
@@ -126,6 +120,9 @@ def call(runtime: Runtime, name: str, query: dict[str, str]) -> Json:
         )
     if name in ("drain", "enable", "weight"):
         return endpoint_action(runtime, name, query)
+    fault_call = fault_views.CALLS.get(name)
+    if fault_call is not None:
+        return fault_call(runtime, query)
     raise NotFound(f"no admin view {name!r}")
 
 
@@ -188,33 +185,6 @@ def explain_view(
             for v in verdicts
         ],
     }
-
-
-def find_route(runtime: Runtime, service: str | None, port: str | None) -> Route:
-    """The route of ``service`` (NAMESPACE/NAME, or NAME in ``default``) and ``port`` (its name,
-    or its number when unnamed; optional when the service has one port)."""
-    routes = routes_of(runtime, service)
-    key = f"{routes[0].namespace}/{routes[0].service}"
-    if not port:
-        if len(routes) == 1:
-            return routes[0]
-        names = ", ".join(r.port_name for r in routes)
-        raise BadRequest(f"service {key} has several ports ({names}); say which with port")
-    for route in routes:
-        if route.port_name == port:
-            return route
-    raise NotFound(f"service {key} has no port {port}")
-
-
-def routes_of(runtime: Runtime, service: str | None) -> list[Route]:
-    """Every port of ``service`` (NAMESPACE/NAME, or NAME in ``default``)."""
-    if not service:
-        raise BadRequest("service is required (NAMESPACE/NAME)")
-    key = service if "/" in service else f"default/{service}"
-    routes = [r for r in runtime.routes.values() if f"{r.namespace}/{r.service}" == key]
-    if not routes:
-        raise NotFound(f"no service {key}")
-    return routes
 
 
 def endpoint_targets(route: Route, endpoint: str | None) -> list[UpstreamEndpoint]:

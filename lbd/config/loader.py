@@ -14,6 +14,7 @@ from lbd.config.admin import ADMIN_KEYS, admin_section, workers_count
 from lbd.config.checks import check_listeners
 from lbd.config.endpoints import port_warnings, read_endpoints
 from lbd.config.errors import ConfigError, FieldError, Problem
+from lbd.config.faults import protocol_problems
 from lbd.config.health import positive_duration
 from lbd.config.kubesource import SOURCE_KEYS, read_source
 from lbd.config.model import (
@@ -239,6 +240,7 @@ def _service(section: f.Section, defaults: Tunables) -> Service | None:
             f.join(section.path, "proxyProtocol"),
             "v1 carries TCP only; a service with a UDP port needs v2 (or a separate service)",
         )
+    protocol_problems(section, {port.protocol for port in ports})
     semantics = service_semantics(section, kind, len(external_ips))
     service = Service(
         name=name,

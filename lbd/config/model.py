@@ -11,6 +11,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lbd.config.faultspec import Fault, Mirror
+
 API_VERSION = "lbd/v1"
 
 Protocol = Literal["TCP", "UDP"]
@@ -156,6 +158,9 @@ class Tunables:
     # lookup table size (a prime).
     hash_on: HashOn = "clientIP"
     maglev_table_size: int = DEFAULT_MAGLEV_TABLE_SIZE
+    # Load-test faults and connection mirroring (docs/faults.md; lbd.config.faults).
+    faults: tuple[Fault, ...] = ()
+    mirror: Mirror | None = None
 
     @property
     def limited(self) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 from lbd.config import fields as f
 from lbd.config.durations import parse_duration
 from lbd.config.errors import FieldError
+from lbd.config.faults import read_faults, read_mirror, render_faults, render_mirror
 from lbd.config.health import (
     HEALTH_CHECK_KEYS,
     OUTLIER_KEYS,
@@ -142,6 +143,8 @@ TUNABLES: tuple[Tunable, ...] = (
     T("acceptProxyProtocolFrom", "accept_proxy_protocol_from", read=_cidrs, render=list),
     T("hashOn", "hash_on", f.one_of(HASH_ON)),
     T("maglevTableSize", "maglev_table_size", _prime_table_size),
+    T("faults", "faults", read=read_faults, render=render_faults),
+    T("mirror", "mirror", read=read_mirror, render=render_mirror),
 )
 del T
 TUNABLE_KEYS = tuple(tunable.key for tunable in TUNABLES)

@@ -13,11 +13,13 @@ import random
 from collections.abc import Collection, Sequence
 
 from lbd.balancing import Balancer, make_balancer
+from lbd.config.faultspec import Fault
 from lbd.config.model import Tunables
 from lbd.config.routes import RouteSpec
 from lbd.endpoints.admission import Admission
 from lbd.endpoints.affinity import AffinityTable, SharedAffinityTable
 from lbd.endpoints.endpoint import UpstreamEndpoint
+from lbd.endpoints.faults import LiveFault, RouteFaults
 from lbd.endpoints.outlier import OutlierDetector
 from lbd.endpoints.pool import Pool
 from lbd.observability.logging import LogLimiter
@@ -32,6 +34,8 @@ class Route:
         "admission",
         "affinity",
         "balancer",
+        "fault_book",
+        "faults",
         "fd_exhausted_logged_at",
         "hash_port",
         "log_limiter",
@@ -79,6 +83,10 @@ class Route:
         # Connect-failure warnings: at most one a second per endpoint (and per route for "no
         # endpoint accepted"); the metrics count every failure.
         self.log_limiter = LogLimiter()
+        # Load-test faults and the mirror (docs/faults.md): the book always, ``faults`` only
+        # while it holds something, so the data path's one check per connection is ``is None``.
+        self.fault_book = RouteFaults(rng or random.Random())
+        self.faults: RouteFaults | None = None
         self._apply_tunables()
         self._apply_semantics(spec)
         self.pool.watch(self._pool_changed)
@@ -144,6 +152,17 @@ class Route:
             return False
         return any(address in network for network in ranges)
 
+    def add_fault(self, fault_id: str, spec: Fault) -> LiveFault:
+        """A fault from the admin API: new connections (and datagrams) of this port take it."""
+        fault = self.fault_book.add(fault_id, spec)
+        self.faults = self.fault_book
+        return fault
+
+    def remove_fault(self, fault_id: str) -> LiveFault | None:
+        fault = self.fault_book.remove(fault_id)
+        self.faults = None if self.fault_book.empty else self.fault_book
+        return fault
+
     def _pool_changed(self, pool: Pool) -> None:
         if self.affinity is not None:
             self.affinity.forget({*pool.eligible(), *pool.eligible(external=True)})
@@ -171,6 +190,9 @@ class Route:
                 self.outlier.ejections_total = previous.ejections_total
                 self.outlier.ejections_overflow_total = previous.ejections_overflow_total
         self.pool.on_check_passed = self.outlier.check_passed if self.outlier else None
+        prefix = f"{self.namespace}.{self.service}.{self.port_name}"
+        self.fault_book.configure(prefix, tunables.faults, tunables.mirror)
+        self.faults = None if self.fault_book.empty else self.fault_book
 
     def _apply_semantics(self, spec: RouteSpec) -> None:
         """The Kubernetes Service settings that a reload may switch on, off, or change."""

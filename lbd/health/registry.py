@@ -24,8 +24,10 @@ from collections.abc import Callable
 import structlog
 
 from lbd.config.model import HealthCheck
+from lbd.endpoints.faults import RouteFaults
 from lbd.endpoints.pool import Pool
-from lbd.health.probes import LocalError, probe
+from lbd.health.probe_faults import check_for, faulty_probe
+from lbd.health.probes import LocalError
 from lbd.observability.stats import HealthStats
 
 log = structlog.get_logger("lbd.health")
@@ -76,7 +78,7 @@ class Checker:
         while True:
             started = loop.time()
             try:
-                reason = await probe(self.address, self.port, check)
+                reason = await faulty_probe(self.address, self.port, check, self.rng)
             except LocalError as error:
                 self.stats.health_checks_skipped_total += 1
                 log.warning("health check skipped", endpoint=self.label, error=str(error))
@@ -163,12 +165,20 @@ class HealthRegistry:
     def __len__(self) -> int:
         return len(self._checkers)
 
-    def sync(self, pool: Pool, check: HealthCheck | None) -> None:
+    def sync(
+        self, pool: Pool, check: HealthCheck | None, faults: RouteFaults | None = None
+    ) -> None:
         """Make ``pool`` subscribed to exactly the checkers of its present members under
-        ``check`` (None: no checks). Call after building a pool and after every update."""
+        ``check`` (None: no checks), with the service port's ``faults`` that asked to act on
+        probes (``lbd.health.probe_faults``). Call after building a pool and after every
+        update."""
         wanted: set[CheckKey] = set()
         if check is not None:
-            wanted = {(m.address, m.port, check) for m in pool.members if not m.draining}
+            wanted = {
+                (m.address, m.port, check_for(check, faults, m))
+                for m in pool.members
+                if not m.draining
+            }
         current = self._subscribed.get(pool, set())
         for key in wanted - current:
             self._add(key, pool)

@@ -20,6 +20,7 @@ import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
+from lbd.net import tcp_faults
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -50,8 +51,9 @@ class UpstreamHalf(Protocol):
     tried: list[UpstreamEndpoint]  # this connection's tries so far, its own included
 
 
-class Connecting(Protocol):
-    """What the tries need of the client connection they serve."""
+class Connecting(tcp_faults.Faultable, Protocol):
+    """What the tries need of the client connection they serve (with a port's faults, the
+    tries make its upstream half themselves: ``lbd.net.tcp_faults``)."""
 
     route: Route
     client: str
@@ -71,6 +73,8 @@ class Connecting(Protocol):
     ) -> UpstreamHalf: ...
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
+
+    def detach_upstream(self) -> None: ...  # drop (and abort) the upstream half it had
 
 
 def _same(upstream: UpstreamHalf) -> asyncio.BaseProtocol:
@@ -98,6 +102,15 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
         connection.trying = None
         _none_succeeded(connection, attempt)
         return
+    faults = route.faults  # the one check of a port without faults: None
+    if faults is None:
+        upstream = connection.new_upstream(endpoint, tried)
+    else:
+        made = tcp_faults.upstream(connection, endpoint, faults, tried)
+        if made is None:
+            _refused_by_fault(connection, endpoint, tried)
+            return
+        upstream = made
     tried.append(endpoint)
     if attempt:
         route.stats.upstream_cx_retries_total += 1
@@ -105,8 +118,23 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
     endpoint.stats.upstream_cx_total += 1
     began = loop.time()
     timeout = try_timeout(route.tunables.connect_timeout, attempt, len(eligible) - attempt)
-    attempt_ = connection.trying = ConnectTry(connection, endpoint, tried, began, began + timeout)
+    attempt_ = connection.trying = ConnectTry(connection, upstream, tried, began, began + timeout)
     attempt_.start()
+
+
+def _refused_by_fault(
+    connection: Connecting, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+) -> None:
+    """A ``refuse`` fault reset the connection, or made ``endpoint`` refuse this try: that is
+    counted as a real refusal would be, and the next try starts."""
+    if connection.closed:
+        return
+    tried.append(endpoint)
+    connection.route.pool.acquire(endpoint)
+    endpoint.stats.upstream_cx_total += 1
+    endpoint.stats.upstream_cx_connect_fail_total += 1
+    connect_failed(connection, endpoint, "refused (fault)")
+    try_next(connection, tried)
 
 
 class ConnectTry:
@@ -131,13 +159,14 @@ class ConnectTry:
     def __init__(
         self,
         connection: Connecting,
-        endpoint: UpstreamEndpoint,
+        upstream: UpstreamHalf,
         tried: list[UpstreamEndpoint],
         began: float,
         deadline: float,
     ) -> None:
         self.connection = connection
-        self.upstream = connection.new_upstream(endpoint, tried)
+        self.upstream = upstream
+        endpoint = upstream.endpoint
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
         self.cancelled = False  # given up while not waiting on a future: throw at next step
@@ -308,3 +337,16 @@ def connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str)
             error=why,
             similar_lines_skipped=skipped,
         )
+
+
+def retry_elsewhere(connection: Connecting, upstream: UpstreamHalf, why: str) -> None:
+    """The endpoint closed or reset the connection before a byte passed either way and before
+    lbd forwarded any of the client's: nothing was delivered, so another endpoint may take the
+    client (a backend that died with connections in its accept queue resets them all).
+    Another try, as after a refused connect, within the same limit."""
+    endpoint = upstream.endpoint
+    upstream.attached = False  # its connection_lost no longer ends the connection
+    endpoint.stats.upstream_cx_closed_before_data_total += 1
+    connection.detach_upstream()
+    connect_failed(connection, endpoint, why)  # releases it, tells outlier detection
+    try_next(connection, upstream.tried)

@@ -15,9 +15,12 @@ import struct
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
+import structlog
+
 from lbd.endpoints.route import Route
 from lbd.net.idle import IdleWheel
 
+log = structlog.get_logger("lbd.tcp")
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
@@ -59,16 +62,23 @@ class Closable(Protocol):
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 T = TypeVar("T", bound=Closable)
 
 
 class ConnectionSet(Generic[T]):
-    __slots__ = ("_empty", "_items", "idle")
+    __slots__ = ("_empty", "_items", "idle", "lingering")
 
     def __init__(self) -> None:
         self._items: set[T] = set()
         self._empty: asyncio.Event | None = None
         self.idle = IdleWheel()  # the idle deadlines of these connections, one timer for all
+        # What outlives its ended connection for a while: a fault's delayed bytes or FIN, a
+        # mirror's last copy (lbd.net.tcp_faults). Shutdown aborts what is still there.
+        self.lingering: set[Abortable] = set()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -90,3 +100,34 @@ class ConnectionSet(Generic[T]):
             return
         self._empty = asyncio.Event()
         await self._empty.wait()
+
+
+class Logged(Protocol):
+    """What the access log line says about a connection."""
+
+    route: Route
+    client: str
+    received: int
+    sent: int
+    started: float
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def id(self) -> str: ...
+
+
+def log_closed(connection: Logged, endpoint: object, reason: str) -> None:
+    """The access log's line for a connection that ended (``accessLog: true``)."""
+    route = connection.route
+    log.info(
+        "connection closed",
+        connection=connection.id,
+        service=f"{route.namespace}/{route.service}",
+        port=route.port_name,
+        client=connection.client,
+        endpoint=str(endpoint) if endpoint is not None else None,
+        bytes_received=connection.received,
+        bytes_sent=connection.sent,
+        duration_s=round(connection.loop.time() - connection.started, 6),
+        end=reason,
+    )

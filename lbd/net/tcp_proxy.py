@@ -17,18 +17,21 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
-import structlog
-
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.net import connect, proxy_protocol, tcp_accept
 from lbd.net.connect import ConnectTry
-from lbd.net.connections import ConnectionSet, ListenerView, connection_id, next_serial, send_reset
+from lbd.net.connections import (
+    ConnectionSet,
+    ListenerView,
+    connection_id,
+    log_closed,
+    next_serial,
+    send_reset,
+)
 from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address, HeaderReader
 from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
 from lbd.net.tcp_upstream import Upstream
-
-log = structlog.get_logger("lbd.tcp")
 
 # Client bytes held while the upstream connect is in flight; past this, reading pauses.
 PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
@@ -276,6 +279,15 @@ class Downstream(asyncio.Protocol):
     def new_upstream(self, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]) -> Upstream:
         return Upstream(self, endpoint, tried)
 
+    def retry_elsewhere(self, upstream: Upstream, why: str) -> None:
+        connect.retry_elsewhere(self, upstream, why)
+
+    def detach_upstream(self) -> None:
+        upstream, self.upstream, self.endpoint = self.upstream, None, None
+        if upstream is not None and not upstream.transport.is_closing():
+            upstream.transport.abort()
+        self.connections.idle.remove(self)
+
     def attach(self, upstream: Upstream) -> None:
         """Called from the upstream's ``connection_made``: start moving bytes."""
         if self.closed or upstream.timed_out:
@@ -376,25 +388,10 @@ class Downstream(asyncio.Protocol):
         stats.downstream_cx_length_seconds.observe(self.loop.time() - self.started)
         self.connections.discard(self)
         if route.tunables.access_log:
-            self._log_access(reason)
+            log_closed(self, self.upstream.endpoint if self.upstream else None, reason)
         # No reference cycle outlives the connection (client and endpoint halves, transports,
         # timers): refcounting frees it at once, and the cyclic GC never has to look at it.
         self.upstream = None
         self.transport = None
         self.pumps = None
         self._drain_timer = self._half_closed_timer = self.max_duration_timer = None
-
-    def _log_access(self, reason: str) -> None:
-        upstream = self.upstream
-        log.info(
-            "connection closed",
-            connection=self.id,
-            service=f"{self.route.namespace}/{self.route.service}",
-            port=self.route.port_name,
-            client=self.client,
-            endpoint=str(upstream.endpoint) if upstream else None,
-            bytes_received=self.received,
-            bytes_sent=self.sent,
-            duration_s=round(self.loop.time() - self.started, 6),
-            end=reason,
-        )

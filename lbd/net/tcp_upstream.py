@@ -8,21 +8,17 @@ half-close.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
-from lbd.net import connect
-from lbd.net.connections import ConnectionSet
-from lbd.net.idle import Idler
 from lbd.net.splice import BULK_READ
 
 
-class UpstreamOwner(connect.Connecting, Idler, Protocol):
+class UpstreamOwner(Protocol):
     """What an Upstream needs of its connection (``lbd.net.tcp_proxy.Downstream``)."""
 
-    upstream: Upstream | None
-    endpoint: UpstreamEndpoint | None
-    connections: ConnectionSet[Any]
+    loop: asyncio.AbstractEventLoop
+    closed: bool
 
     transport: asyncio.Transport | None  # the client's
     sent: int  # bytes from the endpoint
@@ -39,6 +35,8 @@ class UpstreamOwner(connect.Connecting, Idler, Protocol):
     def spliced(self, upward: bool) -> bool: ...
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
+
+    def retry_elsewhere(self, upstream: Upstream, why: str) -> None: ...
 
 
 class Upstream(asyncio.Protocol):
@@ -72,7 +70,7 @@ class Upstream(asyncio.Protocol):
     def eof_received(self) -> bool:
         downstream = self.downstream
         if _nothing_passed(downstream):
-            _retry_elsewhere(downstream, self, "closed before any byte")
+            downstream.retry_elsewhere(self, "closed before any byte")
             return False
         downstream.upstream_ended()
         return True
@@ -81,7 +79,7 @@ class Upstream(asyncio.Protocol):
         downstream = self.downstream
         if self.attached and not downstream.closed:
             if _nothing_passed(downstream):
-                _retry_elsewhere(downstream, self, "reset before any byte" if exc else "closed")
+                downstream.retry_elsewhere(self, "reset before any byte" if exc else "closed")
                 return
             downstream.finish("upstream_reset" if exc else "upstream_closed", abort=exc is not None)
 
@@ -103,19 +101,3 @@ class Upstream(asyncio.Protocol):
 def _nothing_passed(downstream: UpstreamOwner) -> bool:
     """No byte went either way: nothing was delivered, so another endpoint may be tried."""
     return not downstream.closed and downstream.sent == 0 and downstream.received == 0
-
-
-def _retry_elsewhere(downstream: UpstreamOwner, upstream: Upstream, why: str) -> None:
-    """The endpoint closed or reset the connection before a byte passed either way and before
-    lbd forwarded any of the client's: nothing was delivered, so another endpoint may take the
-    client (a backend that died with connections in its accept queue resets them all).
-    Another try, as after a refused connect, within the same limit."""
-    endpoint = upstream.endpoint
-    upstream.attached = False  # its connection_lost no longer ends the connection
-    downstream.upstream = downstream.endpoint = None
-    endpoint.stats.upstream_cx_closed_before_data_total += 1
-    if not upstream.transport.is_closing():
-        upstream.transport.abort()
-    downstream.connections.idle.remove(downstream)
-    connect.connect_failed(downstream, endpoint, why)  # releases it, tells outlier detection
-    connect.try_next(downstream, upstream.tried)

@@ -30,7 +30,7 @@ import structlog
 
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
-from lbd.net import proxy_protocol
+from lbd.net import proxy_protocol, udp_faults
 from lbd.net.listener import ListenerSocket
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
 from lbd.net.udp_drain import UdpDrain
@@ -308,7 +308,8 @@ class UdpListener:
         header = None
         if route.tunables.proxy_protocol == "v2":
             header = proxy_protocol.build_v2(client[:2], self._destination(key), "UDP")
-        session = UdpSession(self, key, client, endpoint, sock, ancillary, header)
+        kind = UdpSession if route.faults is None else udp_faults.session_kind(route.faults)
+        session = kind(self, key, client, endpoint, sock, ancillary, header)
         self.sessions[key] = session
         route.pool.acquire(endpoint)
         stats.udp_sess_total += 1

@@ -161,6 +161,20 @@ class UdpSession:
             stats.udp_upstream_bytes_received_total += nbytes
             stats.udp_downstream_datagrams_sent_total += sent
 
+    def hand_over(self, kind: type[UdpSession]) -> UdpSession:
+        """Carry on as a session of ``kind`` (its port's faults went on or off): the same socket,
+        endpoint and idle deadline; this object retires without closing anything."""
+        listener = self.listener
+        successor = kind(
+            listener, self.key, self.client, self.endpoint, self.sock, self.ancillary, self.header
+        )
+        successor.last_activity = self.last_activity
+        self._timer.cancel()
+        self.closed = True
+        listener.sessions[self.key] = successor
+        listener.loop.add_reader(self.sock.fileno(), successor.on_readable)
+        return successor
+
     def _upstream_error(self, error: OSError, *, reading: bool = False) -> None:
         stats = self.listener.route.stats
         if error.errno in ICMP_ERRNOS:

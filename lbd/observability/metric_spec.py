@@ -19,6 +19,7 @@ Scope = Literal[
     "node",
     "kubernetes",
     "kubernetes_kind",
+    "fault",
 ]
 Labels = tuple[str, ...]
 
@@ -31,6 +32,7 @@ SCOPE_LABELS: dict[Scope, Labels] = {
     "node": (),
     "kubernetes": (),  # lbd run --kubernetes: KubernetesStats
     "kubernetes_kind": ("kind",),  # one per watched kind: KubernetesKindStats
+    "fault": ("namespace", "service", "port", "fault", "type"),  # FaultStats, by fault id
 }
 
 

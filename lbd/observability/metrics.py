@@ -15,6 +15,7 @@ and take the maximum.
 
 from __future__ import annotations
 
+from lbd.observability.fault_metrics import FAULT_METRICS
 from lbd.observability.kubernetes_metrics import KUBERNETES_METRICS
 from lbd.observability.metric_spec import SCOPE_LABELS, Kind, MetricSpec, Scope
 from lbd.observability.stats import (
@@ -48,7 +49,8 @@ _TABLE: tuple[MetricSpec, ...] = (
         "over maxConnections with the queue full; queue_timeout: waited queueTimeout; "
         "endpoint_limits: every endpoint at maxConnectionsPerEndpoint; fd_exhausted: no "
         "descriptor for the upstream socket; proxy_header_invalid: a trusted source sent no "
-        "valid PROXY header; source_range: outside loadBalancerSourceRanges).",
+        "valid PROXY header; source_range: outside loadBalancerSourceRanges; fault: a refuse "
+        "fault).",
         label="reason",
     ),
     _route(
@@ -280,6 +282,7 @@ _TABLE: tuple[MetricSpec, ...] = (
         "node",
     ),
     *KUBERNETES_METRICS,
+    *FAULT_METRICS,
     # -- supervisor (workers: N > 1) ----------------------------------------------------------
     MetricSpec("workers", G, "Worker processes serving now.", "supervisor", merge="max"),
     MetricSpec(

@@ -57,6 +57,7 @@ class Refusals:
     fd_exhausted: int = 0  # no descriptor left for the upstream socket
     proxy_header_invalid: int = 0  # a trusted source sent no valid PROXY header
     source_range: int = 0  # outside loadBalancerSourceRanges
+    fault: int = 0  # a refuse fault (docs/faults.md)
 
 
 @dataclass(slots=True)
@@ -151,6 +152,27 @@ class RouteStats:
     udp_upstream_datagrams_received_total: int = 0
     udp_upstream_bytes_received_total: int = 0
     udp_errors_total: UdpErrors = field(default_factory=UdpErrors)
+    # mirror: (lbd.net.mirror); the real connection never waits for its copy
+    mirror_cx_total: int = 0
+    mirror_cx_failed_total: int = 0  # the shadow refused, failed or fell behind: copy ended
+    mirror_bytes_sent_total: int = 0
+    mirror_bytes_dropped_total: int = 0  # not copied: the shadow's buffer was full or it failed
+
+
+@dataclass(slots=True)
+class FaultStats:
+    """Counters of one fault of one service port (docs/faults.md)."""
+
+    fault_applied_total: int = 0  # connections (TCP) or datagrams (UDP) it acted on
+    fault_bytes_delayed_total: int = 0  # held back: latency, bandwidth, slicer, delay, reorder
+    fault_bytes_discarded_total: int = 0  # never delivered: timeout, limit_data, drop
+    fault_cx_cut_total: int = 0  # connections it ended: refuse, limit_data, timeout, reset_peer
+
+
+@dataclass(slots=True)
+class FaultChanges:
+    added: int = 0
+    removed: int = 0
 
 
 @dataclass(slots=True)
@@ -197,6 +219,7 @@ class ProcessStats:
     listener_bind_failures_total: int = 0  # at start or in a reload's prepare phase
     dns_resolutions_total: Results = field(default_factory=Results)  # ExternalName answers
     health_check_node_port_requests_total: int = 0
+    fault_changes_total: FaultChanges = field(default_factory=FaultChanges)  # admin API
     config_info: tuple[str, ...] = ("",)  # the running config's hash
     build_info: tuple[str, ...] = ("", "")  # lbd's version, Python's
 

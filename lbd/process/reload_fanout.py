@@ -140,6 +140,7 @@ class ReloadFanOut:
         self.listening.commit(added, diff.listeners_removed)
         self.config = config
         self.data = data
+        self.workers.forget_faults({spec.key for spec in diff.routes_removed})
         self.addresses.commit(config)
         self.results.success += 1
         self.applied_at = time.time()

@@ -2,8 +2,8 @@
 
 ``/metrics`` sums every worker's snapshot; ``/services`` and ``/explain`` are one worker's
 view (the endpoints' ``active`` counts are the shared, global ones; the per-service connection
-counters there are that worker's, ``/metrics`` has the sums); endpoint overrides go to every
-worker and are replayed to a worker that replaces one.
+counters there are that worker's, ``/metrics`` has the sums); endpoint overrides and fault
+changes go to every worker and are replayed to a worker that replaces one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import socket
 import structlog
 
 from lbd.admin import views
+from lbd.admin.fault_views import new_fault_id
 from lbd.admin.health import Health
 from lbd.admin.server import AdminServer
 from lbd.config.model import Config
@@ -31,6 +32,7 @@ log = structlog.get_logger("lbd.process.supervisor")
 
 VIEW_TIMEOUT_S = 5.0
 OVERRIDES = ("drain", "enable", "weight")
+FAULT_CHANGES = ("fault_add", "fault_remove")
 
 
 class SupervisorBackend:
@@ -63,7 +65,10 @@ class SupervisorBackend:
         serving = pool.serving()
         if not serving:
             raise views.NotFound("no worker is serving right now")
-        targets = serving if name in OVERRIDES else serving[:1]
+        if name == "fault_add" and not query.get("id"):
+            query = {**query, "id": new_fault_id()}  # the same id in every worker
+        changes = name in OVERRIDES or name in FAULT_CHANGES
+        targets = serving if changes else serving[:1]
         request = AdminRequest(view=name, query=query)
         replies = [await pool.ask(m, request, VIEW_TIMEOUT_S) for m in targets]
         first = replies[0]
@@ -74,6 +79,8 @@ class SupervisorBackend:
             raise views.BadRequest(first.error)
         if name in OVERRIDES:
             pool.overrides.append(request)
+        elif name in FAULT_CHANGES:
+            pool.faults_changed(request, first.body or {})
         return first.body or {}
 
 

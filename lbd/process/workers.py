@@ -20,9 +20,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
+from lbd.config.routes import RouteKey
 from lbd.health.registry import CheckKey
 from lbd.observability.snapshot import WorkerSnapshots
 from lbd.observability.stats import SupervisorStats
@@ -94,9 +96,25 @@ class WorkerSet:
         self.snapshots = WorkerSnapshots()
         # Admin overrides, replayed to a worker that replaces one.
         self.overrides: list[AdminRequest] = []
+        # Faults added over the admin API, by id, with their service port: replayed too.
+        self.faults: dict[str, tuple[RouteKey, AdminRequest]] = {}
         # Health verdicts of the probing worker (0), for the others and for replacements.
         self.health: dict[CheckKey, bool] = {}
         self._ids = itertools.count(1)
+
+    def faults_changed(self, request: AdminRequest, body: dict[str, Any]) -> None:
+        """Every worker applied a fault change (``lbd.admin.fault_views``): remember what a
+        replacement must be told."""
+        if request.view == "fault_add":
+            self.faults[body["id"]] = ((body["service"], body["port"]), request)
+        for removed in body.get("removed", ()):
+            self.faults.pop(removed["id"], None)
+
+    def forget_faults(self, routes: set[RouteKey]) -> None:
+        """A reload removed these service ports, and their faults with them."""
+        for fault_id, (route, _) in list(self.faults.items()):
+            if route in routes:
+                del self.faults[fault_id]
 
     def serving(self) -> list[WorkerSlot]:
         return [m for m in self.members if m.serving]
@@ -134,7 +152,7 @@ class WorkerSet:
         def ready(message: Ready, socks: list[socket.socket]) -> None:
             if member.ready is not None and not member.ready.done():
                 member.ready.set_result(message.pid)
-            for override in self.overrides:
+            for override in (*self.overrides, *(added for _, added in self.faults.values())):
                 self.send(member, override)
 
         def failed(message: StartFailed, socks: list[socket.socket]) -> None:

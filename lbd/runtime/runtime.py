@@ -18,7 +18,6 @@ import functools
 import platform
 import random
 import socket
-from dataclasses import dataclass
 
 import structlog
 
@@ -29,6 +28,7 @@ from lbd.config.routes import RouteKey, RouteSpec
 from lbd.endpoints.route import Route
 from lbd.health.node_port import HealthCheckServer
 from lbd.health.registry import HealthRegistry
+from lbd.net import udp_faults
 from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
 from lbd.net.listener import Listener as NetListener
@@ -41,6 +41,7 @@ from lbd.net.udp_listener import UdpListener
 from lbd.observability.snapshot import Snapshot, read_stats
 from lbd.observability.stats import KubernetesStats, ProcessStats
 from lbd.runtime.extras import ServiceExtras
+from lbd.runtime.listeners import Listener
 from lbd.runtime.plan import Plan, make_plan
 from lbd.runtime.snapshot import kubernetes_snapshot, runtime_snapshot
 from lbd.runtime.status import ReloadStatus
@@ -53,52 +54,8 @@ class ListenerError(Exception):
     """A listener could not be bound; names the listener and the service."""
 
 
-@dataclass(slots=True, eq=False)
-class Listener:
-    """One listener of the config (``spec``) and the socket that serves it (``net``)."""
-
-    spec: ListenerSpec
-    net: NetListener  # TCP or UDP, one interface
-
-    @property
-    def route(self) -> Route:
-        return self.net.route
-
-    @property
-    def bound(self) -> tuple[str, int]:
-        """The real address, port 0 resolved."""
-        return self.net.bound
-
-    @property
-    def sock(self) -> socket.socket | None:
-        return self.net.sock
-
-    @property
-    def removed(self) -> bool:
-        return self.net.removed
-
-    def describe(self) -> str:
-        host, port = self.bound
-        return (
-            f"{self.spec.protocol} [{host}]:{port}"
-            if ":" in host
-            else f"{self.spec.protocol} {host}:{port}"
-        )
-
-    def repoint(self, spec: ListenerSpec, route: Route) -> None:
-        self.spec = spec
-        self.net.repoint(route, spec.external, spec.filtered)
-
-    async def start(self) -> None:
-        await self.net.start()
-
-    def close(self) -> None:
-        """Stop accepting. TCP connections carry on; UDP sessions end, since their replies can
-        only leave through the listener socket."""
-        self.net.close()
-
-
 LIMIT_KEYS = frozenset({"maxConnections", "maxConnectionsPerEndpoint"})
+FAULT_KEYS = frozenset({"faults", "mirror"})
 
 
 def _moves_connections(diff: ConfigDiff) -> bool:
@@ -298,6 +255,8 @@ class Runtime:
         changed = [self.routes[change.key] for change in diff.routes_changed]
         for change, route in zip(diff.routes_changed, changed, strict=True):
             route.update(specs[change.key], self._rng)
+            if FAULT_KEYS.intersection(change.settings_changed):
+                self.follow_faults(route)
         self.routes.update(added)
         for removed in diff.routes_removed:
             route = self.routes.pop(removed.key)
@@ -319,7 +278,15 @@ class Runtime:
             for connection in self.connections:  # limits a reload turned on count them too
                 connection.count_under_new_limits()
         for route in (*changed, *added.values()):
-            self.health.sync(route.pool, route.tunables.health_check)
+            self.health.sync(route.pool, route.tunables.health_check, route.faults)
+
+    def follow_faults(self, route: Route) -> None:
+        """The port's faults changed: its health probes and its open UDP sessions take them, or
+        drop them, at once (a TCP connection takes faults when it connects)."""
+        self.health.sync(route.pool, route.tunables.health_check, route.faults)
+        for listener in self.listeners.values():
+            if listener.route is route and isinstance(listener.net, UdpListener):
+                udp_faults.follow(listener.net.sessions, route.faults)
 
     def _mark_draining(self) -> None:
         """Connections whose endpoint, service port or listener is gone drain; a connection
@@ -363,7 +330,7 @@ class Runtime:
         """Start the checkers of new endpoints, stop those of removed ones: after ``start``
         and after every reload that changed a pool or a route's ``health_check``."""
         for route in self.routes.values():
-            self.health.sync(route.pool, route.tunables.health_check)
+            self.health.sync(route.pool, route.tunables.health_check, route.faults)
 
     def stop_accepting(self) -> None:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
@@ -388,3 +355,5 @@ class Runtime:
         """Shutdown phase 3: end whatever is still open."""
         for connection in self.connections:
             connection.finish(reason, abort=True)
+        for lingering in list(self.connections.lingering):  # faults' delayed bytes, mirrors
+            lingering.abort()

@@ -38,6 +38,8 @@ def runtime_snapshot(
         read_stats(snap, "route", _route_stats(route), labels, udp=route.protocol == "UDP")
         for endpoint in (*route.pool.members, *route.pool.draining):
             read_stats(snap, "endpoint", _endpoint_stats(endpoint), (*labels, str(endpoint)))
+        for fault in route.fault_book.faults:
+            read_stats(snap, "fault", fault.stats, (*labels, fault.id, fault.spec.type))
     for connection in connections:
         route = connection.route
         labels = (route.namespace, route.service, route.port_name)
