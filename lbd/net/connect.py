@@ -10,16 +10,20 @@ descriptors sheds the connection instead.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
-import functools
-from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+import os
+import select
+import socket
+from typing import Protocol
 
 import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
+from lbd.net.reactor import READABLE, Reactor
+from lbd.net.tcp_upstream import Upstream
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -33,20 +37,14 @@ TRY_TIMEOUT_SCALE = (0.25, 0.5)
 # A connect that fails with one of these failed for lack of lbd's own resources, not the
 # endpoint's: it is shed, not retried elsewhere or held against the endpoint.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # non-blocking from the start: no fcntl
+_UNDER_WAY = frozenset({0, errno.EINPROGRESS})
 
 
 def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> float:
     if candidates_left > 1 and attempt < len(TRY_TIMEOUT_SCALE):
         return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
     return connect_timeout
-
-
-class UpstreamHalf(Protocol):
-    """The endpoint side a try connects (``lbd.net.tcp_proxy.Upstream``)."""
-
-    endpoint: UpstreamEndpoint
-    attached: bool  # the connection's upstream now (its connection_made was accepted)
-    timed_out: bool  # its try's deadline passed before it connected
 
 
 class Connecting(Protocol):
@@ -57,6 +55,7 @@ class Connecting(Protocol):
     closed: bool
     trying: ConnectTry | None  # the try in flight, if any
     loop: asyncio.AbstractEventLoop
+    reactor: Reactor
 
     @property
     def id(self) -> str: ...
@@ -64,14 +63,11 @@ class Connecting(Protocol):
     @property
     def external(self) -> bool: ...
 
-    def new_upstream(self, endpoint: UpstreamEndpoint) -> UpstreamHalf: ...
+    def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream: ...
+
+    def attach(self, upstream: Upstream) -> None: ...
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
-
-
-def _same(upstream: UpstreamHalf) -> asyncio.BaseProtocol:
-    """A protocol factory that returns the Upstream made before the connect started."""
-    return cast(asyncio.BaseProtocol, upstream)
 
 
 def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
@@ -104,23 +100,11 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
 
 
 class ConnectTry:
-    """One connect try in flight: ``loop.create_connection``'s coroutine, stepped by hand.
+    """One connect try in flight: a non-blocking socket in the worker's reactor, and the
+    deadline of the try. Nothing of the event loop's connection machinery (no coroutine, no
+    Task, no transport): the socket joins the connection's halves as it is once connected."""
 
-    A Task per connection would cost its creation, its entry in asyncio's set of all tasks,
-    a context copy and a loop turn before the connect even starts; the connect needs none of
-    it. The coroutine is started at once and resumed from the done callback of the future it
-    waits for (this object is that callback), until it returns or raises."""
-
-    __slots__ = (
-        "began",
-        "cancelled",
-        "connection",
-        "coro",
-        "timer",
-        "tried",
-        "upstream",
-        "waited",
-    )
+    __slots__ = ("began", "connection", "deadline", "sock", "timer", "tried", "upstream")
 
     def __init__(
         self,
@@ -134,66 +118,75 @@ class ConnectTry:
         self.upstream = connection.new_upstream(endpoint)
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
-        self.cancelled = False  # given up while not waiting on a future: throw at next step
-        self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
-        loop = connection.loop
-        self.timer = loop.call_at(deadline, self._timed_out)
-        # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP literal in
-        # place here, while sock_connect sends every connect through libuv's thread pool for
-        # getaddrinfo (measured: ~130 us of CPU and two context switches per connection).
-        self.coro: Coroutine[Any, Any, object] | None = loop.create_connection(
-            functools.partial(_same, self.upstream), endpoint.address, endpoint.port
-        )
+        self.deadline = deadline
+        self.sock: _socket.socket | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        """Run the connect to its first wait (the connection holds this try already)."""
-        self._step()
-
-    def __call__(self, _waited: object) -> None:
-        self._step()
-
-    def _step(self) -> None:
-        """Run the coroutine to its next wait; act on its end (what a Task step does)."""
-        coro = self.coro
-        assert coro is not None
-        try:
-            if self.cancelled:  # given up during a bare yield: nothing to cancel but it
-                self.cancelled = False
-                waited = coro.throw(asyncio.CancelledError())
-            else:  # a cancelled future raises CancelledError in it, as a Task's would
-                waited = coro.send(None)
-        except StopIteration:
-            self.coro = None
-            self._connected()
-            return
-        except OSError as error:
-            self.coro = None
-            if self.connection.trying is self:
-                self._failed(error)
-            return
-        except asyncio.CancelledError:  # this try was given up (timed out, client left)
-            self.coro = None
-            return
-        self.waited = waited
-        if waited is None:  # a bare yield: resume at the next loop turn
-            self.connection.loop.call_soon(self, None)
-        else:
-            waited.add_done_callback(self)
-
-    def _connected(self) -> None:
-        self.timer.cancel()
-        connection = self.connection
-        if connection.trying is not self or not self.upstream.attached:
-            return  # given up after connection_made (attach refused it or it was closed)
-        connection.trying = None  # done: nothing of the connect is kept for the connection's life
+        """Send the SYN (the connection holds this try already)."""
         endpoint = self.upstream.endpoint
+        try:
+            sock = _socket.socket(endpoint.family, _STREAM, socket.IPPROTO_TCP)
+        except OSError as error:
+            self._failed(error)
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex((endpoint.address, endpoint.port))
+        except OSError as error:
+            sock.close()
+            self._failed(error)
+            return
+        if code not in _UNDER_WAY:
+            sock.close()
+            self._failed(OSError(code, os.strerror(code)))
+            return
+        self.sock = sock
+        connection = self.connection
+        self.timer = connection.loop.call_at(self.deadline, self._timed_out)
+        connection.reactor.add(sock.fileno(), self.on_event)
+
+    def on_event(self, events: int) -> None:
+        """The socket connected (writable) or failed (an error), whichever the kernel says."""
+        sock = self.sock
+        if sock is None:
+            return
+        if events & select.EPOLLERR:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.sock = None
+            self.connection.reactor.close(sock)
+            if self.connection.trying is self:
+                self._failed(OSError(code, os.strerror(code)))
+            return
+        if events & select.EPOLLOUT:
+            self._connected(sock, events)
+
+    def _connected(self, sock: _socket.socket, events: int) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.sock = None
+        connection = self.connection
+        upstream = self.upstream
+        if connection.trying is not self:
+            connection.reactor.close(sock)
+            return
+        upstream.sock = sock
+        connection.reactor.retarget(sock.fileno(), upstream.on_event)
+        connection.attach(upstream)
+        if not upstream.attached:
+            return  # refused by attach (the connection ended), which closed the socket
+        connection.trying = None  # done: nothing of the connect is kept for the connection's life
+        endpoint = upstream.endpoint
         endpoint.stats.upstream_cx_connect_seconds.observe(connection.loop.time() - self.began)
         outlier = connection.route.outlier
         if outlier is not None:
             outlier.connect_succeeded(endpoint)
+        if events & READABLE:
+            upstream.read()  # the endpoint spoke first, in the same event (edge-triggered)
 
     def _failed(self, error: OSError) -> None:
-        self.timer.cancel()
+        if self.timer is not None:
+            self.timer.cancel()
         connection = self.connection
         endpoint = self.upstream.endpoint
         if error.errno in OUT_OF_DESCRIPTORS:
@@ -206,8 +199,7 @@ class ConnectTry:
         try_next(connection, self.tried)
 
     def _timed_out(self) -> None:
-        """The deadline passed. A try that already attached has won the race; one that
-        attaches after this is refused (``attach``), so a late connect never half-wins."""
+        """The deadline passed: give the try up (a late connect never half-wins)."""
         connection = self.connection
         upstream = self.upstream
         if upstream.attached or connection.closed or connection.trying is not self:
@@ -219,20 +211,17 @@ class ConnectTry:
         try_next(connection, self.tried)
 
     def give_up(self) -> None:
-        """Stop the try as Task.cancel would: cancel the future it waits for, so that its next
-        step raises CancelledError inside it (uvloop then closes the half-made transport;
-        asyncio's sock_connect first removes the socket's writer). A future that is already
-        done keeps its outcome, which the next step takes (and ignores)."""
-        self.timer.cancel()
-        waited = self.waited
-        if waited is None:
-            self.cancelled = True
-        else:
-            waited.cancel()  # its callbacks, this try last, run at the next loop turn
+        """Stop the try: its socket closes (a connect under way is dropped with it)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            self.connection.reactor.close(sock)
 
     def abandon(self) -> None:
         """The connection ends while this try is in flight: give it up, free its endpoint."""
-        if not self.upstream.attached and self.coro is not None:
+        if not self.upstream.attached and self.sock is not None:
             self.give_up()
             self.connection.route.pool.release(self.upstream.endpoint)
 

@@ -1,5 +1,5 @@
 """What every TCP connection of a worker shares: the set of live ones (so shutdown and reload
-can wait for, or end, them), the view of the listener that accepted it, its id, and resets.
+can wait for, or end, them), the view of the listener that accepted it, and its id.
 
 Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we track them.
 """
@@ -7,18 +7,14 @@ Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
-import socket
-import struct
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
 from lbd.endpoints.route import Route
 from lbd.net.idle import IdleWheel
-
-_LINGER_RESET = struct.pack("ii", 1, 0)
+from lbd.net.reactor import Reactor
 
 
 class ListenerView(Protocol):
@@ -26,6 +22,7 @@ class ListenerView(Protocol):
 
     removed: bool  # closed by a reload: its connections drain
     loop: asyncio.AbstractEventLoop  # passed in: asyncio.get_running_loop() costs a getpid()
+    reactor: Reactor  # the loop's epoll set, which the connection's sockets join
     filtered: bool  # loadBalancerSourceRanges apply
 
     @property
@@ -43,16 +40,6 @@ next_serial = itertools.count(1).__next__
 
 def connection_id(serial: int) -> str:
     return f"{_PID_PREFIX}-{serial:x}"
-
-
-def send_reset(transport: asyncio.BaseTransport) -> None:
-    """Close with an RST instead of a FIN, dropping anything still buffered."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        # OSError: the socket is already gone, and abort() below is all that is left to do.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()  # type: ignore[attr-defined]
 
 
 class Closable(Protocol):

@@ -50,11 +50,11 @@ def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> s
     never silently takes IPv4 traffic meant for another listener.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    # proto IPPROTO_TCP (not 0) is inherited by accepted sockets; asyncio's transports set
-    # TCP_NODELAY only on sockets that say they are TCP.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (Linux): no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:

@@ -6,9 +6,9 @@ a ``SplicePump`` once a single read brings ``BULK_READ`` bytes (the kernel had t
 a stream, not a request), as HAProxy's splice-auto does. From then on its bytes go from one
 socket into a pipe and from the pipe into the other socket without entering Python.
 
-The transports keep their sockets (the other direction still uses them, and close/reset stay
-theirs): the pump watches ``dup``s of the two descriptors, so the event loop sees them as
-descriptors of their own, and the source transport stays paused. Backpressure is the pipe: the
+The connection keeps its sockets (the other direction still uses them, and close/reset stay
+its own): the pump watches ``dup``s of the two descriptors with the event loop, and the
+connection no longer reads the source. Backpressure is the pipe: the
 pump reads the source only while the pipe can be emptied into the destination, so at most one
 pipe (``PIPE_SIZE``) of kernel memory is in flight per direction and none in Python.
 
@@ -107,35 +107,14 @@ class SplicePump:
         try:
             self._src = os.dup(src_fd)
             self._dst = os.dup(dst_fd)
+            # splice(2) on a socket blocks unless the socket itself is non-blocking (its
+            # flag, shared with the connection's descriptor, which never blocks anyway).
+            os.set_blocking(self._src, False)
+            os.set_blocking(self._dst, False)
         except OSError:
             self._release()
             raise
         loop.add_reader(self._src, self._on_readable)
-
-    @classmethod
-    def between(
-        cls,
-        loop: asyncio.AbstractEventLoop,
-        source: asyncio.Transport,
-        destination: asyncio.Transport,
-        owner: PumpOwner,
-        upward: bool,
-    ) -> SplicePump | None:
-        """A pump from ``source``'s socket to ``destination``'s, ``source`` paused from now on;
-        None while ``destination`` still buffers bytes (or closes): the transports' own order
-        must be kept, so a later bulk read tries again. Raises OSError when no descriptor or
-        pipe is left (the direction stays on the copy path)."""
-        if destination.get_write_buffer_size() or destination.is_closing():
-            return None
-        pump = cls(
-            loop,
-            source.get_extra_info("socket").fileno(),
-            destination.get_extra_info("socket").fileno(),
-            owner,
-            upward,
-        )
-        source.pause_reading()
-        return pump
 
     @property
     def closed(self) -> bool:

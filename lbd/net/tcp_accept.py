@@ -16,7 +16,7 @@ import structlog
 
 from lbd.endpoints.route import Route
 from lbd.net import connect, proxy_protocol
-from lbd.net.connections import ListenerView, send_reset
+from lbd.net.connections import ListenerView
 from lbd.net.proxy_protocol import Address, HeaderReader, ProxyHeaderError
 
 log = structlog.get_logger("lbd.tcp")
@@ -26,7 +26,6 @@ class Accepting(connect.Connecting, Protocol):
     """What this phase needs of the connection."""
 
     listener: ListenerView
-    transport: asyncio.Transport | None
     header: HeaderReader | None  # a trusted client's PROXY header, while it is being read
     addresses: tuple[Address, Address] | None  # (client, destination) as the header said
     admission: str | None  # "queued" or "admitted" while in the route's Admission
@@ -41,14 +40,14 @@ class Accepting(connect.Connecting, Protocol):
 
     def admitted(self) -> None: ...  # a queued connection got its slot (Admission calls it)
 
+    def reject(self) -> None: ...  # reset it before it was tracked
+
 
 def accepted(connection: Accepting) -> None:
     """Decide what happens to a connection the kernel just handed over."""
     route: Route = connection.route
     stats = route.stats
     listener = connection.listener
-    transport = connection.transport
-    assert transport is not None
     # A trusted PROXY source is checked against the ranges once its header names the client.
     via_proxy = bool(route.trusted_proxies) and proxy_protocol.trusted(
         connection.client, route.trusted_proxies
@@ -57,14 +56,12 @@ def accepted(connection: Accepting) -> None:
         # Refusing per client needs the connection accepted first: a reset is the best the
         # kernel lets a listening socket do without packet filtering.
         stats.downstream_cx_refused_total.source_range += 1
-        connection.closed = True
-        send_reset(transport)
+        connection.reject()
         return
     if not route.pool.eligible(listener.external):
         # Only in the moment before the listener stops listening (lbd.net.tcp_listener).
         stats.downstream_cx_refused_total.no_endpoint += 1
-        connection.closed = True
-        send_reset(transport)
+        connection.reject()
         return
     connection.track()
     loop = connection.loop

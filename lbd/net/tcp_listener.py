@@ -1,39 +1,48 @@
-"""A TCP listener: one listening socket of a service port, served by ``asyncio.Server``.
+"""A TCP listener: one listening socket of a service port, accepted from in the worker's
+``Reactor`` (one epoll set with the connections' sockets).
 
 It listens only while its service port has a usable endpoint (``lbd.net.listener``, kube-proxy's
 REJECT by the kernel); a reload keeps an unchanged listener's socket and accept queue. It is
-also what each connection it accepts sees of its listener (``ListenerView``).
+also what each connection it accepts sees of its listener (``ListenerView``). Each wakeup
+accepts a batch (``ACCEPT_BATCH``, or until the queue is empty); accepted sockets inherit
+TCP_NODELAY from the listening socket, so they cost no system call but the accept itself.
+Out of descriptors (EMFILE), accepting pauses for ``ACCEPT_PAUSE_S``: no spinning on a queue
+that cannot be taken from, one log line a second, and each pause counted.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-import functools
 import socket
 from collections.abc import Callable
 
+import structlog
+
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
+from lbd.net.connect import OUT_OF_DESCRIPTORS
 from lbd.net.listener import ListenerSocket
-from lbd.net.sockets import LISTEN_BACKLOG, bind_tcp_listener
+from lbd.net.reactor import LEVEL, Reactor
+from lbd.net.sockets import bind_tcp_listener
 
-# asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
-# schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
-# thousands of tracebacks and timers a second. So create_server gets a small batch, and the
-# kernel backlog is set back with listen() once serving (uvloop accepts in libuv, unaffected).
-ACCEPT_BATCH = 16
-ProtocolFactory = Callable[["TcpListener"], asyncio.Protocol]
+log = structlog.get_logger("lbd.tcp")
+
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE_S = 0.01
+Peer = tuple[str, int] | tuple[str, int, int, int]
+ConnectionFactory = Callable[["TcpListener", _socket.socket, Peer], object]
 
 
 class TcpListener:
     __slots__ = (
+        "_factory",
         "_inherited",
-        "_protocol",
-        "_serving",
+        "_paused",
         "filtered",
         "loop",
+        "reactor",
         "removed",
-        "server",
         "sock",
         "socket",
     )
@@ -43,27 +52,26 @@ class TcpListener:
         address: str,
         port: int,
         route: Route,
-        factory: ProtocolFactory,
+        factory: ConnectionFactory,
         *,
         external: bool,
         filtered: bool,
         inherited: socket.socket | None = None,
         pinned: bool = False,
     ) -> None:
-        """``factory(listener)`` makes the protocol of each accepted connection. ``inherited``:
+        """``factory(listener, sock, peer)`` makes each accepted connection. ``inherited``:
         a listening socket bound elsewhere (a supervisor, the lbd this one took over from),
         used instead of binding. ``pinned``: never closed for lack of endpoints, because other
         processes listen on the same socket; connections are then reset one by one instead."""
         self.socket = ListenerSocket(self, "TCP", address, port, route, external, pinned=pinned)
         self.filtered = filtered  # loadBalancerSourceRanges apply (LoadBalancer IPs)
         self.removed = False  # closed by a reload: its connections drain
-        # partial, not a method or lambda: no Python frame per accepted connection
-        self._protocol = functools.partial(factory, self)
+        self._factory = factory
         self._inherited = inherited
         self.sock: socket.socket | None = None
-        self.server: asyncio.Server | None = None
-        self._serving: asyncio.Task[None] | None = None  # a re-bound socket on its way to serve
+        self._paused: asyncio.TimerHandle | None = None  # accepting paused (out of descriptors)
         self.loop: asyncio.AbstractEventLoop  # set by prepare; read by every connection
+        self.reactor: Reactor
 
     @property
     def route(self) -> Route:
@@ -87,21 +95,14 @@ class TcpListener:
         sock, self._inherited = self._inherited, None
         if sock is None:
             sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for accepted sockets
         self.socket.port = sock.getsockname()[1]
         self.sock = sock
-        try:
-            self.server = await self.loop.create_server(
-                self._protocol, sock=sock, backlog=ACCEPT_BATCH, start_serving=False
-            )
-        except BaseException:
-            self.sock = None
-            sock.close()
-            raise
 
     async def start(self) -> None:
-        assert self.server is not None and self.sock is not None
-        await self.server.start_serving()
-        self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
+        assert self.sock is not None
+        self._watch(self.sock)
         self.socket.follow(self.route, self.external)
 
     def repoint(self, route: Route, external: bool, filtered: bool) -> None:
@@ -118,35 +119,65 @@ class TcpListener:
         pass  # open connections keep their endpoints: a drained one ends by its own deadline
 
     def open(self) -> None:
-        """Bind and listen now: from this moment the kernel completes connects into the accept
-        queue; the event loop starts accepting from it a moment later (``_serve``)."""
+        """Bind, listen and accept, all before this returns."""
         sock = bind_tcp_listener(self.socket.address, self.socket.port)
         self.sock = sock
-        self._serving = self.loop.create_task(self._serve(sock))
+        self._watch(sock)
 
-    async def _serve(self, sock: socket.socket) -> None:
-        try:
-            self.server = await self.loop.create_server(
-                self._protocol, sock=sock, backlog=ACCEPT_BATCH
-            )
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as error:  # not expected for a bound socket; never leave it half-open
-            sock.close()
-            self.sock = None
-            self.socket.open_failed(error)
-            return
-        finally:
-            self._serving = None
-        if self.socket.closed or not self.route.pool.eligible(self.external):
-            self.shut()
+    def _watch(self, sock: socket.socket) -> None:
+        # The loop's reactor closes while it watches nothing: ask for it each time.
+        self.reactor = Reactor.of(self.loop)
+        self.reactor.add(sock.fileno(), self._on_accept, LEVEL)
 
     def shut(self) -> None:
-        if self.server is not None:
-            self.server.close()  # closes the socket; open connections carry on
-            self.server = None
+        sock = self.sock
+        if sock is not None:
             self.sock = None
-        elif self.sock is not None and self._serving is None:
-            self.sock.close()
-            self.sock = None
-        # else the _serve task owns the bound socket and shuts it itself once it has a server:
-        # closing a socket under create_server would leave the loop watching a dead fd.
+            self.reactor.remove(sock.fileno())  # explicitly: other processes may hold it too
+            sock.close()  # open connections carry on
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    def _on_accept(self, events: int) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        family = sock.family
+        factory = self._factory
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, peer = sock._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in OUT_OF_DESCRIPTORS:
+                    self._pause(error)
+                    return
+                continue  # the client gave up while queued (ECONNABORTED...): next one
+            factory(self, _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd), peer)
+
+    def _pause(self, error: OSError) -> None:
+        """No descriptor for a connection: leave the queue alone for a moment."""
+        sock = self.sock
+        assert sock is not None
+        self.reactor.modify(sock.fileno(), 0)
+        self._paused = self.loop.call_later(ACCEPT_PAUSE_S, self._resume)
+        route = self.route
+        route.stats.downstream_cx_refused_total.fd_exhausted += 1
+        now = self.loop.time()
+        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
+            route.fd_exhausted_logged_at = now
+            log.error(
+                "out of file descriptors",
+                where="accept",
+                route=route.label,
+                error=error.strerror or str(error),
+            )
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self.sock is not None:
+            self.reactor.modify(self.sock.fileno(), LEVEL)

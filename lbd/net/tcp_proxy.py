@@ -1,32 +1,36 @@
-"""The TCP data path: a pair of ``asyncio.Protocol``s per proxied connection.
+"""The TCP data path: a pair of socket halves per proxied connection.
 
 ``Downstream`` (here) is the client half and owns the connection's lifetime; ``Upstream``
 (``lbd.net.tcp_upstream``) is the endpoint half. Before bytes flow, a connection goes through
 its accept phase (``lbd.net.tcp_accept``: source ranges, PROXY header, admission) and its
 connect tries (``lbd.net.connect``).
 
-Flow control is cross-coupled: when one side's transport buffer passes its high-water mark
-(``pause_writing``), the *other* side stops reading, so a slow reader never makes lbd buffer
-more than about one transport buffer per direction. EOF is propagated as a half-close
-(``write_eof``) and ``eof_received`` returns True, so the other direction keeps flowing until it
-finishes too. A reset is propagated as a reset (SO_LINGER 0), never turned into a clean close.
+Both sockets are plain non-blocking sockets in the worker's ``Reactor`` (one epoll set; see
+there why not the event loop's transports). Flow control is cross-coupled: what one side's
+socket cannot take is kept (``lbd.net.tcp_socket``) and the *other* side is not read until it
+has gone, so a slow reader never makes lbd hold more than one read per direction. EOF is
+passed on as a half-close (``shutdown(SHUT_WR)``, once the kept bytes went), so the other
+direction keeps flowing until it finishes too. A reset is passed on as a reset (SO_LINGER 0),
+never turned into a clean close.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-from typing import cast
 
 import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.net import connect, proxy_protocol, tcp_accept
 from lbd.net.connect import ConnectTry
-from lbd.net.connections import ConnectionSet, ListenerView, connection_id, next_serial, send_reset
+from lbd.net.connections import ConnectionSet, ListenerView, connection_id, next_serial
 from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address, HeaderReader
+from lbd.net.reactor import HANGUP, READABLE, WRITABLE
 from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
-from lbd.net.tcp_upstream import Upstream
+from lbd.net.tcp_socket import DONTWAIT, READ_SIZE, VIEW, SocketWriter, set_reset
+from lbd.net.tcp_upstream import ROUNDS, Upstream
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -34,7 +38,7 @@ log = structlog.get_logger("lbd.tcp")
 PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
 
-class Downstream(asyncio.Protocol):
+class Downstream(SocketWriter):
     """The client side of a proxied connection; owns the connection's lifetime."""
 
     __slots__ = (
@@ -56,21 +60,34 @@ class Downstream(asyncio.Protocol):
         "loop",
         "max_duration_timer",
         "pumps",
+        "reactor",
+        "reading",
         "received",
         "route",
         "sent",
         "started",
-        "transport",
         "trying",
         "upstream",
         "upstream_eof",
     )
 
-    def __init__(self, listener: ListenerView, connections: ConnectionSet[Downstream]) -> None:
+    def __init__(
+        self,
+        connections: ConnectionSet[Downstream],
+        listener: ListenerView,
+        sock: _socket.socket,
+        peer: tuple[str, int] | tuple[str, int, int, int],
+    ) -> None:
+        """A connection the listener just accepted (``sock``, from ``peer``): watched from
+        now on, and through its accept phase at once."""
+        self.sock: _socket.socket | None = sock
+        self.out = None
+        self.out_eof = False
         self.listener = listener
-        self.route = listener.route  # kept for the connection's life, even if re-pointed
+        self.route = route = listener.route  # kept for the connection's life, even if re-pointed
         self.connections = connections
-        self.transport: asyncio.Transport | None = None
+        self.loop = loop = listener.loop
+        self.reactor = reactor = listener.reactor
         self.upstream: Upstream | None = None
         self.endpoint: UpstreamEndpoint | None = None
         # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
@@ -87,17 +104,20 @@ class Downstream(asyncio.Protocol):
         self.header: HeaderReader | None = None
         # (client, destination) as a trusted PROXY header said; else the socket's own.
         self.addresses: tuple[Address, Address] | None = None
-        self.client = ""
+        self.client = peer[0]
         self.client_eof = False
         self.upstream_eof = False
         self.closed = False
+        self.reading = True  # False while the upstream holds bytes it could not send yet
         self.received = 0  # bytes from the client
         self.sent = 0  # bytes from the upstream, written to the client
-        self.started = 0.0
-        self.last_activity = 0.0
+        self.started = self.last_activity = loop.time()
         self._serial = 0  # numbered when first logged (see ``id``): no int object per connection
         # [upward, downward] splice pumps once a direction went bulk (lbd.net.splice).
         self.pumps: list[SplicePump | None] | None = None
+        route.stats.downstream_cx_total += 1
+        reactor.add(sock.fileno(), self.on_event)
+        tcp_accept.accepted(self)
 
     @property
     def id(self) -> str:
@@ -116,20 +136,17 @@ class Downstream(asyncio.Protocol):
             pending = self._pending = [data]
         else:
             pending.append(data)
-        if sum(map(len, pending)) > PENDING_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
+        if sum(map(len, pending)) > PENDING_LIMIT:
+            self.reading = False  # attach resumes it
 
-    # -- asyncio.Protocol, client side -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.loop = loop = self.listener.loop
-        self.started = self.last_activity = loop.time()
-        self.route.stats.downstream_cx_total += 1
-        peer = transport.get_extra_info("peername")
-        self.client = peer[0] if peer else ""
-        tcp_accept.accepted(self)
+    def reject(self) -> None:
+        """Refuse a connection in its accept phase: reset it, nothing else to release."""
+        self.closed = True
+        sock = self.sock
+        if sock is not None:
+            set_reset(sock)
+            self.reactor.close(sock)
+            self.sock = None
 
     def track(self) -> None:
         self.route.stats.downstream_cx_active += 1
@@ -148,49 +165,121 @@ class Downstream(asyncio.Protocol):
         self.admission = "admitted"
         connect.try_next(self, [])
 
-    def data_received(self, data: bytes) -> None:
-        header = self.header
-        if header is not None:
-            tcp_accept.feed_header(self, header, data)
-            return
-        self.received += len(data)
-        self.last_activity = self.loop.time()
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(data)
-            if len(data) >= BULK_READ:
-                self.splice(True)
-        else:
-            self.keep(data)
+    def local_address(self) -> str | None:
+        """The address the client connected to (a system call: not on the hot path)."""
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            return str(sock.getsockname()[0])
+        except OSError:
+            return None
 
-    def eof_received(self) -> bool:
-        if self.header is not None:
-            tcp_accept.bad_header(self, "closed before the header ended")
-            return False
-        self.client_ended()
-        return True
+    # -- the client socket (Reactor events) ----------------------------------------------------
+
+    def on_event(self, events: int) -> None:
+        if events & WRITABLE and self.out is not None:
+            try:
+                drained = self.flush()
+            except OSError:
+                self.finish("client_reset", abort=True)
+                return
+            if drained:
+                self.client_drained()
+        if events & READABLE:
+            self.read(events & HANGUP != 0)
+
+    def read(self, drain: bool = True) -> None:
+        """Read and pass it upstream, as ``Upstream.read`` does the other way."""
+        sock = self.sock
+        for _ in range(ROUNDS):
+            if not self.reading or self.client_eof or self.closed:
+                return
+            assert sock is not None
+            try:
+                count = sock.recv_into(VIEW, READ_SIZE, DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.finish("client_reset", abort=True)
+                return
+            if not count:
+                self.client_eof = True
+                if self.header is not None:
+                    tcp_accept.bad_header(self, "closed before the header ended")
+                else:
+                    self.client_ended()
+                return
+            header = self.header
+            if header is not None:
+                tcp_accept.feed_header(self, header, bytes(VIEW[:count]))
+            else:
+                self.received += count
+                self.last_activity = self.loop.time()
+                upstream = self.upstream
+                if upstream is None:
+                    self.keep(bytes(VIEW[:count]))
+                else:
+                    try:
+                        whole = upstream.send(VIEW[:count])
+                    except OSError:
+                        self.finish("upstream_reset", abort=True)
+                        return
+                    if not whole:
+                        self.reading = False  # until the upstream took it: upstream_drained
+                        return
+                    if count >= BULK_READ:
+                        self.splice(True)
+            if count < READ_SIZE and not drain:
+                return
+        self.loop.call_soon(self.read)  # more may be queued: after the loop's other work
+
+    def upstream_drained(self) -> None:
+        """The upstream took what it held: the client may be read again."""
+        if not self.spliced(True):
+            self.reading = True
+            self.read()
+        self._maybe_completed()
+
+    def client_drained(self) -> None:
+        """The client took what it held: the upstream may be read again."""
+        upstream = self.upstream
+        if upstream is not None and not self.spliced(False):
+            upstream.resume()
+        self._maybe_completed()
 
     def client_ended(self) -> None:
         """The client finished sending (FIN): pass the half-close on."""
         self.client_eof = True
         upstream = self.upstream
         if upstream is not None:
+            upstream.write_eof()
             if self.upstream_eof:
-                self.finish("completed")
-            elif not upstream.transport.is_closing():
-                upstream.transport.write_eof()
+                self._maybe_completed()
+                return
         self.half_closed()
 
     def upstream_ended(self) -> None:
         """The endpoint finished sending (FIN): pass the half-close on."""
         self.upstream_eof = True
+        self.write_eof()
         if self.client_eof:
-            self.finish("completed")
+            self._maybe_completed()
         else:
-            assert self.transport is not None
-            if not self.transport.is_closing():
-                self.transport.write_eof()
             self.half_closed()
+
+    def _maybe_completed(self) -> None:
+        """Both sides finished and everything kept was sent: the connection is complete."""
+        upstream = self.upstream
+        if (
+            self.client_eof
+            and self.upstream_eof
+            and self.out is None
+            and upstream is not None
+            and upstream.out is None
+            and not self.closed
+        ):
+            self.finish("completed")
 
     def half_closed(self) -> None:
         """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
@@ -206,29 +295,16 @@ class Downstream(asyncio.Protocol):
         self.route.stats.downstream_cx_max_duration_reached_total += 1
         self.finish("max_duration")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            self.finish("client_reset" if exc else "client_closed", abort=exc is not None)
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and not upstream.transport.is_closing() and not self.spliced(False):
-            upstream.transport.resume_reading()
-
     # -- splice (lbd.net.splice) ----------------------------------------------------------------
 
     def spliced(self, upward: bool) -> bool:
-        """This direction moves by splice: its source transport must stay paused."""
+        """This direction moves by splice: its source is not read here."""
         pumps = self.pumps
         return pumps is not None and pumps[0 if upward else 1] is not None
 
     def splice(self, upward: bool) -> None:
         """A bulk read in this direction: move it with splice(2) from now on, once nothing is
-        left in the destination transport's buffer (else the next bulk read tries again)."""
+        left in the destination's kept bytes (else the next bulk read tries again)."""
         upstream = self.upstream
         if (
             not SPLICE_AVAILABLE
@@ -238,18 +314,17 @@ class Downstream(asyncio.Protocol):
             or self.spliced(upward)
         ):
             return
-        client = self.transport
-        assert client is not None
-        source, destination = (
-            (client, upstream.transport) if upward else (upstream.transport, client)
-        )
+        source, destination = (self, upstream) if upward else (upstream, self)
+        if destination.out is not None or source.sock is None or destination.sock is None:
+            return
         try:
-            pump = SplicePump.between(self.loop, source, destination, self, upward)
+            pump = SplicePump(
+                self.loop, source.sock.fileno(), destination.sock.fileno(), self, upward
+            )
         except OSError:
             self.route.stats.splice_fallbacks_total += 1
             return
-        if pump is None:
-            return
+        source.reading = False  # the pump reads it from now on
         if self.pumps is None:
             self.pumps = [None, None]
         self.pumps[0 if upward else 1] = pump
@@ -277,34 +352,41 @@ class Downstream(asyncio.Protocol):
         return Upstream(self, endpoint)
 
     def attach(self, upstream: Upstream) -> None:
-        """Called from the upstream's ``connection_made``: start moving bytes."""
+        """Called when the upstream connected: start moving bytes."""
         if self.closed or upstream.timed_out:
-            upstream.transport.abort()
+            assert upstream.sock is not None
+            self.reactor.close(upstream.sock)
             return
         upstream.attached = True
         self.upstream = upstream
         self.endpoint = upstream.endpoint
-        transport = upstream.transport
+        first: list[bytes] = []
         version = self.route.tunables.proxy_protocol
         if version is not None:
-            transport.write(proxy_protocol.outgoing(version, *self._addresses()))
+            first.append(proxy_protocol.outgoing(version, *self._addresses()))
         if self._pending:
-            transport.write(b"".join(self._pending))
+            first += self._pending
         self._pending = None
-        if self.client_eof:
-            transport.write_eof()
-        else:
-            assert self.transport is not None
-            self.transport.resume_reading()
+        try:
+            if first:
+                upstream.send(b"".join(first))
+            if self.client_eof:
+                upstream.write_eof()
+        except OSError:
+            self.finish("upstream_reset", abort=True)
+            return
+        if not self.reading and upstream.out is None:
+            self.reading = True  # paused at PENDING_LIMIT while connecting
+            self.read()
         self.connections.idle.file(self, self.last_activity + self.route.tunables.idle_timeout)
 
     def _addresses(self) -> tuple[Address, Address]:
         """(client, destination): as a trusted PROXY header said, else the socket's own."""
         if self.addresses is not None:
             return self.addresses
-        assert self.transport is not None
-        peer = self.transport.get_extra_info("peername")
-        local = self.transport.get_extra_info("sockname")
+        assert self.sock is not None
+        peer = self.sock.getpeername()
+        local = self.sock.getsockname()
         return (peer[0], peer[1]), (local[0], local[1])
 
     def check_idle(self) -> None:
@@ -352,13 +434,12 @@ class Downstream(asyncio.Protocol):
         for timer in (self._drain_timer, self._half_closed_timer, self.max_duration_timer):
             if timer is not None:
                 timer.cancel()
-        for transport in (self.transport, self.upstream.transport if self.upstream else None):
-            if transport is None or transport.is_closing():
-                continue
-            if abort:
-                send_reset(transport)
-            else:
-                transport.close()
+        upstream = self.upstream
+        for sock in (self.sock, upstream.sock if upstream is not None else None):
+            if sock is not None:
+                if abort:
+                    set_reset(sock)
+                self.reactor.close(sock)
         endpoint = self.endpoint
         if endpoint is not None:
             route.pool.release(endpoint)
@@ -377,10 +458,11 @@ class Downstream(asyncio.Protocol):
         self.connections.discard(self)
         if route.tunables.access_log:
             self._log_access(reason)
-        # No reference cycle outlives the connection (client and endpoint halves, transports,
-        # timers): refcounting frees it at once, and the cyclic GC never has to look at it.
+        # No reference cycle outlives the connection (client and endpoint halves, bound
+        # methods in the reactor, timers): refcounting frees it at once, and the cyclic GC
+        # never has to look at it.
         self.upstream = None
-        self.transport = None
+        self.sock = None
         self.pumps = None
         self._drain_timer = self._half_closed_timer = self.max_duration_timer = None
 

@@ -143,7 +143,7 @@ class Runtime:
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         # partial, not a lambda: no Python frame per accepted connection
-        self._downstream = functools.partial(Downstream, connections=self.connections)
+        self._downstream = functools.partial(Downstream, self.connections)
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
@@ -218,8 +218,8 @@ class Runtime:
 
     def _draining_addresses(self) -> set[str]:
         """The local addresses open client connections use (they keep an address on)."""
-        local = (c.transport.get_extra_info("sockname") for c in self.connections if c.transport)
-        return {str(address[0]) for address in local if address}
+        local = (c.local_address() for c in self.connections)
+        return {address for address in local if address}
 
     async def release_addresses(self, keep: bool) -> None:
         """On exit, after the drain: the service addresses come off, unless ``keep`` (a
