@@ -22,6 +22,8 @@ import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
+from lbd.net import proxy_protocol
+from lbd.net.proxy_protocol import Address
 from lbd.net.reactor import READABLE, Reactor
 from lbd.net.tcp_upstream import Upstream
 
@@ -65,12 +67,26 @@ class Connecting(Protocol):
 
     def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream: ...
 
-    def attach(self, upstream: Upstream) -> None: ...
-
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
 
-def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
+class Attaching(Connecting, Protocol):
+    """What ``attach`` needs of the client connection."""
+
+    sock: _socket.socket | None  # the client's
+    upstream: Upstream | None
+    endpoint: UpstreamEndpoint | None
+    pending: list[bytes] | None  # bytes that arrived before the upstream existed
+    addresses: tuple[Address, Address] | None  # (client, destination) from a PROXY header
+    client_eof: bool
+    reading: bool
+
+    def read(self, drain: bool = True) -> None: ...
+
+    def file_idle(self) -> None: ...
+
+
+def try_next(connection: Attaching, tried: list[UpstreamEndpoint]) -> None:
     """Start the next try: an endpoint not in ``tried``, under its own deadline; or give up
     once none is left (or MAX_CONNECT_TRIES were made)."""
     route = connection.route
@@ -108,7 +124,7 @@ class ConnectTry:
 
     def __init__(
         self,
-        connection: Connecting,
+        connection: Attaching,
         endpoint: UpstreamEndpoint,
         tried: list[UpstreamEndpoint],
         began: float,
@@ -172,7 +188,7 @@ class ConnectTry:
             return
         upstream.sock = sock
         connection.reactor.retarget(sock.fileno(), upstream.on_event)
-        connection.attach(upstream)
+        attach(connection, upstream)
         if not upstream.attached:
             return  # refused by attach (the connection ended), which closed the socket
         connection.trying = None  # done: nothing of the connect is kept for the connection's life
@@ -224,6 +240,46 @@ class ConnectTry:
         if not self.upstream.attached and self.sock is not None:
             self.give_up()
             self.connection.route.pool.release(self.upstream.endpoint)
+
+
+def attach(connection: Attaching, upstream: Upstream) -> None:
+    """The upstream connected: start moving bytes (what the client sent meanwhile first)."""
+    if connection.closed or upstream.timed_out:
+        assert upstream.sock is not None
+        connection.reactor.close(upstream.sock)
+        return
+    upstream.attached = True
+    connection.upstream = upstream
+    connection.endpoint = upstream.endpoint
+    first: list[bytes] = []
+    version = connection.route.tunables.proxy_protocol
+    if version is not None:
+        first.append(proxy_protocol.outgoing(version, *_addresses(connection)))
+    if connection.pending:
+        first += connection.pending
+    connection.pending = None
+    try:
+        if first:
+            upstream.send(b"".join(first))
+        if connection.client_eof:
+            upstream.write_eof()
+    except OSError:
+        connection.finish("upstream_reset", abort=True)
+        return
+    if not connection.reading and upstream.out is None:
+        connection.reading = True  # paused at PENDING_LIMIT while connecting
+        connection.read()
+    connection.file_idle()
+
+
+def _addresses(connection: Attaching) -> tuple[Address, Address]:
+    """(client, destination): as a trusted PROXY header said, else the socket's own."""
+    if connection.addresses is not None:
+        return connection.addresses
+    assert connection.sock is not None
+    peer = connection.sock.getpeername()
+    local = connection.sock.getsockname()
+    return (peer[0], peer[1]), (local[0], local[1])
 
 
 def _none_succeeded(connection: Connecting, tries: int) -> None:

@@ -18,6 +18,7 @@ stays on the Protocol path, counted as a fallback.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import fcntl
@@ -198,6 +199,40 @@ class SplicePump:
     def _fail(self, error: OSError, at_source: bool) -> None:
         self.close()
         self._owner.pump_failed(self.upward, at_source, error)
+
+
+class SpliceEnd(Protocol):
+    """One socket of a connection as a pump needs it (``lbd.net.tcp_socket.SocketWriter``)."""
+
+    sock: _socket.socket | None
+    out: bytes | None  # bytes kept for the socket: it must be empty before a pump writes
+    reading: bool  # the connection reads it; a pump's source is not read by the connection
+
+
+def switch_to_splice(
+    loop: asyncio.AbstractEventLoop,
+    source: SpliceEnd,
+    destination: SpliceEnd,
+    owner: PumpOwner,
+    pumps: list[SplicePump | None],
+    upward: bool,
+) -> bool | None:
+    """Move ``source`` → ``destination`` with a pump from now on (True), if splice exists,
+    the direction is not pumped yet, and nothing is kept for the destination (the bytes' order);
+    None when not now (a later bulk read tries again); False when no descriptor or pipe was
+    left (the direction stays on the copy path)."""
+    index = 0 if upward else 1
+    if not SPLICE_AVAILABLE or pumps[index] is not None or destination.out is not None:
+        return None
+    if source.sock is None or destination.sock is None:
+        return None
+    try:
+        pump = SplicePump(loop, source.sock.fileno(), destination.sock.fileno(), owner, upward)
+    except OSError:
+        return False
+    source.reading = False  # the pump reads it from now on
+    pumps[index] = pump
+    return True
 
 
 class _DstError(OSError):

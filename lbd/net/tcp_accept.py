@@ -21,8 +21,11 @@ from lbd.net.proxy_protocol import Address, HeaderReader, ProxyHeaderError
 
 log = structlog.get_logger("lbd.tcp")
 
+# Client bytes held while the upstream connect is in flight; past this, reading pauses.
+PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
-class Accepting(connect.Connecting, Protocol):
+
+class Accepting(connect.Attaching, Protocol):
     """What this phase needs of the connection."""
 
     listener: ListenerView
@@ -34,7 +37,7 @@ class Accepting(connect.Connecting, Protocol):
 
     def track(self) -> None: ...  # from now on it is a live connection of the worker
 
-    def keep(self, data: bytes) -> None: ...  # hold bytes until the upstream exists
+    def untrack(self) -> None: ...  # no longer
 
     def max_duration_reached(self) -> None: ...
 
@@ -99,8 +102,21 @@ def feed_header(connection: Accepting, reader: HeaderReader, data: bytes) -> Non
         return
     if rest:
         connection.received += len(rest)
-        connection.keep(rest)
+        keep(connection, rest)
     admit(connection)
+
+
+def keep(connection: Accepting, data: bytes) -> None:
+    """Hold bytes that arrive before the upstream exists. Reading goes on meanwhile, so a
+    client that resets or closes while lbd is still connecting is noticed at once (and its
+    connect given up); past PENDING_LIMIT bytes reading pauses until the upstream exists."""
+    pending = connection.pending
+    if pending is None:
+        pending = connection.pending = [data]
+    else:
+        pending.append(data)
+    if sum(map(len, pending)) > PENDING_LIMIT:
+        connection.reading = False  # connect.attach resumes it
 
 
 def _header_missing(connection: Accepting) -> None:

@@ -145,7 +145,7 @@ class TcpListener:
         sock = self.sock
         if sock is None:
             return
-        family = sock.family
+        family = int(sock.family)  # socket.socket's is an enum made per call
         factory = self._factory
         for _ in range(ACCEPT_BATCH):
             try:

@@ -3,15 +3,14 @@
 ``Downstream`` (here) is the client half and owns the connection's lifetime; ``Upstream``
 (``lbd.net.tcp_upstream``) is the endpoint half. Before bytes flow, a connection goes through
 its accept phase (``lbd.net.tcp_accept``: source ranges, PROXY header, admission) and its
-connect tries (``lbd.net.connect``).
+connect tries (``lbd.net.connect``); its end is recorded by ``lbd.net.tcp_end``.
 
 Both sockets are plain non-blocking sockets in the worker's ``Reactor`` (one epoll set; see
 there why not the event loop's transports). Flow control is cross-coupled: what one side's
 socket cannot take is kept (``lbd.net.tcp_socket``) and the *other* side is not read until it
 has gone, so a slow reader never makes lbd hold more than one read per direction. EOF is
 passed on as a half-close (``shutdown(SHUT_WR)``, once the kept bytes went), so the other
-direction keeps flowing until it finishes too. A reset is passed on as a reset (SO_LINGER 0),
-never turned into a clean close.
+direction keeps flowing until it finishes too. A reset is passed on as a reset (SO_LINGER 0).
 """
 
 from __future__ import annotations
@@ -22,20 +21,17 @@ import asyncio
 import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
-from lbd.net import connect, proxy_protocol, tcp_accept
+from lbd.net import connect, tcp_accept, tcp_end
 from lbd.net.connect import ConnectTry
 from lbd.net.connections import ConnectionSet, ListenerView, connection_id, next_serial
 from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address, HeaderReader
 from lbd.net.reactor import HANGUP, READABLE, WRITABLE
-from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
+from lbd.net.splice import BULK_READ, SplicePump, switch_to_splice
 from lbd.net.tcp_socket import DONTWAIT, READ_SIZE, VIEW, SocketWriter, set_reset
 from lbd.net.tcp_upstream import ROUNDS, Upstream
 
 log = structlog.get_logger("lbd.tcp")
-
-# Client bytes held while the upstream connect is in flight; past this, reading pauses.
-PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
 
 class Downstream(SocketWriter):
@@ -43,8 +39,7 @@ class Downstream(SocketWriter):
 
     __slots__ = (
         "_drain_timer",
-        "_half_closed_timer",
-        "_pending",
+        "_half_closed_at",
         "_serial",
         "addresses",
         "admission",
@@ -59,6 +54,7 @@ class Downstream(SocketWriter):
         "listener",
         "loop",
         "max_duration_timer",
+        "pending",
         "pumps",
         "reactor",
         "reading",
@@ -92,11 +88,11 @@ class Downstream(SocketWriter):
         self.endpoint: UpstreamEndpoint | None = None
         # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
         # the time: one object less per idle connection.
-        self._pending: list[bytes] | None = None
+        self.pending: list[bytes] | None = None
         self.trying: ConnectTry | None = None  # the connect try in flight (lbd.net.connect)
         self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
-        self._half_closed_timer: asyncio.TimerHandle | None = None
+        self._half_closed_at = 0.0  # when one side finished (0: neither has)
         self.max_duration_timer: asyncio.TimerHandle | None = None
         # "queued" or "admitted" while this connection is in its route's Admission.
         self.admission: str | None = None
@@ -127,18 +123,6 @@ class Downstream(SocketWriter):
             self._serial = next_serial()
         return connection_id(self._serial)
 
-    def keep(self, data: bytes) -> None:
-        """Hold bytes that arrive before the upstream exists. Reading goes on meanwhile, so a
-        client that resets or closes while lbd is still connecting is noticed at once (and its
-        connect given up); past PENDING_LIMIT bytes reading pauses until the upstream exists."""
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = [data]
-        else:
-            pending.append(data)
-        if sum(map(len, pending)) > PENDING_LIMIT:
-            self.reading = False  # attach resumes it
-
     def reject(self) -> None:
         """Refuse a connection in its accept phase: reset it, nothing else to release."""
         self.closed = True
@@ -151,6 +135,9 @@ class Downstream(SocketWriter):
     def track(self) -> None:
         self.route.stats.downstream_cx_active += 1
         self.connections.add(self)
+
+    def untrack(self) -> None:
+        self.connections.discard(self)
 
     def count_under_new_limits(self) -> None:
         tcp_accept.count_under_new_limits(self)
@@ -167,11 +154,8 @@ class Downstream(SocketWriter):
 
     def local_address(self) -> str | None:
         """The address the client connected to (a system call: not on the hot path)."""
-        sock = self.sock
-        if sock is None:
-            return None
         try:
-            return str(sock.getsockname()[0])
+            return str(self.sock.getsockname()[0]) if self.sock is not None else None
         except OSError:
             return None
 
@@ -218,7 +202,7 @@ class Downstream(SocketWriter):
                 self.last_activity = self.loop.time()
                 upstream = self.upstream
                 if upstream is None:
-                    self.keep(bytes(VIEW[:count]))
+                    tcp_accept.keep(self, bytes(VIEW[:count]))
                 else:
                     try:
                         whole = upstream.send(VIEW[:count])
@@ -253,20 +237,24 @@ class Downstream(SocketWriter):
         self.client_eof = True
         upstream = self.upstream
         if upstream is not None:
-            upstream.write_eof()
             if self.upstream_eof:
-                self._maybe_completed()
+                if upstream.out is not None:
+                    upstream.write_eof()
+                self._maybe_completed()  # else the close sends the FIN: no shutdown needed
                 return
+            upstream.write_eof()
         self.half_closed()
 
     def upstream_ended(self) -> None:
         """The endpoint finished sending (FIN): pass the half-close on."""
         self.upstream_eof = True
-        self.write_eof()
-        if self.client_eof:
-            self._maybe_completed()
-        else:
+        if not self.client_eof:
+            self.write_eof()
             self.half_closed()
+            return
+        if self.out is not None:
+            self.write_eof()
+        self._maybe_completed()  # else the close sends the FIN: no shutdown needed
 
     def _maybe_completed(self) -> None:
         """Both sides finished and everything kept was sent: the connection is complete."""
@@ -282,14 +270,20 @@ class Downstream(SocketWriter):
             self.finish("completed")
 
     def half_closed(self) -> None:
-        """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
-        if self._half_closed_timer is None and not self.closed:
-            timeout = self.route.tunables.half_closed_timeout
-            self._half_closed_timer = self.loop.call_later(timeout, self._half_closed_expired)
+        """One side finished: the other gets ``halfClosedTimeout`` to finish too (a deadline
+        in the idle wheel, not a timer: most connections end right after)."""
+        if self._half_closed_at or self.closed:
+            return
+        self._half_closed_at = self.loop.time()
+        self.file_idle()
 
-    def _half_closed_expired(self) -> None:
-        self.route.stats.downstream_cx_half_closed_timeout_total += 1
-        self.finish("half_closed_timeout")
+    def file_idle(self) -> None:
+        """File the connection in the idle wheel under its next deadline."""
+        tunables = self.route.tunables
+        deadline = self.last_activity + tunables.idle_timeout
+        if self._half_closed_at:
+            deadline = min(deadline, self._half_closed_at + tunables.half_closed_timeout)
+        self.connections.idle.file(self, deadline)
 
     def max_duration_reached(self) -> None:
         self.route.stats.downstream_cx_max_duration_reached_total += 1
@@ -303,32 +297,20 @@ class Downstream(SocketWriter):
         return pumps is not None and pumps[0 if upward else 1] is not None
 
     def splice(self, upward: bool) -> None:
-        """A bulk read in this direction: move it with splice(2) from now on, once nothing is
-        left in the destination's kept bytes (else the next bulk read tries again)."""
+        """A bulk read in this direction: move it with splice(2) from now on (lbd.net.splice)."""
         upstream = self.upstream
-        if (
-            not SPLICE_AVAILABLE
-            or self.route.tunables.splice == "off"
-            or self.closed
-            or upstream is None
-            or self.spliced(upward)
-        ):
+        if upstream is None or self.closed or self.route.tunables.splice == "off":
             return
-        source, destination = (self, upstream) if upward else (upstream, self)
-        if destination.out is not None or source.sock is None or destination.sock is None:
-            return
-        try:
-            pump = SplicePump(
-                self.loop, source.sock.fileno(), destination.sock.fileno(), self, upward
-            )
-        except OSError:
-            self.route.stats.splice_fallbacks_total += 1
-            return
-        source.reading = False  # the pump reads it from now on
         if self.pumps is None:
             self.pumps = [None, None]
-        self.pumps[0 if upward else 1] = pump
-        self.route.stats.splice_switches_total += 1
+        source, destination = (self, upstream) if upward else (upstream, self)
+        switched = switch_to_splice(self.loop, source, destination, self, self.pumps, upward)
+        if switched is not None:
+            stats = self.route.stats
+            if switched:
+                stats.splice_switches_total += 1
+            else:
+                stats.splice_fallbacks_total += 1
 
     def pumped(self, upward: bool, count: int) -> None:
         if upward:
@@ -351,54 +333,23 @@ class Downstream(SocketWriter):
     def new_upstream(self, endpoint: UpstreamEndpoint) -> Upstream:
         return Upstream(self, endpoint)
 
-    def attach(self, upstream: Upstream) -> None:
-        """Called when the upstream connected: start moving bytes."""
-        if self.closed or upstream.timed_out:
-            assert upstream.sock is not None
-            self.reactor.close(upstream.sock)
-            return
-        upstream.attached = True
-        self.upstream = upstream
-        self.endpoint = upstream.endpoint
-        first: list[bytes] = []
-        version = self.route.tunables.proxy_protocol
-        if version is not None:
-            first.append(proxy_protocol.outgoing(version, *self._addresses()))
-        if self._pending:
-            first += self._pending
-        self._pending = None
-        try:
-            if first:
-                upstream.send(b"".join(first))
-            if self.client_eof:
-                upstream.write_eof()
-        except OSError:
-            self.finish("upstream_reset", abort=True)
-            return
-        if not self.reading and upstream.out is None:
-            self.reading = True  # paused at PENDING_LIMIT while connecting
-            self.read()
-        self.connections.idle.file(self, self.last_activity + self.route.tunables.idle_timeout)
-
-    def _addresses(self) -> tuple[Address, Address]:
-        """(client, destination): as a trusted PROXY header said, else the socket's own."""
-        if self.addresses is not None:
-            return self.addresses
-        assert self.sock is not None
-        peer = self.sock.getpeername()
-        local = self.sock.getsockname()
-        return (peer[0], peer[1]), (local[0], local[1])
-
     def check_idle(self) -> None:
         """Called by the idle wheel when the deadline this connection was filed under passed."""
         if self.closed:
             return
-        deadline = self.last_activity + self.route.tunables.idle_timeout
-        if self.loop.time() >= deadline:
-            self.route.stats.downstream_cx_idle_timeout_total += 1
+        now = self.loop.time()
+        tunables = self.route.tunables
+        stats = self.route.stats
+        half_closed = self._half_closed_at
+        if half_closed and now >= half_closed + tunables.half_closed_timeout:
+            stats.downstream_cx_half_closed_timeout_total += 1
+            self.finish("half_closed_timeout")
+            return
+        if now >= self.last_activity + tunables.idle_timeout:
+            stats.downstream_cx_idle_timeout_total += 1
             self.finish("idle_timeout")
-        else:
-            self.connections.idle.file(self, deadline)
+            return
+        self.file_idle()
 
     # -- draining (reload, shutdown) ---------------------------------------------------------
 
@@ -419,7 +370,6 @@ class Downstream(SocketWriter):
         if self.closed:
             return
         self.closed = True
-        route = self.route
         if self.pumps is not None:
             for pump in self.pumps:
                 if pump is not None:
@@ -431,7 +381,7 @@ class Downstream(SocketWriter):
         if self.header is not None:
             self.header.close()
         self.connections.idle.remove(self)
-        for timer in (self._drain_timer, self._half_closed_timer, self.max_duration_timer):
+        for timer in (self._drain_timer, self.max_duration_timer):
             if timer is not None:
                 timer.cancel()
         upstream = self.upstream
@@ -440,43 +390,11 @@ class Downstream(SocketWriter):
                 if abort:
                     set_reset(sock)
                 self.reactor.close(sock)
-        endpoint = self.endpoint
-        if endpoint is not None:
-            route.pool.release(endpoint)
-            self.endpoint = None
-            endpoint.stats.upstream_bytes_sent_total += self.received
-            endpoint.stats.upstream_bytes_received_total += self.sent
-        if self.admission is not None:
-            queued, self.admission = self.admission == "queued", None
-            if route.admission is not None:
-                route.admission.quit(self, queued)
-        stats = route.stats
-        stats.downstream_cx_active -= 1
-        stats.downstream_bytes_received_total += self.received
-        stats.downstream_bytes_sent_total += self.sent
-        stats.downstream_cx_length_seconds.observe(self.loop.time() - self.started)
-        self.connections.discard(self)
-        if route.tunables.access_log:
-            self._log_access(reason)
+        tcp_end.account(self, reason)
         # No reference cycle outlives the connection (client and endpoint halves, bound
         # methods in the reactor, timers): refcounting frees it at once, and the cyclic GC
         # never has to look at it.
         self.upstream = None
         self.sock = None
         self.pumps = None
-        self._drain_timer = self._half_closed_timer = self.max_duration_timer = None
-
-    def _log_access(self, reason: str) -> None:
-        upstream = self.upstream
-        log.info(
-            "connection closed",
-            connection=self.id,
-            service=f"{self.route.namespace}/{self.route.service}",
-            port=self.route.port_name,
-            client=self.client,
-            endpoint=str(upstream.endpoint) if upstream else None,
-            bytes_received=self.received,
-            bytes_sent=self.sent,
-            duration_s=round(self.loop.time() - self.started, 6),
-            end=reason,
-        )
+        self._drain_timer = self.max_duration_timer = None

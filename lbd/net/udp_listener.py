@@ -6,7 +6,8 @@ picks the endpoint; later datagrams and every reply use the same socket; replies
 the listener socket from exactly the address and port the client sent to, so a client with a
 connected socket accepts them.
 
-Sockets are driven by ``add_reader`` and plain non-blocking calls, not DatagramTransports:
+Sockets are driven by the worker's ``Reactor`` (one epoll set) and plain non-blocking calls, not
+DatagramTransports:
 - a wildcard listener needs recvmsg/sendmsg with IP_PKTINFO, which transports do not expose;
 - a session must exist the moment its first datagram arrives; ``create_datagram_endpoint`` is
   a coroutine (a Task per session, and a queue for the datagrams that arrive meanwhile);
@@ -31,7 +32,9 @@ import structlog
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol
+from lbd.net.idle import IdleWheel
 from lbd.net.listener import ListenerSocket
+from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
 from lbd.net.udp_session import BATCH, Ancillary, Client, UdpSession, connect_upstream
 
@@ -48,7 +51,9 @@ class UdpListener:
         "_anc_level",
         "_anc_type",
         "filtered",
+        "idle",
         "loop",
+        "reactor",
         "reuse_port",
         "sessions",
         "sock",
@@ -79,7 +84,9 @@ class UdpListener:
         # One receive buffer per listener, shared by its sessions: every datagram is sent on
         # before the next is read, so nothing in it outlives one callback.
         self.view = memoryview(bytearray(RECV_SIZE))
+        self.idle = IdleWheel()  # the sessions' idle deadlines, one timer for all
         self.loop: asyncio.AbstractEventLoop
+        self.reactor: Reactor  # the socket and every session's socket are watched here
 
     @property
     def route(self) -> Route:
@@ -143,7 +150,7 @@ class UdpListener:
         sock = self.sock
         if sock is not None:
             self.sock = None
-            self.loop.remove_reader(sock.fileno())
+            self.reactor.remove(sock.fileno())
             sock.close()
 
     def pool_changed(self, pool: Pool) -> None:
@@ -160,12 +167,14 @@ class UdpListener:
         return bind_udp_listener(address, port, reuse_port=self.reuse_port)
 
     def _add_reader(self, sock: socket.socket) -> None:
+        # The loop's reactor closes while it watches nothing: ask for it each time.
+        self.reactor = Reactor.of(self.loop)
         reader = self._on_readable_pktinfo if self.wildcard else self._on_readable
-        self.loop.add_reader(sock.fileno(), reader)
+        self.reactor.add(sock.fileno(), reader, LEVEL)
 
     # -- client → endpoint -------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, events: int = 0) -> None:
         sock = self.sock
         if sock is None:
             return
@@ -189,7 +198,7 @@ class UdpListener:
                     session.forward(view[:n])
         self._count(received, nbytes)
 
-    def _on_readable_pktinfo(self) -> None:
+    def _on_readable_pktinfo(self, events: int = 0) -> None:
         """A wildcard listener: the key and the reply's source come from IP_PKTINFO."""
         sock = self.sock
         if sock is None:
@@ -287,5 +296,4 @@ class UdpListener:
         route.pool.acquire(endpoint)
         stats.udp_sess_total += 1
         stats.udp_sess_active += 1
-        self.loop.add_reader(sock.fileno(), session.on_readable)
         return session
