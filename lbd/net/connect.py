@@ -16,13 +16,15 @@ import errno
 import os
 import select
 import socket
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol
+from lbd.net.connections import ConnectionSet
+from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address
 from lbd.net.reactor import READABLE, Reactor
 from lbd.net.tcp_upstream import Upstream
@@ -74,6 +76,7 @@ class Attaching(Connecting, Protocol):
     """What ``attach`` needs of the client connection."""
 
     sock: _socket.socket | None  # the client's
+    connections: ConnectionSet[Any]  # the worker's; its ``connecting`` wheel holds deadlines
     upstream: Upstream | None
     endpoint: UpstreamEndpoint | None
     pending: list[bytes] | None  # bytes that arrived before the upstream existed
@@ -120,7 +123,7 @@ class ConnectTry:
     deadline of the try. Nothing of the event loop's connection machinery (no coroutine, no
     Task, no transport): the socket joins the connection's halves as it is once connected."""
 
-    __slots__ = ("began", "connection", "deadline", "sock", "timer", "tried", "upstream")
+    __slots__ = ("began", "connection", "deadline", "idle_bucket", "sock", "tried", "upstream")
 
     def __init__(
         self,
@@ -136,7 +139,9 @@ class ConnectTry:
         self.began = began
         self.deadline = deadline
         self.sock: _socket.socket | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        # Filed under its deadline in the connections' ``connecting`` wheel: a set entry, not
+        # a loop timer per connection.
+        self.idle_bucket: set[Idler] | None = None
 
     def start(self) -> None:
         """Send the SYN (the connection holds this try already)."""
@@ -159,7 +164,7 @@ class ConnectTry:
             return
         self.sock = sock
         connection = self.connection
-        self.timer = connection.loop.call_at(self.deadline, self._timed_out)
+        connection.connections.connecting.file(self, self.deadline)
         connection.reactor.add(sock.fileno(), self.on_event)
 
     def on_event(self, events: int) -> None:
@@ -178,10 +183,9 @@ class ConnectTry:
             self._connected(sock, events)
 
     def _connected(self, sock: _socket.socket, events: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.sock = None
         connection = self.connection
+        connection.connections.connecting.remove(self)
+        self.sock = None
         upstream = self.upstream
         if connection.trying is not self:
             connection.reactor.close(sock)
@@ -201,9 +205,8 @@ class ConnectTry:
             upstream.read()  # the endpoint spoke first, in the same event (edge-triggered)
 
     def _failed(self, error: OSError) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
         connection = self.connection
+        connection.connections.connecting.remove(self)
         endpoint = self.upstream.endpoint
         if error.errno in OUT_OF_DESCRIPTORS:
             connection.trying = None
@@ -213,6 +216,10 @@ class ConnectTry:
         endpoint.stats.upstream_cx_connect_fail_total += 1
         _connect_failed(connection, endpoint, error.strerror or type(error).__name__)
         try_next(connection, self.tried)
+
+    def check_idle(self) -> None:
+        """The ``connecting`` wheel's call: the deadline passed (up to a tick ago)."""
+        self._timed_out()
 
     def _timed_out(self) -> None:
         """The deadline passed: give the try up (a late connect never half-wins)."""
@@ -228,8 +235,7 @@ class ConnectTry:
 
     def give_up(self) -> None:
         """Stop the try: its socket closes (a connect under way is dropped with it)."""
-        if self.timer is not None:
-            self.timer.cancel()
+        self.connection.connections.connecting.remove(self)
         sock = self.sock
         if sock is not None:
             self.sock = None

@@ -16,6 +16,8 @@ from lbd.endpoints.route import Route
 from lbd.net.idle import IdleWheel
 from lbd.net.reactor import Reactor
 
+CONNECT_TICK = 0.01
+
 
 class ListenerView(Protocol):
     """What a connection needs of the listener that accepted it."""
@@ -50,12 +52,14 @@ T = TypeVar("T", bound=Closable)
 
 
 class ConnectionSet(Generic[T]):
-    __slots__ = ("_empty", "_items", "idle")
+    __slots__ = ("_empty", "_items", "connecting", "idle")
 
     def __init__(self) -> None:
         self._items: set[T] = set()
         self._empty: asyncio.Event | None = None
         self.idle = IdleWheel()  # the idle deadlines of these connections, one timer for all
+        # The deadlines of their connect tries (lbd.net.connect), fired at most 10 ms late.
+        self.connecting = IdleWheel(CONNECT_TICK)
 
     def __len__(self) -> int:
         return len(self._items)

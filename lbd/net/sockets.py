@@ -35,11 +35,24 @@ class InheritedSockets:
             sock.setblocking(False)
         return sock
 
+    def take_copies(self, key: tuple[object, ...]) -> list[socket.socket]:
+        """The further SO_REUSEPORT copies of ``key``'s listener handed over with it (keyed
+        ``copy_key(key, 1)``, 2, ...): a process that adopts them accepts from each."""
+        copies: list[socket.socket] = []
+        while (sock := self.take(copy_key(key, len(copies) + 1))) is not None:
+            copies.append(sock)
+        return copies
+
     def close(self) -> None:
         """Close what nobody took (a listener the new config no longer has)."""
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+
+
+def copy_key(key: tuple[object, ...], number: int) -> tuple[object, ...]:
+    """The key of the ``number``-th further copy of a listener's socket (0: the first)."""
+    return key if number == 0 else (*key, "copy", number)
 
 
 def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import _socket
 import asyncio
+import contextlib
+import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -24,7 +26,7 @@ from lbd.endpoints.route import Route
 from lbd.net.connect import OUT_OF_DESCRIPTORS
 from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
-from lbd.net.sockets import bind_tcp_listener
+from lbd.net.sockets import LISTEN_BACKLOG, bind_tcp_listener
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -39,10 +41,13 @@ class TcpListener:
         "_factory",
         "_inherited",
         "_paused",
+        "_resting",
+        "copies",
         "filtered",
         "loop",
         "reactor",
         "removed",
+        "shared",
         "sock",
         "socket",
     )
@@ -57,13 +62,20 @@ class TcpListener:
         external: bool,
         filtered: bool,
         inherited: socket.socket | None = None,
-        pinned: bool = False,
+        copies: Sequence[socket.socket] = (),
+        shared: bool = False,
     ) -> None:
         """``factory(listener, sock, peer)`` makes each accepted connection. ``inherited``:
         a listening socket bound elsewhere (a supervisor, the lbd this one took over from),
-        used instead of binding. ``pinned``: never closed for lack of endpoints, because other
-        processes listen on the same socket; connections are then reset one by one instead."""
-        self.socket = ListenerSocket(self, "TCP", address, port, route, external, pinned=pinned)
+        used instead of binding; ``copies``: more SO_REUSEPORT copies of it to accept from
+        too (adopted from a predecessor that had more workers). ``shared``: other processes
+        hold these sockets (workers), so without endpoints the listener stops listening by
+        ``shutdown()`` (closing would leave the others' descriptors listening) and listens
+        again with ``listen()`` on the same sockets."""
+        self.socket = ListenerSocket(self, "TCP", address, port, route, external)
+        self.shared = shared
+        self.copies = list(copies)
+        self._resting: list[socket.socket] = []  # shared sockets shut for lack of endpoints
         self.filtered = filtered  # loadBalancerSourceRanges apply (LoadBalancer IPs)
         self.removed = False  # closed by a reload: its connections drain
         self._factory = factory
@@ -96,13 +108,17 @@ class TcpListener:
         if sock is None:
             sock = bind_tcp_listener(self.socket.address, self.socket.port)
         else:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # for accepted sockets
+            for inherited in (sock, *self.copies):
+                # A worker before us may have shut it for lack of endpoints: listen again
+                # (a listening socket only takes the backlog). TCP_NODELAY: for the accepted.
+                inherited.listen(LISTEN_BACKLOG)
+                inherited.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.port = sock.getsockname()[1]
         self.sock = sock
 
     async def start(self) -> None:
         assert self.sock is not None
-        self._watch(self.sock)
+        self._watch()
         self.socket.follow(self.route, self.external)
 
     def repoint(self, route: Route, external: bool, filtered: bool) -> None:
@@ -119,31 +135,54 @@ class TcpListener:
         pass  # open connections keep their endpoints: a drained one ends by its own deadline
 
     def open(self) -> None:
-        """Bind, listen and accept, all before this returns."""
-        sock = bind_tcp_listener(self.socket.address, self.socket.port)
-        self.sock = sock
-        self._watch(sock)
+        """Listen and accept, all before this returns: on the shared sockets shut before,
+        else on a socket bound anew."""
+        if self._resting:
+            resting, self._resting = self._resting, []
+            for sock in resting:
+                sock.listen(LISTEN_BACKLOG)
+            self.sock, *self.copies = resting
+        else:
+            self.sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        self._watch()
 
-    def _watch(self, sock: socket.socket) -> None:
+    def _watch(self) -> None:
         # The loop's reactor closes while it watches nothing: ask for it each time.
-        self.reactor = Reactor.of(self.loop)
-        self.reactor.add(sock.fileno(), self._on_accept, LEVEL)
+        self.reactor = reactor = Reactor.of(self.loop)
+        for sock in self._sockets():
+            reactor.add(sock.fileno(), functools.partial(self._on_accept, sock), LEVEL)
+
+    def _sockets(self) -> list[socket.socket]:
+        return [] if self.sock is None else [self.sock, *self.copies]
 
     def shut(self) -> None:
-        sock = self.sock
-        if sock is not None:
-            self.sock = None
+        """Stop accepting (open connections carry on). For good (the listener is closed):
+        close the descriptors. For lack of endpoints: close them, or, when other processes
+        hold them, shutdown() them (the kernel then refuses) and keep them to listen again."""
+        socks = self._sockets()
+        self.sock = None
+        self.copies = []
+        resting = self.shared and not self.socket.closed
+        for sock in socks:
             self.reactor.remove(sock.fileno())  # explicitly: other processes may hold it too
-            sock.close()  # open connections carry on
+            if resting:
+                with contextlib.suppress(OSError):  # already shut by another worker
+                    sock.shutdown(socket.SHUT_RDWR)
+                self._resting.append(sock)
+            else:
+                sock.close()
+        if self.socket.closed:
+            for sock in self._resting:
+                sock.close()
+            self._resting = []
         if self._paused is not None:
             self._paused.cancel()
             self._paused = None
 
     # -- accepting -------------------------------------------------------------------------------
 
-    def _on_accept(self, events: int) -> None:
-        sock = self.sock
-        if sock is None:
+    def _on_accept(self, sock: socket.socket, events: int) -> None:
+        if self.sock is None:
             return
         family = int(sock.family)  # socket.socket's is an enum made per call
         factory = self._factory
@@ -160,10 +199,9 @@ class TcpListener:
             factory(self, _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd), peer)
 
     def _pause(self, error: OSError) -> None:
-        """No descriptor for a connection: leave the queue alone for a moment."""
-        sock = self.sock
-        assert sock is not None
-        self.reactor.modify(sock.fileno(), 0)
+        """No descriptor for a connection: leave the queues alone for a moment."""
+        for sock in self._sockets():
+            self.reactor.modify(sock.fileno(), 0)
         self._paused = self.loop.call_later(ACCEPT_PAUSE_S, self._resume)
         route = self.route
         route.stats.downstream_cx_refused_total.fd_exhausted += 1
@@ -179,5 +217,5 @@ class TcpListener:
 
     def _resume(self) -> None:
         self._paused = None
-        if self.sock is not None:
-            self.reactor.modify(self.sock.fileno(), LEVEL)
+        for sock in self._sockets():
+            self.reactor.modify(sock.fileno(), LEVEL)

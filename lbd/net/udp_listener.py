@@ -36,7 +36,7 @@ from lbd.net.idle import IdleWheel
 from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
-from lbd.net.udp_session import BATCH, Ancillary, Client, UdpSession, connect_upstream
+from lbd.net.udp_session import Ancillary, Client, UdpSession, connect_upstream, next_batch
 
 log = structlog.get_logger("lbd.udp")
 
@@ -50,6 +50,7 @@ class UdpListener:
     __slots__ = (
         "_anc_level",
         "_anc_type",
+        "batch",
         "filtered",
         "idle",
         "loop",
@@ -85,6 +86,7 @@ class UdpListener:
         # before the next is read, so nothing in it outlives one callback.
         self.view = memoryview(bytearray(RECV_SIZE))
         self.idle = IdleWheel()  # the sessions' idle deadlines, one timer for all
+        self.batch = 1  # datagrams read at the next wakeup (next_batch)
         self.loop: asyncio.AbstractEventLoop
         self.reactor: Reactor  # the socket and every session's socket are watched here
 
@@ -181,10 +183,12 @@ class UdpListener:
         view = self.view
         sessions = self.sessions
         received = nbytes = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n, client = sock.recvfrom_into(view)
             except BlockingIOError:
+                dry = True
                 break
             except OSError:
                 self.route.stats.udp_errors_total.downstream_rx += 1
@@ -196,6 +200,7 @@ class UdpListener:
                 session = self._open_session(client, client, None)
                 if session is not None:
                     session.forward(view[:n])
+        self.batch = next_batch(self.batch, received, dry)
         self._count(received, nbytes)
 
     def _on_readable_pktinfo(self, events: int = 0) -> None:
@@ -206,10 +211,12 @@ class UdpListener:
         view = self.view
         sessions = self.sessions
         received = nbytes = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n, ancdata, _flags, client = sock.recvmsg_into([view], _ANC_SIZE)
             except BlockingIOError:
+                dry = True
                 break
             except OSError:
                 self.route.stats.udp_errors_total.downstream_rx += 1
@@ -223,6 +230,7 @@ class UdpListener:
                 session = self._open_session(key, client, self._reply_ancillary(local))
                 if session is not None:
                     session.forward(view[:n])
+        self.batch = next_batch(self.batch, received, dry)
         self._count(received, nbytes)
 
     def _local_address(self, ancdata: list[tuple[int, int, bytes]]) -> bytes:

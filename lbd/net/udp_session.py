@@ -31,7 +31,17 @@ from lbd.net.reactor import LEVEL, Reactor
 log = structlog.get_logger("lbd.udp")
 
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
-BATCH = 64  # datagrams read per wakeup: one busy socket cannot hold the loop for long
+BATCH = 64  # datagrams read per wakeup at most: one busy socket cannot hold the loop for long
+
+
+def next_batch(batch: int, received: int, dry: bool) -> int:
+    """How many datagrams to read at a socket's next wakeup. Sockets are level-triggered, so
+    whatever is left is reported again: reading until EAGAIN (a system call and an exception)
+    only pays for bursts. A wakeup that found the socket dry reads what it read this time (at
+    least one) next time; one that read its whole batch reads twice as many."""
+    if dry:
+        return received or 1
+    return min(BATCH, batch * 2) if received == batch else batch
 _DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 # Errors a connected UDP socket reports for an ICMP error from its peer.
 ICMP_ERRNOS = frozenset(
@@ -74,6 +84,7 @@ class UdpSession:
 
     __slots__ = (
         "ancillary",
+        "batch",
         "client",
         "closed",
         "endpoint",
@@ -109,6 +120,7 @@ class UdpSession:
         self.sock = sock
         self.ancillary = ancillary  # IP_PKTINFO for the reply's source (wildcard listeners)
         self.replies = replies
+        self.batch = 1  # replies read at the next wakeup (next_batch)
         self.closed = False
         self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it
         self.last_activity = now = listener.loop.time()
@@ -151,10 +163,12 @@ class UdpSession:
         client = self.client
         ancillary = self.ancillary
         received = nbytes = sent = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:
+                dry = True
                 break
             except OSError as error:
                 self._upstream_error(error, reading=True)
@@ -176,6 +190,7 @@ class UdpSession:
                 self.replies -= 1
                 if not self.replies:
                     break
+        self.batch = next_batch(self.batch, received, dry)
         if received:
             self.last_activity = listener.loop.time()
             stats = listener.route.stats

@@ -131,8 +131,8 @@ class Runtime:
         self.sockets = sockets
         self.slots = slots  # several workers: active counts shared through these slots
         self.udp_reuse_port = udp_reuse_port  # several workers: each binds its UDP listeners
-        # Several workers share each TCP listening socket (the supervisor keeps a copy), so
-        # none can REJECT by closing it: without a usable endpoint they reset per connection.
+        # Several workers: the supervisor keeps every copy of each TCP listening socket, so a
+        # worker REJECTs by shutdown() of its copies, not by closing them (lbd.net.tcp_listener).
         self.shared_listeners = shared_listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
         self._initial = config
@@ -279,7 +279,8 @@ class Runtime:
             external=spec.external,
             filtered=spec.filtered,
             inherited=self._inherited(spec),
-            pinned=self.shared_listeners,
+            copies=self.sockets.take_copies(spec.identity) if self.sockets is not None else [],
+            shared=self.shared_listeners,
         )
 
     def _inherited(self, spec: ListenerSpec) -> socket.socket | None:
