@@ -15,6 +15,7 @@ from __future__ import annotations
 import _socket
 import asyncio
 import contextlib
+import errno
 import functools
 import socket
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ log = structlog.get_logger("lbd.tcp")
 
 ACCEPT_BATCH = 64
 ACCEPT_PAUSE_S = 0.01
+_GAVE_UP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 Peer = tuple[str, int] | tuple[str, int, int, int]
 ConnectionFactory = Callable[["TcpListener", _socket.socket, Peer], object]
 
@@ -195,7 +197,9 @@ class TcpListener:
                 if error.errno in OUT_OF_DESCRIPTORS:
                     self._pause(error)
                     return
-                continue  # the client gave up while queued (ECONNABORTED...): next one
+                if error.errno in _GAVE_UP:
+                    continue  # the client gave up while queued: the next one
+                return  # not listening (shut by another process meanwhile): nothing to take
             factory(self, _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd), peer)
 
     def _pause(self, error: OSError) -> None:

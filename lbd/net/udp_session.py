@@ -42,6 +42,8 @@ def next_batch(batch: int, received: int, dry: bool) -> int:
     if dry:
         return received or 1
     return min(BATCH, batch * 2) if received == batch else batch
+
+
 _DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 # Errors a connected UDP socket reports for an ICMP error from its peer.
 ICMP_ERRNOS = frozenset(
