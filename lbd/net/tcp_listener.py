@@ -44,6 +44,7 @@ class TcpListener:
         "_inherited",
         "_paused",
         "_resting",
+        "_watching",
         "copies",
         "filtered",
         "loop",
@@ -78,6 +79,7 @@ class TcpListener:
         self.shared = shared
         self.copies = list(copies)
         self._resting: list[socket.socket] = []  # shared sockets shut for lack of endpoints
+        self._watching = False  # the sockets are in the reactor (from start on)
         self.filtered = filtered  # loadBalancerSourceRanges apply (LoadBalancer IPs)
         self.removed = False  # closed by a reload: its connections drain
         self._factory = factory
@@ -151,6 +153,7 @@ class TcpListener:
     def _watch(self) -> None:
         # The loop's reactor closes while it watches nothing: ask for it each time.
         self.reactor = reactor = Reactor.of(self.loop)
+        self._watching = True
         for sock in self._sockets():
             reactor.add(sock.fileno(), functools.partial(self._on_accept, sock), LEVEL)
 
@@ -165,8 +168,10 @@ class TcpListener:
         self.sock = None
         self.copies = []
         resting = self.shared and not self.socket.closed
+        watching, self._watching = self._watching, False  # not yet when prepare's bind fails
         for sock in socks:
-            self.reactor.remove(sock.fileno())  # explicitly: other processes may hold it too
+            if watching:
+                self.reactor.remove(sock.fileno())  # explicitly: other processes hold it too
             if resting:
                 with contextlib.suppress(OSError):  # already shut by another worker
                     sock.shutdown(socket.SHUT_RDWR)
