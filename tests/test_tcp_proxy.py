@@ -288,9 +288,9 @@ async def test_slow_reader_keeps_lbd_buffers_bounded() -> None:
             while chunk := await asyncio.wait_for(reader.read(64 * 1024), 10):
                 received += len(chunk)
                 for connection in runtime.connections:
-                    buffered = connection.transport.get_write_buffer_size()  # type: ignore[attr-defined]
-                    if connection.upstream is not None:  # type: ignore[attr-defined]
-                        buffered += connection.upstream.transport.get_write_buffer_size()  # type: ignore[attr-defined]
+                    buffered = connection.buffered()
+                    if connection.upstream is not None:
+                        buffered += connection.upstream.buffered()
                     max_buffered = max(max_buffered, buffered)
                 await asyncio.sleep(0.0005)  # a slow reader: about 64 KiB per loop turn
             writer.close()
@@ -420,9 +420,8 @@ async def test_both_halves_use_tcp_nodelay() -> None:
             await reader.readline()
             [connection] = list(runtime.connections)
             assert connection.upstream is not None
-            for transport in (connection.transport, connection.upstream.transport):
-                assert transport is not None
-                sock = transport.get_extra_info("socket")
+            for sock in (connection.sock, connection.upstream.sock):
+                assert sock is not None
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             writer.close()
 

@@ -176,7 +176,8 @@ _TABLE: tuple[MetricSpec, ...] = (
     _udp(
         "udp_sess_ended_total",
         C,
-        "UDP sessions ended early, by reason (idle_timeout; endpoint_gone).",
+        "UDP sessions ended early, by reason (idle_timeout; endpoint_gone; replied: got the "
+        "replies it expected).",
         label="reason",
     ),
     _udp("udp_downstream_datagrams_received_total", C, "Datagrams received from clients."),
