@@ -1,14 +1,19 @@
 """The supervisor's listening sockets: one SO_REUSEPORT copy per worker, every copy handed
 over by a seamless restart, and a successor with another worker count adopting or adding
-copies (real sockets, no processes)."""
+copies; a single process hands every copy it serves on too, and UDP sockets go to the
+worker of their copy number (real sockets, no processes)."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 from lbd.config.model import ListenerSpec
-from lbd.net.sockets import InheritedSockets, copy_key
+from lbd.net.sockets import InheritedSockets, copy_key, copy_of
 from lbd.process.listening import ListeningSockets, listener_specs
+from lbd.process.udp_handoff import WorkerSockets
+from lbd.process.worker import handoff_sockets
+from lbd.runtime.runtime import Runtime
 from tests.support import config, document, fresh_ip, service_yaml
 
 
@@ -94,3 +99,51 @@ def test_inherited_sockets_without_reuseport_stay_shared() -> None:
         assert sockets.for_worker(0)[1] == sockets.for_worker(1)[1] == [plain]
     finally:
         sockets.close()
+
+
+def test_copy_keys_name_a_listener_and_a_number() -> None:
+    key = ("TCP", "127.0.0.1", 80)
+    assert copy_key(key, 0) == key
+    assert [copy_of(copy_key(key, n)) for n in range(3)] == [(key, 0), (key, 1), (key, 2)]
+
+
+async def test_a_single_process_hands_over_every_copy_it_serves_tcp_and_udp() -> None:
+    """A single-process lbd that took over from one with two workers accepts from both TCP
+    copies; its own restart hands both on (each by its copy number) and its UDP socket."""
+    host = fresh_ip()
+    tcp = service_yaml("web", [(fresh_ip(), 80)], cluster_ip=host)
+    udp = service_yaml("dns", [(fresh_ip(), 53)], cluster_ip=host, protocol="UDP")
+    cfg = config(document(tcp, udp))
+    workers = ListeningSockets(2, "reuseport", InheritedSockets())
+    workers.commit(workers.bind(listener_specs(cfg)))
+    runtime = Runtime(cfg, sockets=InheritedSockets(workers.handoff()))
+    await runtime.start()
+    handed: dict[tuple[object, ...], socket.socket] = {}
+    try:
+        handed = await handoff_sockets(runtime, None)
+        [tcp_key] = workers.sockets
+        [udp_key] = [key for key in runtime.listeners if key != tcp_key]
+        assert set(handed) == {tcp_key, copy_key(tcp_key, 1), udp_key}
+        # Copies (dup) of the very sockets served: same socket, another descriptor.
+        served = {os.fstat(s.fileno()).st_ino for s in runtime.listeners[tcp_key].net.sockets()}
+        assert {os.fstat(handed[copy_key(tcp_key, n)].fileno()).st_ino for n in (0, 1)} == served
+    finally:
+        for sock in handed.values():
+            sock.close()
+        runtime.stop_accepting()
+        workers.close()
+
+
+def test_udp_copies_go_to_the_worker_of_their_number() -> None:
+    """Worker i's UDP socket is copy i of its listener: the successor's worker i reads it."""
+    cfg = config(document(service_yaml("dns", [(fresh_ip(), 53)], protocol="UDP")))
+    [spec] = listener_specs(cfg)
+    first, second = socket.socket(type=socket.SOCK_DGRAM), socket.socket(type=socket.SOCK_DGRAM)
+    inherited = InheritedSockets({spec.identity: first, copy_key(spec.identity, 1): second})
+    by_worker = WorkerSockets(inherited, [spec])
+    try:
+        assert by_worker.for_worker(0) == ([spec.identity], [first])
+        assert by_worker.for_worker(1) == ([spec.identity], [second])
+        assert by_worker.for_worker(2) == ([], []) and not inherited.sockets
+    finally:
+        by_worker.close()

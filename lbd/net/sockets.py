@@ -53,8 +53,17 @@ class InheritedSockets:
 
 
 def copy_key(key: tuple[object, ...], number: int) -> tuple[object, ...]:
-    """The key of the ``number``-th further copy of a listener's socket (0: the first)."""
+    """The handoff key of copy ``number`` of listener ``key``'s socket (0: the listener's own
+    key). A TCP listener's SO_REUSEPORT copies are numbered by the supervisor that keeps them
+    (copy i is worker i's); a UDP listener's copy i is the socket worker i bound."""
     return key if number == 0 else (*key, "copy", number)
+
+
+def copy_of(key: tuple[object, ...]) -> tuple[tuple[object, ...], int]:
+    """(listener key, copy number) of a handoff key: ``copy_key`` backwards."""
+    if len(key) > 2 and key[-2] == "copy" and isinstance(key[-1], int):
+        return key[:-2], key[-1]
+    return key, 0
 
 
 def listen_again(sock: socket.socket) -> None:
