@@ -3,7 +3,7 @@
 Everything it reads goes to its connection's client socket; when the client cannot take it
 all, the rest waits in the client half and this socket is not read again until it has gone
 (cross-coupled flow control). Its EOF is passed on as a half-close, a failure as a reset; an
-EOF or a reset before any byte passed either way hands the client back to the connect tries
+EOF or a reset before any byte (or the client's FIN) passed hands the client back to the tries
 (``retry_elsewhere``): nothing was delivered, so another endpoint may take it.
 """
 
@@ -29,6 +29,7 @@ class UpstreamOwner(Protocol):
     closed: bool
     sent: int  # bytes from the endpoint
     received: int  # bytes from the client (all forwarded once the upstream exists)
+    client_eof: bool  # the client's FIN was read (and passed on once the upstream exists)
     last_activity: float
 
     def send(self, data: bytes | memoryview) -> bool: ...  # to the client
@@ -155,5 +156,11 @@ class Upstream(SocketWriter):
 
 
 def nothing_passed(downstream: UpstreamOwner) -> bool:
-    """No byte went either way: nothing was delivered, so another endpoint may be tried."""
-    return not downstream.closed and downstream.sent == 0 and downstream.received == 0
+    """No byte went either way, and not the client's FIN either (an endpoint closing after
+    it answers the client): nothing was delivered, so another endpoint may be tried."""
+    return (
+        not downstream.closed
+        and downstream.sent == 0
+        and downstream.received == 0
+        and not downstream.client_eof
+    )
