@@ -509,3 +509,17 @@ async def test_hash_on_picks_by_client_address_or_address_and_port(
             host, port = address_of(runtime)
             names = {await read_name(host, port) for _ in range(40)}  # one client address
     assert len(names) == distinct
+
+
+async def test_a_client_that_connects_and_closes_gets_a_clean_close() -> None:
+    """A client's FIN with no data is passed on; the endpoint's close that answers it is a
+    clean close for the client, not a failure to retry elsewhere (health probes do this)."""
+    async with echo_backend("") as (bh, bp, _):
+        async with running(config(document(service_yaml("svc", [(bh, bp)])))) as runtime:
+            reader, writer = await asyncio.open_connection(*address_of(runtime))
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # a FIN, not a reset
+            writer.close()
+            route = route_of(runtime)
+            assert route.stats.upstream_cx_retries_total == 0
+            assert upstream_totals(route).upstream_cx_total == 1
