@@ -1,8 +1,8 @@
 """Reload latency and the event-loop stall it causes, with 1,000 (or 10,000) services.
 
 lbd runs as a real process (``lbd run``, file watcher on). Every service points at the same
-endpoints; each round rewrites the file so that one service (in the middle of the file) swaps
-one endpoint for another backend, then connects to that service every few milliseconds until
+endpoints but one (in the middle of the file), which has a single endpoint; each round rewrites
+the file so that this endpoint is swapped for another backend, then connects to that service every few milliseconds until
 the answer comes from the new backend: the time from the write to that answer is the reload
 latency. Meanwhile a prober connects to an unrelated service back to back; the longest of its
 round trips during a reload, against the longest outside reloads, is how long the reload
@@ -47,7 +47,12 @@ def render(
         "services:",
     ]
     for index in range(services):
-        chosen = [other, *endpoints[1:]] if swap and index == target else endpoints
+        # The target has one endpoint, swapped between two backends, so that one answer tells
+        # which config runs (with ten, nine would still answer "A" after the swap).
+        if index == target:
+            chosen = [other] if swap else endpoints[:1]
+        else:
+            chosen = endpoints
         listed = ", ".join(f"{{address: {a}, ports: {{p: {p}}}}}" for a, p in chosen)
         lines.append(
             f"  - {{name: svc-{index}, clusterIP: {cluster_ip(index)}, "

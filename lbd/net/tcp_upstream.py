@@ -156,11 +156,12 @@ class Upstream(SocketWriter):
 
 
 def nothing_passed(downstream: UpstreamOwner) -> bool:
-    """No byte went either way, and not the client's FIN either (an endpoint closing after
-    it answers the client): nothing was delivered, so another endpoint may be tried."""
+    """No byte went either way and the client is still there to be served: nothing was
+    delivered, so another endpoint may be tried. A client that already finished (its FIN was
+    passed on) is not: an endpoint that closes then is answering that FIN."""
     return (
         not downstream.closed
+        and not downstream.client_eof
         and downstream.sent == 0
         and downstream.received == 0
-        and not downstream.client_eof
     )
