@@ -2,12 +2,12 @@
 
 lbd runs as a real process (``lbd run``, file watcher on). Every service points at the same
 endpoints but one (in the middle of the file), which has a single endpoint; each round rewrites
-the file so that this endpoint is swapped for another backend, then connects to that service every few milliseconds until
-the answer comes from the new backend: the time from the write to that answer is the reload
-latency. Meanwhile a prober connects to an unrelated service back to back; the longest of its
-round trips during a reload, against the longest outside reloads, is how long the reload
-stalled everyone else's connections (issue 12: at most 20 ms). Also reports lbd's own reload
-time from its "config reloaded" log line. Everything runs on 127.x addresses.
+the file so that this endpoint is swapped for another backend, then connects to that service
+every few milliseconds until the answer comes from the new backend: the time from the write to
+that answer is the reload latency. Meanwhile a prober connects to an unrelated service back to
+back; the longest of its round trips during a reload, against the longest outside reloads, is
+how long the reload stalled everyone else's connections (issue 12: at most 20 ms). Also reports
+lbd's own reload time from its "config reloaded" log line. Everything runs on 127.x addresses.
 
     python benchmarks/reload_latency.py [--services 1000] [--endpoints 10] [--rounds 10]
     python benchmarks/reload_latency.py --revision 127e8fc   # lbd as it was at a git revision
@@ -49,10 +49,9 @@ def render(
     for index in range(services):
         # The target has one endpoint, swapped between two backends, so that one answer tells
         # which config runs (with ten, nine would still answer "A" after the swap).
+        chosen = endpoints
         if index == target:
             chosen = [other] if swap else endpoints[:1]
-        else:
-            chosen = endpoints
         listed = ", ".join(f"{{address: {a}, ports: {{p: {p}}}}}" for a, p in chosen)
         lines.append(
             f"  - {{name: svc-{index}, clusterIP: {cluster_ip(index)}, "

@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = args.repeats or (2 if quick else 5)
     duration = args.duration or (1.0 if quick else 3.0)
     raise_own_nofile()
-    for tool in ("haproxy", "nginx", "iperf3", "wrk", "taskset"):
+    for tool in ("haproxy", "nginx", "iperf3", "wrk", "taskset", "dnsmasq"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: run benchmarks/setup.sh", file=sys.stderr)
             return 2

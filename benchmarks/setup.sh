@@ -10,6 +10,7 @@ APT_PACKAGES=(
   iperf3               # bulk throughput workload
   wrk                  # HTTP load generator (connections/s, keep-alive requests/s)
   util-linux           # taskset: pins load generator and proxy to different CPUs
+  dnsmasq-base         # DNS server of the dns-sessions workload (the binary, no system service)
 )
 PIP_PACKAGES=(matplotlib pyyaml)
 

@@ -1,4 +1,4 @@
-"""TCP faults with real sockets (lbd.net.tcp_faults, lbd.net.fault_transport): each one's
+"""TCP faults with real sockets (lbd.net.tcp_faults, lbd.net.fault_pipe): each one's
 measured effect against its setting, its scope, and that it never leaks into another service."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import random
 import statistics
 
 from lbd.config import Config
-from lbd.net.fault_transport import HIGH_WATER
+from lbd.net.fault_pipe import HIGH_WATER
+from lbd.net.tcp_faults import FaultyUpstream
 from lbd.runtime.runtime import Runtime
 from tests.support import (
     address_of,
@@ -98,12 +99,12 @@ async def test_bandwidth_holds_its_rate_and_keeps_flow_control() -> None:
             while loop.time() - started < 5.0:
                 received += len(await asyncio.wait_for(reader.read(65536), 5))
                 [connection] = runtime.connections
-                held = max(held, connection.transport.queued)  # type: ignore[union-attr]
+                assert isinstance(connection.upstream, FaultyUpstream)
+                held = max(held, connection.upstream.down.queued)
             measured = received / (loop.time() - started)
             writer.close()
     assert abs(measured - rate) <= 0.1 * rate, measured
-    # Bounded by the fault's buffer plus one read (256 KiB in uvloop and asyncio), not by the
-    # size of the transfer.
+    # Bounded by the fault's buffer plus one read (256 KiB), not by the size of the transfer.
     assert held <= HIGH_WATER + 256 * 1024
     assert written < 32 * rate  # the backend was paused long before it wrote everything
 

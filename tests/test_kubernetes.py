@@ -22,7 +22,6 @@ from tests.support import (
     udp_client,
     udp_echo_backend,
     udp_echo_backends,
-    until,
 )
 
 NODE = "{name: node-a, zone: zone-1, addresses: ['%s'], nodePortRange: 30000-32767}"
@@ -397,7 +396,7 @@ async def test_should_be_rejected_and_then_served_when_an_endpoint_becomes_ready
             listener = runtime.listener_for("default/svc")
             assert isinstance(listener.net, TcpListener)
             tcp = listener.net
-            await until(lambda: tcp.server is not None)
+            assert tcp.is_open  # listening again before apply returned
             assert at(runtime) == target  # the same address and port, port 0 resolved once
             assert await name_via(target) == "backend-0"
             await runtime.apply(text(False))

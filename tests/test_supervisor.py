@@ -299,17 +299,17 @@ async def test_bad_workers_option_is_a_usage_error(tmp_path: Path) -> None:
         assert code == 2 and "--workers" in err
 
 
-async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: Path) -> None:
-    # Workers share the listening socket (the supervisor keeps a copy), so a port without a
-    # usable endpoint cannot stop listening: every connection is reset at once instead of
-    # hanging, and one that gets an endpoint by reload is served again.
+async def test_workers_refuse_connections_to_a_port_without_endpoints(tmp_path: Path) -> None:
+    # The supervisor keeps a copy of every worker's listening socket, so a worker stops
+    # listening by shutdown(): the kernel refuses every connect (kube-proxy's REJECT), and a
+    # port that gets an endpoint by reload is served again by every worker.
     ip = fresh_ip()
     path = write(tmp_path, with_workers(document(service_yaml("svc", [], cluster_ip=ip))))
     async with lbd_process(path, "--no-watch") as lbd:
         await started(lbd)
         host, port = lbd.listener()
         for _ in range(4):
-            with pytest.raises(ConnectionResetError):
+            with pytest.raises(ConnectionRefusedError):
                 await read_name(host, port)
         async with echo_backend("late") as (bh, bp, _):
             path.write_text(with_workers(document(service_yaml("svc", [(bh, bp)], cluster_ip=ip))))
@@ -317,7 +317,7 @@ async def test_workers_reset_connections_to_a_port_without_endpoints(tmp_path: P
             await lbd.wait_event("config reloaded", timeout=10)
 
             async def late() -> bool:
-                with contextlib.suppress(ConnectionResetError):
+                with contextlib.suppress(ConnectionRefusedError):
                     return await read_name(host, port) == "late"
                 return False
 

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lbdbench.backends import http_backend, idle_backend, iperf3_server, tool
+from lbdbench.backends import (
+    DNS_NAME,
+    dns_backend,
+    http_backend,
+    idle_backend,
+    iperf3_server,
+    tool,
+)
 from lbdbench.procs import cpu_seconds, ensure_free, pinned, rss_bytes, spawn
 from lbdbench.targets import Address, Route, Running, Transport
 
@@ -37,6 +44,7 @@ class Settings:
     latency_rate: float = 1000.0
     latency_count: int = 3000
     udp_flows: int = 4
+    dns_queries: int = 2000
 
 
 @dataclass(frozen=True)
@@ -411,6 +419,56 @@ class UdpRate(Workload):
         return Measurement(values, {"sent": sent, "received": result["count"]})
 
 
+class DnsSessions(Workload):
+    """A new UDP session per query: how a stub resolver reaches a DNS service (every query
+    from a new source port), the commonest UDP traffic in a cluster."""
+
+    key = "dns-sessions"
+    title = "new UDP sessions (DNS queries, a new socket each)"
+    transport: Transport = "udp"
+    # One query at a time: as for latency, all on one CPU (a cross-CPU wakeup costs more here
+    # than any proxy adds), so the rate and p50 are the cost of the path itself.
+    colocate = True
+    metrics = (
+        Metric("rate", "new UDP sessions/s (DNS queries, one at a time)", "query/s", True),
+        Metric("p50", "DNS query latency p50, new session each", "µs", False),
+        Metric("cpu_us", "proxy CPU per new UDP session (DNS query)", "µs", False),
+    )
+
+    def __init__(self) -> None:
+        self.backend_address = Address(BACKEND_HOST, 9053)
+
+    def describe(self, s: Settings) -> str:
+        return (
+            f"{s.dns_queries} DNS queries to dnsmasq (hosts file only), one at a time, each from "
+            "a new socket; answered queries/s and send-to-answer p50"
+        )
+
+    def backend(self, s: Settings) -> AbstractContextManager[object]:
+        return dns_backend(self.backend_address, s.workdir, s.log_dir, s.load_cpus)
+
+    def measure(self, s: Settings, target: Running, sample: int) -> Measurement:
+        cpu_before = cpu_seconds(target.proc.pid) if target.proc else 0.0
+        argv = [
+            *tool("dnsquery.py"),
+            target.address.host,
+            str(target.address.port),
+            DNS_NAME,
+            "--count",
+            str(s.dns_queries),
+        ]
+        result = run_json(pinned(argv, s.load_cpus), 120)
+        cpu = cpu_seconds(target.proc.pid) - cpu_before if target.proc else None
+        answered = result["answered"]
+        if answered < s.dns_queries * 0.99:
+            raise MeasureError(f"only {answered} of {s.dns_queries} queries answered")
+        values = {"rate": answered / result["elapsed_s"], "p50": result["p50_us"]}
+        if cpu is not None:
+            # The tool's warm-up query is in it too: one in thousands.
+            values["cpu_us"] = cpu / answered * 1e6
+        return Measurement(values, {"p99_us": result["p99_us"], "answered": answered})
+
+
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield None
@@ -425,4 +483,5 @@ def all_workloads() -> list[Workload]:
         Latency(),
         IdleMemory(),
         UdpRate(),
+        DnsSessions(),
     ]

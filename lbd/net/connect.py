@@ -10,17 +10,24 @@ descriptors sheds the connection instead.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
-import functools
-from collections.abc import Coroutine
-from typing import Any, Protocol, cast
+import os
+import select
+import socket
+from typing import Any, Protocol
 
 import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
-from lbd.net import tcp_faults
+from lbd.net import proxy_protocol, tcp_faults
+from lbd.net.connections import ConnectionSet
+from lbd.net.idle import Idler
+from lbd.net.proxy_protocol import Address
+from lbd.net.reactor import READABLE, Reactor
+from lbd.net.tcp_upstream import Upstream
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -34,21 +41,14 @@ TRY_TIMEOUT_SCALE = (0.25, 0.5)
 # A connect that fails with one of these failed for lack of lbd's own resources, not the
 # endpoint's: it is shed, not retried elsewhere or held against the endpoint.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # non-blocking from the start: no fcntl
+_UNDER_WAY = frozenset({0, errno.EINPROGRESS})
 
 
 def try_timeout(connect_timeout: float, attempt: int, candidates_left: int) -> float:
     if candidates_left > 1 and attempt < len(TRY_TIMEOUT_SCALE):
         return connect_timeout * TRY_TIMEOUT_SCALE[attempt]
     return connect_timeout
-
-
-class UpstreamHalf(Protocol):
-    """The endpoint side a try connects (``lbd.net.tcp_proxy.Upstream``)."""
-
-    endpoint: UpstreamEndpoint
-    attached: bool  # the connection's upstream now (its connection_made was accepted)
-    timed_out: bool  # its try's deadline passed before it connected
-    tried: list[UpstreamEndpoint]  # this connection's tries so far, its own included
 
 
 class Connecting(tcp_faults.Faultable, Protocol):
@@ -61,6 +61,7 @@ class Connecting(tcp_faults.Faultable, Protocol):
     closed: bool
     trying: ConnectTry | None  # the try in flight, if any
     loop: asyncio.AbstractEventLoop
+    reactor: Reactor
 
     @property
     def id(self) -> str: ...
@@ -70,19 +71,31 @@ class Connecting(tcp_faults.Faultable, Protocol):
 
     def new_upstream(
         self, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
-    ) -> UpstreamHalf: ...
+    ) -> Upstream: ...
 
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
-    def detach_upstream(self) -> None: ...  # drop (and abort) the upstream half it had
+    def detach_upstream(self) -> None: ...  # drop (and reset) the upstream half it had
 
 
-def _same(upstream: UpstreamHalf) -> asyncio.BaseProtocol:
-    """A protocol factory that returns the Upstream made before the connect started."""
-    return cast(asyncio.BaseProtocol, upstream)
+class Attaching(Connecting, Protocol):
+    """What ``attach`` needs of the client connection."""
+
+    sock: _socket.socket | None  # the client's
+    connections: ConnectionSet[Any]  # the worker's; its ``connecting`` wheel holds deadlines
+    upstream: Upstream | None
+    endpoint: UpstreamEndpoint | None
+    pending: list[bytes] | None  # bytes that arrived before the upstream existed
+    addresses: tuple[Address, Address] | None  # (client, destination) from a PROXY header
+    client_eof: bool
+    reading: bool
+
+    def read(self, drain: bool = True) -> None: ...
+
+    def file_idle(self) -> None: ...
 
 
-def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
+def try_next(connection: Attaching, tried: list[UpstreamEndpoint]) -> None:
     """Start the next try: an endpoint not in ``tried``, under its own deadline; or give up
     once none is left (or MAX_CONNECT_TRIES were made)."""
     route = connection.route
@@ -123,7 +136,7 @@ def try_next(connection: Connecting, tried: list[UpstreamEndpoint]) -> None:
 
 
 def _refused_by_fault(
-    connection: Connecting, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
+    connection: Attaching, endpoint: UpstreamEndpoint, tried: list[UpstreamEndpoint]
 ) -> None:
     """A ``refuse`` fault reset the connection, or made ``endpoint`` refuse this try: that is
     counted as a real refusal would be, and the next try starts."""
@@ -133,103 +146,98 @@ def _refused_by_fault(
     connection.route.pool.acquire(endpoint)
     endpoint.stats.upstream_cx_total += 1
     endpoint.stats.upstream_cx_connect_fail_total += 1
-    connect_failed(connection, endpoint, "refused (fault)")
+    _connect_failed(connection, endpoint, "refused (fault)")
     try_next(connection, tried)
 
 
 class ConnectTry:
-    """One connect try in flight: ``loop.create_connection``'s coroutine, stepped by hand.
+    """One connect try in flight: a non-blocking socket in the worker's reactor, and the
+    deadline of the try. Nothing of the event loop's connection machinery (no coroutine, no
+    Task, no transport): the socket joins the connection's halves as it is once connected."""
 
-    A Task per connection would cost its creation, its entry in asyncio's set of all tasks,
-    a context copy and a loop turn before the connect even starts; the connect needs none of
-    it. The coroutine is started at once and resumed from the done callback of the future it
-    waits for (this object is that callback), until it returns or raises."""
-
-    __slots__ = (
-        "began",
-        "cancelled",
-        "connection",
-        "coro",
-        "timer",
-        "tried",
-        "upstream",
-        "waited",
-    )
+    __slots__ = ("began", "connection", "deadline", "idle_bucket", "sock", "tried", "upstream")
 
     def __init__(
         self,
-        connection: Connecting,
-        upstream: UpstreamHalf,
+        connection: Attaching,
+        upstream: Upstream,
         tried: list[UpstreamEndpoint],
         began: float,
         deadline: float,
     ) -> None:
         self.connection = connection
         self.upstream = upstream
-        endpoint = upstream.endpoint
         self.tried = tried  # endpoints of this connection's tries so far, this one's included
         self.began = began
-        self.cancelled = False  # given up while not waiting on a future: throw at next step
-        self.waited: asyncio.Future[Any] | None = None  # what the coroutine waits for
-        loop = connection.loop
-        self.timer = loop.call_at(deadline, self._timed_out)
-        # Host and port, not a socket and loop.sock_connect: uvloop resolves an IP literal in
-        # place here, while sock_connect sends every connect through libuv's thread pool for
-        # getaddrinfo (measured: ~130 us of CPU and two context switches per connection).
-        self.coro: Coroutine[Any, Any, object] | None = loop.create_connection(
-            functools.partial(_same, self.upstream), endpoint.address, endpoint.port
-        )
+        self.deadline = deadline
+        self.sock: _socket.socket | None = None
+        # Filed under its deadline in the connections' ``connecting`` wheel: a set entry, not
+        # a loop timer per connection.
+        self.idle_bucket: set[Idler] | None = None
 
     def start(self) -> None:
-        """Run the connect to its first wait (the connection holds this try already)."""
-        self._step()
-
-    def __call__(self, _waited: object) -> None:
-        self._step()
-
-    def _step(self) -> None:
-        """Run the coroutine to its next wait; act on its end (what a Task step does)."""
-        coro = self.coro
-        assert coro is not None
-        try:
-            if self.cancelled:  # given up during a bare yield: nothing to cancel but it
-                self.cancelled = False
-                waited = coro.throw(asyncio.CancelledError())
-            else:  # a cancelled future raises CancelledError in it, as a Task's would
-                waited = coro.send(None)
-        except StopIteration:
-            self.coro = None
-            self._connected()
-            return
-        except OSError as error:
-            self.coro = None
-            if self.connection.trying is self:
-                self._failed(error)
-            return
-        except asyncio.CancelledError:  # this try was given up (timed out, client left)
-            self.coro = None
-            return
-        self.waited = waited
-        if waited is None:  # a bare yield: resume at the next loop turn
-            self.connection.loop.call_soon(self, None)
-        else:
-            waited.add_done_callback(self)
-
-    def _connected(self) -> None:
-        self.timer.cancel()
-        connection = self.connection
-        if connection.trying is not self or not self.upstream.attached:
-            return  # given up after connection_made (attach refused it or it was closed)
-        connection.trying = None  # done: nothing of the connect is kept for the connection's life
+        """Send the SYN (the connection holds this try already)."""
         endpoint = self.upstream.endpoint
+        try:
+            sock = _socket.socket(endpoint.family, _STREAM, socket.IPPROTO_TCP)
+        except OSError as error:
+            self._failed(error)
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex((endpoint.address, endpoint.port))
+        except OSError as error:
+            sock.close()
+            self._failed(error)
+            return
+        if code not in _UNDER_WAY:
+            sock.close()
+            self._failed(OSError(code, os.strerror(code)))
+            return
+        self.sock = sock
+        connection = self.connection
+        connection.connections.connecting.file(self, self.deadline)
+        connection.reactor.add(sock.fileno(), self.on_event)
+
+    def on_event(self, events: int) -> None:
+        """The socket connected (writable) or failed (an error), whichever the kernel says."""
+        sock = self.sock
+        if sock is None:
+            return
+        if events & select.EPOLLERR:
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.sock = None
+            self.connection.reactor.close(sock)
+            if self.connection.trying is self:
+                self._failed(OSError(code, os.strerror(code)))
+            return
+        if events & select.EPOLLOUT:
+            self._connected(sock, events)
+
+    def _connected(self, sock: _socket.socket, events: int) -> None:
+        connection = self.connection
+        connection.connections.connecting.remove(self)
+        self.sock = None
+        upstream = self.upstream
+        if connection.trying is not self:
+            connection.reactor.close(sock)
+            return
+        upstream.connected(sock)
+        attach(connection, upstream)
+        if not upstream.attached:
+            return  # refused by attach (the connection ended), which closed the socket
+        connection.trying = None  # done: nothing of the connect is kept for the connection's life
+        endpoint = upstream.endpoint
         endpoint.stats.upstream_cx_connect_seconds.observe(connection.loop.time() - self.began)
         outlier = connection.route.outlier
         if outlier is not None:
             outlier.connect_succeeded(endpoint)
+        if events & READABLE:
+            upstream.read()  # the endpoint spoke first, in the same event (edge-triggered)
 
     def _failed(self, error: OSError) -> None:
-        self.timer.cancel()
         connection = self.connection
+        connection.connections.connecting.remove(self)
         endpoint = self.upstream.endpoint
         if error.errno in OUT_OF_DESCRIPTORS:
             connection.trying = None
@@ -237,12 +245,15 @@ class ConnectTry:
             _out_of_descriptors(connection, error)
             return
         endpoint.stats.upstream_cx_connect_fail_total += 1
-        connect_failed(connection, endpoint, error.strerror or type(error).__name__)
+        _connect_failed(connection, endpoint, error.strerror or type(error).__name__)
         try_next(connection, self.tried)
 
+    def check_idle(self) -> None:
+        """The ``connecting`` wheel's call: the deadline passed (up to a tick ago)."""
+        self._timed_out()
+
     def _timed_out(self) -> None:
-        """The deadline passed. A try that already attached has won the race; one that
-        attaches after this is refused (``attach``), so a late connect never half-wins."""
+        """The deadline passed: give the try up (a late connect never half-wins)."""
         connection = self.connection
         upstream = self.upstream
         if upstream.attached or connection.closed or connection.trying is not self:
@@ -250,26 +261,62 @@ class ConnectTry:
         upstream.timed_out = True
         self.give_up()
         upstream.endpoint.stats.upstream_cx_connect_timeout_total += 1
-        connect_failed(connection, upstream.endpoint, "timeout")
+        _connect_failed(connection, upstream.endpoint, "timeout")
         try_next(connection, self.tried)
 
     def give_up(self) -> None:
-        """Stop the try as Task.cancel would: cancel the future it waits for, so that its next
-        step raises CancelledError inside it (uvloop then closes the half-made transport;
-        asyncio's sock_connect first removes the socket's writer). A future that is already
-        done keeps its outcome, which the next step takes (and ignores)."""
-        self.timer.cancel()
-        waited = self.waited
-        if waited is None:
-            self.cancelled = True
-        else:
-            waited.cancel()  # its callbacks, this try last, run at the next loop turn
+        """Stop the try: its socket closes (a connect under way is dropped with it)."""
+        self.connection.connections.connecting.remove(self)
+        sock = self.sock
+        if sock is not None:
+            self.sock = None
+            self.connection.reactor.close(sock)
 
     def abandon(self) -> None:
         """The connection ends while this try is in flight: give it up, free its endpoint."""
-        if not self.upstream.attached and self.coro is not None:
+        if not self.upstream.attached and self.sock is not None:
             self.give_up()
             self.connection.route.pool.release(self.upstream.endpoint)
+
+
+def attach(connection: Attaching, upstream: Upstream) -> None:
+    """The upstream connected: start moving bytes (what the client sent meanwhile first)."""
+    if connection.closed or upstream.timed_out:
+        upstream.close(abort=False)
+        return
+    upstream.attached = True
+    connection.upstream = upstream
+    connection.endpoint = upstream.endpoint
+    first: list[bytes] = []
+    version = connection.route.tunables.proxy_protocol
+    if version is not None:
+        first.append(proxy_protocol.outgoing(version, *_addresses(connection)))
+    if connection.pending:
+        first += connection.pending
+    connection.pending = None
+    whole = True
+    try:
+        if first:
+            whole = upstream.send(b"".join(first))
+        if connection.client_eof:
+            upstream.write_eof()
+    except OSError:
+        connection.finish("upstream_reset", abort=True)
+        return
+    if not connection.reading and whole:
+        connection.reading = True  # paused at PENDING_LIMIT while connecting
+        connection.read()
+    connection.file_idle()
+
+
+def _addresses(connection: Attaching) -> tuple[Address, Address]:
+    """(client, destination): as a trusted PROXY header said, else the socket's own."""
+    if connection.addresses is not None:
+        return connection.addresses
+    assert connection.sock is not None
+    peer = connection.sock.getpeername()
+    local = connection.sock.getsockname()
+    return (peer[0], peer[1]), (local[0], local[1])
 
 
 def _none_succeeded(connection: Connecting, tries: int) -> None:
@@ -322,7 +369,7 @@ def _pick_under_limit(
         skip.append(endpoint)
 
 
-def connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str) -> None:
+def _connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str) -> None:
     route = connection.route
     route.pool.release(endpoint)
     if route.outlier is not None:
@@ -339,14 +386,14 @@ def connect_failed(connection: Connecting, endpoint: UpstreamEndpoint, why: str)
         )
 
 
-def retry_elsewhere(connection: Connecting, upstream: UpstreamHalf, why: str) -> None:
+def retry_elsewhere(connection: Attaching, upstream: Upstream, why: str) -> None:
     """The endpoint closed or reset the connection before a byte passed either way and before
     lbd forwarded any of the client's: nothing was delivered, so another endpoint may take the
     client (a backend that died with connections in its accept queue resets them all).
     Another try, as after a refused connect, within the same limit."""
     endpoint = upstream.endpoint
-    upstream.attached = False  # its connection_lost no longer ends the connection
+    upstream.attached = False
     endpoint.stats.upstream_cx_closed_before_data_total += 1
     connection.detach_upstream()
-    connect_failed(connection, endpoint, why)  # releases it, tells outlier detection
+    _connect_failed(connection, endpoint, why)  # releases it, tells outlier detection
     try_next(connection, upstream.tried)

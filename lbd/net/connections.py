@@ -1,5 +1,5 @@
 """What every TCP connection of a worker shares: the set of live ones (so shutdown and reload
-can wait for, or end, them), the view of the listener that accepted it, its id, and resets.
+can wait for, or end, them), the view of the listener that accepted it, and its id.
 
 Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we track them.
 """
@@ -7,21 +7,16 @@ Python 3.11's ``Server.wait_closed()`` does not wait for open connections, so we
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
-import socket
-import struct
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
 
-import structlog
-
 from lbd.endpoints.route import Route
 from lbd.net.idle import IdleWheel
+from lbd.net.reactor import Reactor
 
-log = structlog.get_logger("lbd.tcp")
-_LINGER_RESET = struct.pack("ii", 1, 0)
+CONNECT_TICK = 0.01
 
 
 class ListenerView(Protocol):
@@ -29,6 +24,7 @@ class ListenerView(Protocol):
 
     removed: bool  # closed by a reload: its connections drain
     loop: asyncio.AbstractEventLoop  # passed in: asyncio.get_running_loop() costs a getpid()
+    reactor: Reactor  # the loop's epoll set, which the connection's sockets join
     filtered: bool  # loadBalancerSourceRanges apply
 
     @property
@@ -48,16 +44,6 @@ def connection_id(serial: int) -> str:
     return f"{_PID_PREFIX}-{serial:x}"
 
 
-def send_reset(transport: asyncio.BaseTransport) -> None:
-    """Close with an RST instead of a FIN, dropping anything still buffered."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        # OSError: the socket is already gone, and abort() below is all that is left to do.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()  # type: ignore[attr-defined]
-
-
 class Closable(Protocol):
     def finish(self, reason: str, *, abort: bool = False) -> None: ...
 
@@ -70,14 +56,16 @@ T = TypeVar("T", bound=Closable)
 
 
 class ConnectionSet(Generic[T]):
-    __slots__ = ("_empty", "_items", "idle", "lingering")
+    __slots__ = ("_empty", "_items", "connecting", "idle", "lingering")
 
     def __init__(self) -> None:
         self._items: set[T] = set()
         self._empty: asyncio.Event | None = None
         self.idle = IdleWheel()  # the idle deadlines of these connections, one timer for all
-        # What outlives its ended connection for a while: a fault's delayed bytes or FIN, a
-        # mirror's last copy (lbd.net.tcp_faults). Shutdown aborts what is still there.
+        # The deadlines of their connect tries (lbd.net.connect), fired at most 10 ms late.
+        self.connecting = IdleWheel(CONNECT_TICK)
+        # What outlives its ended connection for a while: a mirror's last copy
+        # (lbd.net.mirror). Shutdown aborts what is still there.
         self.lingering: set[Abortable] = set()
 
     def __len__(self) -> int:
@@ -100,34 +88,3 @@ class ConnectionSet(Generic[T]):
             return
         self._empty = asyncio.Event()
         await self._empty.wait()
-
-
-class Logged(Protocol):
-    """What the access log line says about a connection."""
-
-    route: Route
-    client: str
-    received: int
-    sent: int
-    started: float
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def id(self) -> str: ...
-
-
-def log_closed(connection: Logged, endpoint: object, reason: str) -> None:
-    """The access log's line for a connection that ended (``accessLog: true``)."""
-    route = connection.route
-    log.info(
-        "connection closed",
-        connection=connection.id,
-        service=f"{route.namespace}/{route.service}",
-        port=route.port_name,
-        client=connection.client,
-        endpoint=str(endpoint) if endpoint is not None else None,
-        bytes_received=connection.received,
-        bytes_sent=connection.sent,
-        duration_s=round(connection.loop.time() - connection.started, 6),
-        end=reason,
-    )

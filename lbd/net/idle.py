@@ -29,9 +29,10 @@ class Idler(Protocol):
 
 
 class IdleWheel:
-    __slots__ = ("_armed", "_buckets", "_loop", "_ticks", "_timer")
+    __slots__ = ("_armed", "_buckets", "_loop", "_ticks", "_timer", "tick")
 
-    def __init__(self) -> None:
+    def __init__(self, tick: float = TICK) -> None:
+        self.tick = tick  # seconds: how late a deadline may fire
         self._buckets: dict[int, set[Idler]] = {}
         self._ticks: list[int] = []  # heap of the buckets' ticks
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -44,7 +45,7 @@ class IdleWheel:
     def file(self, connection: Idler, deadline: float) -> None:
         """Call ``connection.check_idle()`` at ``deadline`` (loop time), or up to TICK later."""
         self.remove(connection)
-        tick = math.ceil(deadline / TICK)
+        tick = math.ceil(deadline / self.tick)
         bucket = self._buckets.get(tick)
         if bucket is None:
             bucket = self._buckets[tick] = set()
@@ -66,12 +67,12 @@ class IdleWheel:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         self._armed = tick
-        self._timer = self._loop.call_at(tick * TICK, self._fire)
+        self._timer = self._loop.call_at(tick * self.tick, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
         assert self._loop is not None
-        due = math.floor(self._loop.time() / TICK)
+        due = math.floor(self._loop.time() / self.tick)
         ticks = self._ticks
         while ticks and ticks[0] <= due:
             tick = heapq.heappop(ticks)

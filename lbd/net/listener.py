@@ -4,7 +4,8 @@ kube-proxy REJECTs a service port with no usable endpoint: a TCP client's SYN ge
 (``connect()`` fails with ECONNREFUSED) and a UDP client gets ICMP port unreachable. A userspace
 proxy gets the same answers from the kernel by not listening: while the route's pool has no
 eligible endpoint for this listener's kind (none configured, none ready, none on this node under
-a Local policy, none resolved yet), the socket is closed; when one returns, the same address
+a Local policy, none resolved yet), the socket is closed (with workers, shut down:
+``lbd.net.tcp_listener``); when one returns, the same address
 and port (port 0 resolved at the first bind) is bound and served again, synchronously inside the
 pool change, so a reload that reports "applied" is already served.
 
@@ -12,15 +13,16 @@ pool change, so a reload that reports "applied" is already served.
 listener serves (a reload may re-point it to another route), and asks its ``SocketHandler`` (the
 TCP or UDP listener) to open or shut the socket. If the port was taken by someone else while it
 was closed, re-binding is retried every second, logged and counted
-(``lbd_listener_rebind_failures_total``). A listener whose socket other processes share
-(``pinned``: workers, a seamless restart) never closes it for lack of endpoints.
+(``lbd_listener_rebind_failures_total``). A socket destroyed from outside (``ss -K``, or any
+error that closes a listening socket) is noticed by its handler at once (accept fails) and
+bound again the same way (``destroyed``), logged and counted (``lbd_listener_destroyed_total``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Literal, Protocol
 
 import structlog
@@ -52,7 +54,12 @@ class Listener(Protocol):
 
     @property
     def sock(self) -> socket.socket | None:
-        """The socket a seamless restart hands over (TCP only); None while closed."""
+        """Its socket; None while closed."""
+        ...
+
+    def sockets(self) -> list[socket.socket]:
+        """The sockets it serves, as a seamless restart hands them over: its own first, then
+        the further copies it accepts from (numbered by ``lbd.net.sockets.copy_key``)."""
         ...
 
     async def prepare(self) -> None:
@@ -69,10 +76,6 @@ class Listener(Protocol):
 
     def close(self) -> None:
         """Stop serving for good (open TCP connections carry on)."""
-        ...
-
-    def check(self) -> None:
-        """Find out whether the socket was destroyed from outside, and bind it again if so."""
         ...
 
 
@@ -96,11 +99,6 @@ class SocketHandler(Protocol):
         """After every change of the pool (UDP: sessions whose endpoint left end here)."""
         ...
 
-    @property
-    def destroyed(self) -> bool:
-        """The open socket no longer works: destroyed from outside (``ss -K``), or failed."""
-        ...
-
 
 class ListenerSocket:
     __slots__ = (
@@ -111,7 +109,6 @@ class ListenerSocket:
         "external",
         "handler",
         "loop",
-        "pinned",
         "port",
         "protocol",
         "route",
@@ -125,8 +122,6 @@ class ListenerSocket:
         port: int,
         route: Route,
         external: bool,
-        *,
-        pinned: bool = False,
     ) -> None:
         self.handler = handler
         self.protocol = protocol
@@ -134,7 +129,6 @@ class ListenerSocket:
         self.port = port  # 0 until the first bind resolves it; re-binds reuse it
         self.route = route
         self.external = external  # not a clusterIP listener: externalTrafficPolicy applies
-        self.pinned = pinned
         self.closed = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._retry: asyncio.TimerHandle | None = None
@@ -161,22 +155,17 @@ class ListenerSocket:
         self._unfollow()
         self._stop()
 
-    def check(self) -> None:
-        """A socket destroyed from outside (``ss -K``, or any error that closes it) is shut
-        and bound again, logged and counted. Left alone, the event loop would spin on it: the
-        kernel reports it readable for ever and every accept fails."""
-        if self.closed or not self.handler.destroyed:
+    def destroyed(self) -> None:
+        """The handler found its socket destroyed from outside (its accept fails): shut it
+        and serve again, logged and counted. Left alone, the kernel would report it readable
+        for ever, and every accept would fail."""
+        if self.closed:
             return
         counts = self.route.stats.listener_destroyed_total
         setattr(counts, self.protocol, getattr(counts, self.protocol) + 1)
         log.warning("listener socket destroyed, binding it again", listener=self.label)
         self._stop()
-        if not self.pinned:
-            self._pool_changed(self.route.pool)  # bind again, if it should listen at all
-
-    def open_failed(self, error: OSError) -> None:
-        """The handler could not serve a socket it had bound (TCP: create_server failed)."""
-        self._failed("serve", error)
+        self._pool_changed(self.route.pool)  # serve again, if it should listen at all
 
     def _unfollow(self) -> None:
         if self._unwatch is not None:
@@ -187,8 +176,6 @@ class ListenerSocket:
         if self.closed:
             return
         self.handler.pool_changed(pool)
-        if self.pinned:
-            return
         if not pool.eligible(self.external):
             if self.handler.is_open:
                 log.info(
@@ -212,8 +199,7 @@ class ListenerSocket:
         log.info("listener open", listener=self.label, route=self.route.label)
 
     def _failed(self, what: str, error: OSError) -> None:
-        """Someone else took the port while it was closed (or serving failed): keep trying,
-        say so, count it."""
+        """Someone else took the port while it was closed: keep trying, say so, count it."""
         counts = self.route.stats.listener_rebind_failures_total
         setattr(counts, self.protocol, getattr(counts, self.protocol) + 1)
         log.warning(
@@ -230,29 +216,3 @@ class ListenerSocket:
             self._retry.cancel()
             self._retry = None
         self.handler.shut()
-
-
-CHECK_INTERVAL_S = 1.0
-
-
-class ListenerCheck:
-    """Checks every listener once a second (``Listener.check``): a listening socket destroyed
-    from outside gives no event a listener could wait on (uvloop retries the failing accept
-    silently, spinning a core), so it is looked for. One getsockopt per TCP listener."""
-
-    def __init__(self, listeners: Callable[[], Iterable[Listener]]) -> None:
-        self.listeners = listeners
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(CHECK_INTERVAL_S, self._check)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _check(self) -> None:
-        for listener in list(self.listeners()):
-            listener.check()
-        self.start()

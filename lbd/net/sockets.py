@@ -37,11 +37,44 @@ class InheritedSockets:
             self.taken.add(key)
         return sock
 
+    def take_copies(self, key: tuple[object, ...]) -> list[socket.socket]:
+        """The further SO_REUSEPORT copies of ``key``'s listener handed over with it (keyed
+        ``copy_key(key, 1)``, 2, ...): a process that adopts them accepts from each."""
+        copies: list[socket.socket] = []
+        while (sock := self.take(copy_key(key, len(copies) + 1))) is not None:
+            copies.append(sock)
+        return copies
+
     def close(self) -> None:
         """Close what nobody took (a listener the new config no longer has)."""
         for sock in self.sockets.values():
             sock.close()
         self.sockets.clear()
+
+
+def copy_key(key: tuple[object, ...], number: int) -> tuple[object, ...]:
+    """The handoff key of copy ``number`` of listener ``key``'s socket (0: the listener's own
+    key). A TCP listener's SO_REUSEPORT copies are numbered by the supervisor that keeps them
+    (copy i is worker i's); a UDP listener's copy i is the socket worker i bound."""
+    return key if number == 0 else (*key, "copy", number)
+
+
+def copy_of(key: tuple[object, ...]) -> tuple[tuple[object, ...], int]:
+    """(listener key, copy number) of a handoff key: ``copy_key`` backwards."""
+    if len(key) > 2 and key[-2] == "copy" and isinstance(key[-1], int):
+        return key[:-2], key[-1]
+    return key, 0
+
+
+def listen_again(sock: socket.socket) -> None:
+    """Listen on a bound TCP socket that may have stopped: shut by ``shutdown()`` (a worker's
+    REJECT) or destroyed from outside (``ss -K``). A destroyed socket keeps its address (bound
+    to a port number), but stays shut for sending, and so would every connection accepted
+    from it (their sends fail with EPIPE): listening once and shutting down clears that."""
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        sock.listen(1)
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.listen(LISTEN_BACKLOG)
 
 
 def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> socket.socket:
@@ -52,11 +85,11 @@ def bind_tcp_listener(address: str, port: int, *, reuse_port: bool = False) -> s
     never silently takes IPv4 traffic meant for another listener.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    # proto IPPROTO_TCP (not 0) is inherited by accepted sockets; asyncio's transports set
-    # TCP_NODELAY only on sockets that say they are TCP.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit it (Linux): no setsockopt per connection.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:

@@ -6,9 +6,9 @@ a ``SplicePump`` once a single read brings ``BULK_READ`` bytes (the kernel had t
 a stream, not a request), as HAProxy's splice-auto does. From then on its bytes go from one
 socket into a pipe and from the pipe into the other socket without entering Python.
 
-The transports keep their sockets (the other direction still uses them, and close/reset stay
-theirs): the pump watches ``dup``s of the two descriptors, so the event loop sees them as
-descriptors of their own, and the source transport stays paused. Backpressure is the pipe: the
+The connection keeps its sockets (the other direction still uses them, and close/reset stay
+its own): the pump watches ``dup``s of the two descriptors with the event loop, and the
+connection no longer reads the source. Backpressure is the pipe: the
 pump reads the source only while the pipe can be emptied into the destination, so at most one
 pipe (``PIPE_SIZE``) of kernel memory is in flight per direction and none in Python.
 
@@ -18,6 +18,7 @@ stays on the Protocol path, counted as a fallback.
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import contextlib
 import fcntl
@@ -107,35 +108,14 @@ class SplicePump:
         try:
             self._src = os.dup(src_fd)
             self._dst = os.dup(dst_fd)
+            # splice(2) on a socket blocks unless the socket itself is non-blocking (its
+            # flag, shared with the connection's descriptor, which never blocks anyway).
+            os.set_blocking(self._src, False)
+            os.set_blocking(self._dst, False)
         except OSError:
             self._release()
             raise
         loop.add_reader(self._src, self._on_readable)
-
-    @classmethod
-    def between(
-        cls,
-        loop: asyncio.AbstractEventLoop,
-        source: asyncio.Transport,
-        destination: asyncio.Transport,
-        owner: PumpOwner,
-        upward: bool,
-    ) -> SplicePump | None:
-        """A pump from ``source``'s socket to ``destination``'s, ``source`` paused from now on;
-        None while ``destination`` still buffers bytes (or closes): the transports' own order
-        must be kept, so a later bulk read tries again. Raises OSError when no descriptor or
-        pipe is left (the direction stays on the copy path)."""
-        if destination.get_write_buffer_size() or destination.is_closing():
-            return None
-        pump = cls(
-            loop,
-            source.get_extra_info("socket").fileno(),
-            destination.get_extra_info("socket").fileno(),
-            owner,
-            upward,
-        )
-        source.pause_reading()
-        return pump
 
     @property
     def closed(self) -> bool:
@@ -219,6 +199,49 @@ class SplicePump:
     def _fail(self, error: OSError, at_source: bool) -> None:
         self.close()
         self._owner.pump_failed(self.upward, at_source, error)
+
+
+class SpliceStats(Protocol):
+    """Where switches are counted (``lbd.observability.stats.RouteStats``)."""
+
+    splice_switches_total: int
+    splice_fallbacks_total: int
+
+
+class SpliceEnd(Protocol):
+    """One socket of a connection as a pump needs it (``lbd.net.tcp_socket.SocketWriter``)."""
+
+    sock: _socket.socket | None
+    out: bytes | None  # bytes kept for the socket: it must be empty before a pump writes
+    reading: bool  # the connection reads it; a pump's source is not read by the connection
+
+
+def switch_to_splice(
+    loop: asyncio.AbstractEventLoop,
+    source: SpliceEnd,
+    destination: SpliceEnd,
+    owner: PumpOwner,
+    pumps: list[SplicePump | None],
+    upward: bool,
+    stats: SpliceStats,
+) -> None:
+    """Move ``source`` → ``destination`` with a pump from now on (counted), if splice exists,
+    the direction is not pumped yet, and nothing is kept for the destination (the bytes' order);
+    else a later bulk read tries again. When no descriptor or pipe was left, the direction
+    stays on the copy path (counted as a fallback)."""
+    index = 0 if upward else 1
+    if not SPLICE_AVAILABLE or pumps[index] is not None or destination.out is not None:
+        return
+    if source.sock is None or destination.sock is None:
+        return
+    try:
+        pump = SplicePump(loop, source.sock.fileno(), destination.sock.fileno(), owner, upward)
+    except OSError:
+        stats.splice_fallbacks_total += 1
+        return
+    source.reading = False  # the pump reads it from now on
+    pumps[index] = pump
+    stats.splice_switches_total += 1
 
 
 class _DstError(OSError):

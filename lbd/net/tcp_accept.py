@@ -16,17 +16,19 @@ import structlog
 
 from lbd.endpoints.route import Route
 from lbd.net import connect, proxy_protocol
-from lbd.net.connections import ListenerView, send_reset
+from lbd.net.connections import ListenerView
 from lbd.net.proxy_protocol import Address, HeaderReader, ProxyHeaderError
 
 log = structlog.get_logger("lbd.tcp")
 
+# Client bytes held while the upstream connect is in flight; past this, reading pauses.
+PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
-class Accepting(connect.Connecting, Protocol):
+
+class Accepting(connect.Attaching, Protocol):
     """What this phase needs of the connection."""
 
     listener: ListenerView
-    transport: asyncio.Transport | None
     header: HeaderReader | None  # a trusted client's PROXY header, while it is being read
     addresses: tuple[Address, Address] | None  # (client, destination) as the header said
     admission: str | None  # "queued" or "admitted" while in the route's Admission
@@ -35,11 +37,13 @@ class Accepting(connect.Connecting, Protocol):
 
     def track(self) -> None: ...  # from now on it is a live connection of the worker
 
-    def keep(self, data: bytes) -> None: ...  # hold bytes until the upstream exists
+    def untrack(self) -> None: ...  # no longer
 
     def max_duration_reached(self) -> None: ...
 
     def admitted(self) -> None: ...  # a queued connection got its slot (Admission calls it)
+
+    def reject(self) -> None: ...  # reset it before it was tracked
 
 
 def accepted(connection: Accepting) -> None:
@@ -47,8 +51,6 @@ def accepted(connection: Accepting) -> None:
     route: Route = connection.route
     stats = route.stats
     listener = connection.listener
-    transport = connection.transport
-    assert transport is not None
     # A trusted PROXY source is checked against the ranges once its header names the client.
     via_proxy = bool(route.trusted_proxies) and proxy_protocol.trusted(
         connection.client, route.trusted_proxies
@@ -57,14 +59,12 @@ def accepted(connection: Accepting) -> None:
         # Refusing per client needs the connection accepted first: a reset is the best the
         # kernel lets a listening socket do without packet filtering.
         stats.downstream_cx_refused_total.source_range += 1
-        connection.closed = True
-        send_reset(transport)
+        connection.reject()
         return
     if not route.pool.eligible(listener.external):
         # Only in the moment before the listener stops listening (lbd.net.tcp_listener).
         stats.downstream_cx_refused_total.no_endpoint += 1
-        connection.closed = True
-        send_reset(transport)
+        connection.reject()
         return
     connection.track()
     loop = connection.loop
@@ -102,8 +102,21 @@ def feed_header(connection: Accepting, reader: HeaderReader, data: bytes) -> Non
         return
     if rest:
         connection.received += len(rest)
-        connection.keep(rest)
+        keep(connection, rest)
     admit(connection)
+
+
+def keep(connection: Accepting, data: bytes) -> None:
+    """Hold bytes that arrive before the upstream exists. Reading goes on meanwhile, so a
+    client that resets or closes while lbd is still connecting is noticed at once (and its
+    connect given up); past PENDING_LIMIT bytes reading pauses until the upstream exists."""
+    pending = connection.pending
+    if pending is None:
+        pending = connection.pending = [data]
+    else:
+        pending.append(data)
+    if sum(map(len, pending)) > PENDING_LIMIT:
+        connection.reading = False  # connect.attach resumes it
 
 
 def _header_missing(connection: Accepting) -> None:

@@ -1,39 +1,59 @@
-"""A TCP listener: one listening socket of a service port, served by ``asyncio.Server``.
+"""A TCP listener: one listening socket of a service port, accepted from in the worker's
+``Reactor`` (one epoll set with the connections' sockets).
 
 It listens only while its service port has a usable endpoint (``lbd.net.listener``, kube-proxy's
 REJECT by the kernel); a reload keeps an unchanged listener's socket and accept queue. It is
-also what each connection it accepts sees of its listener (``ListenerView``).
+also what each connection it accepts sees of its listener (``ListenerView``). Each wakeup
+accepts a batch (``ACCEPT_BATCH``, or until the queue is empty); accepted sockets inherit
+TCP_NODELAY from the listening socket, so they cost no system call but the accept itself.
+Out of descriptors (EMFILE), accepting pauses for ``ACCEPT_PAUSE_S``: no spinning on a queue
+that cannot be taken from, one log line a second, and each pause counted. A socket that is no
+longer listening (``ss -K`` destroyed it: accept fails with EINVAL) leaves the reactor at once
+and is served again (``ListenerSocket.destroyed``): bound anew, or with workers listened on
+again, which heals the copy the supervisor keeps too (it is the same socket).
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import contextlib
+import errno
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+import structlog
 
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
+from lbd.net.connect import OUT_OF_DESCRIPTORS
 from lbd.net.listener import ListenerSocket
-from lbd.net.sockets import LISTEN_BACKLOG, bind_tcp_listener
+from lbd.net.reactor import LEVEL, Reactor
+from lbd.net.sockets import bind_tcp_listener, listen_again
 
-# asyncio's accept loop (3.11) tries ``backlog`` accepts per wake-up and, at EMFILE, logs and
-# schedules a 1 s retry for each of them instead of stopping: with a backlog of 4096 that is
-# thousands of tracebacks and timers a second. So create_server gets a small batch, and the
-# kernel backlog is set back with listen() once serving (uvloop accepts in libuv, unaffected).
-ACCEPT_BATCH = 16
-ProtocolFactory = Callable[["TcpListener"], asyncio.Protocol]
+log = structlog.get_logger("lbd.tcp")
+
+ACCEPT_BATCH = 64
+ACCEPT_PAUSE_S = 0.01
+_GAVE_UP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+Peer = tuple[str, int] | tuple[str, int, int, int]
+ConnectionFactory = Callable[["TcpListener", _socket.socket, Peer], object]
 
 
 class TcpListener:
     __slots__ = (
+        "_factory",
         "_inherited",
-        "_protocol",
-        "_serving",
+        "_paused",
+        "_resting",
+        "_watching",
+        "copies",
         "filtered",
         "loop",
+        "reactor",
         "removed",
-        "server",
+        "shared",
         "sock",
         "socket",
     )
@@ -43,27 +63,34 @@ class TcpListener:
         address: str,
         port: int,
         route: Route,
-        factory: ProtocolFactory,
+        factory: ConnectionFactory,
         *,
         external: bool,
         filtered: bool,
         inherited: socket.socket | None = None,
-        pinned: bool = False,
+        copies: Sequence[socket.socket] = (),
+        shared: bool = False,
     ) -> None:
-        """``factory(listener)`` makes the protocol of each accepted connection. ``inherited``:
+        """``factory(listener, sock, peer)`` makes each accepted connection. ``inherited``:
         a listening socket bound elsewhere (a supervisor, the lbd this one took over from),
-        used instead of binding. ``pinned``: never closed for lack of endpoints, because other
-        processes listen on the same socket; connections are then reset one by one instead."""
-        self.socket = ListenerSocket(self, "TCP", address, port, route, external, pinned=pinned)
+        used instead of binding; ``copies``: more SO_REUSEPORT copies of it to accept from
+        too (adopted from a predecessor that had more workers). ``shared``: other processes
+        hold these sockets (workers), so without endpoints the listener stops listening by
+        ``shutdown()`` (closing would leave the others' descriptors listening) and listens
+        again with ``listen()`` on the same sockets."""
+        self.socket = ListenerSocket(self, "TCP", address, port, route, external)
+        self.shared = shared
+        self.copies = list(copies)
+        self._resting: list[socket.socket] = []  # shared sockets shut for lack of endpoints
+        self._watching = False  # the sockets are in the reactor (from start on)
         self.filtered = filtered  # loadBalancerSourceRanges apply (LoadBalancer IPs)
         self.removed = False  # closed by a reload: its connections drain
-        # partial, not a method or lambda: no Python frame per accepted connection
-        self._protocol = functools.partial(factory, self)
+        self._factory = factory
         self._inherited = inherited
         self.sock: socket.socket | None = None
-        self.server: asyncio.Server | None = None
-        self._serving: asyncio.Task[None] | None = None  # a re-bound socket on its way to serve
+        self._paused: asyncio.TimerHandle | None = None  # accepting paused (out of descriptors)
         self.loop: asyncio.AbstractEventLoop  # set by prepare; read by every connection
+        self.reactor: Reactor
 
     @property
     def route(self) -> Route:
@@ -87,21 +114,18 @@ class TcpListener:
         sock, self._inherited = self._inherited, None
         if sock is None:
             sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        else:
+            for inherited in (sock, *self.copies):
+                # A worker before us may have shut it for lack of endpoints, or it was
+                # destroyed meanwhile: listen again. TCP_NODELAY: for the accepted.
+                listen_again(inherited)
+                inherited.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.socket.port = sock.getsockname()[1]
         self.sock = sock
-        try:
-            self.server = await self.loop.create_server(
-                self._protocol, sock=sock, backlog=ACCEPT_BATCH, start_serving=False
-            )
-        except BaseException:
-            self.sock = None
-            sock.close()
-            raise
 
     async def start(self) -> None:
-        assert self.server is not None and self.sock is not None
-        await self.server.start_serving()
-        self.sock.listen(LISTEN_BACKLOG)  # start_serving listened with ACCEPT_BATCH
+        assert self.sock is not None
+        self._watch()
         self.socket.follow(self.route, self.external)
 
     def repoint(self, route: Route, external: bool, filtered: bool) -> None:
@@ -112,54 +136,99 @@ class TcpListener:
         self.removed = True
         self.socket.close()
 
-    def check(self) -> None:
-        self.socket.check()
-
-    @property
-    def destroyed(self) -> bool:
-        sock = self.sock
-        if self.server is None or sock is None:
-            return False
-        try:
-            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 0
-        except OSError:
-            return True
-
     # -- SocketHandler: the ListenerSocket opens and shuts the socket --------------------------
 
     def pool_changed(self, pool: Pool) -> None:
         pass  # open connections keep their endpoints: a drained one ends by its own deadline
 
     def open(self) -> None:
-        """Bind and listen now: from this moment the kernel completes connects into the accept
-        queue; the event loop starts accepting from it a moment later (``_serve``)."""
-        sock = bind_tcp_listener(self.socket.address, self.socket.port)
-        self.sock = sock
-        self._serving = self.loop.create_task(self._serve(sock))
+        """Listen and accept, all before this returns: on the shared sockets shut before,
+        else on a socket bound anew."""
+        if self._resting:
+            for sock in self._resting:
+                listen_again(sock)  # raises: kept for the next try
+            (self.sock, *self.copies), self._resting = self._resting, []
+        else:
+            self.sock = bind_tcp_listener(self.socket.address, self.socket.port)
+        self._watch()
 
-    async def _serve(self, sock: socket.socket) -> None:
-        try:
-            self.server = await self.loop.create_server(
-                self._protocol, sock=sock, backlog=ACCEPT_BATCH
-            )
-            sock.listen(LISTEN_BACKLOG)
-        except OSError as error:  # not expected for a bound socket; never leave it half-open
-            sock.close()
-            self.sock = None
-            self.socket.open_failed(error)
-            return
-        finally:
-            self._serving = None
-        if self.socket.closed or not self.route.pool.eligible(self.external):
-            self.shut()
+    def _watch(self) -> None:
+        # The loop's reactor closes while it watches nothing: ask for it each time.
+        self.reactor = reactor = Reactor.of(self.loop)
+        self._watching = True
+        for sock in self.sockets():
+            reactor.add(sock.fileno(), functools.partial(self._on_accept, sock), LEVEL)
+
+    def sockets(self) -> list[socket.socket]:
+        return [] if self.sock is None else [self.sock, *self.copies]
 
     def shut(self) -> None:
-        if self.server is not None:
-            self.server.close()  # closes the socket; open connections carry on
-            self.server = None
-            self.sock = None
-        elif self.sock is not None and self._serving is None:
-            self.sock.close()
-            self.sock = None
-        # else the _serve task owns the bound socket and shuts it itself once it has a server:
-        # closing a socket under create_server would leave the loop watching a dead fd.
+        """Stop accepting (open connections carry on). For good (the listener is closed):
+        close the descriptors. For lack of endpoints: close them, or, when other processes
+        hold them, shutdown() them (the kernel then refuses) and keep them to listen again."""
+        socks = self.sockets()
+        self.sock = None
+        self.copies = []
+        resting = self.shared and not self.socket.closed
+        watching, self._watching = self._watching, False  # not yet when prepare's bind fails
+        for sock in socks:
+            if watching:
+                self.reactor.remove(sock.fileno())  # explicitly: other processes hold it too
+            if resting:
+                with contextlib.suppress(OSError):  # already shut by another worker
+                    sock.shutdown(socket.SHUT_RDWR)
+                self._resting.append(sock)
+            else:
+                sock.close()
+        if self.socket.closed:
+            for sock in self._resting:
+                sock.close()
+            self._resting = []
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+
+    # -- accepting -------------------------------------------------------------------------------
+
+    def _on_accept(self, sock: socket.socket, events: int) -> None:
+        if self.sock is None:
+            return
+        family = int(sock.family)  # socket.socket's is an enum made per call
+        factory = self._factory
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, peer = sock._accept()  # type: ignore[attr-defined]
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno in OUT_OF_DESCRIPTORS:
+                    self._pause(error)
+                    return
+                if error.errno in _GAVE_UP:
+                    continue  # the client gave up while queued: the next one
+                if error.errno == errno.EINVAL:  # not listening: destroyed from outside
+                    self.socket.destroyed()
+                return
+            factory(self, _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd), peer)
+
+    def _pause(self, error: OSError) -> None:
+        """No descriptor for a connection: leave the queues alone for a moment."""
+        for sock in self.sockets():
+            self.reactor.modify(sock.fileno(), 0)
+        self._paused = self.loop.call_later(ACCEPT_PAUSE_S, self._resume)
+        route = self.route
+        route.stats.downstream_cx_refused_total.fd_exhausted += 1
+        now = self.loop.time()
+        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
+            route.fd_exhausted_logged_at = now
+            log.error(
+                "out of file descriptors",
+                where="accept",
+                route=route.label,
+                error=error.strerror or str(error),
+            )
+
+    def _resume(self) -> None:
+        self._paused = None
+        for sock in self.sockets():
+            self.reactor.modify(sock.fileno(), LEVEL)

@@ -1,49 +1,41 @@
-"""The TCP data path: a pair of ``asyncio.Protocol``s per proxied connection.
+"""The TCP data path: a pair of socket halves per proxied connection.
 
 ``Downstream`` (here) is the client half and owns the connection's lifetime; ``Upstream``
 (``lbd.net.tcp_upstream``) is the endpoint half. Before bytes flow, a connection goes through
 its accept phase (``lbd.net.tcp_accept``: source ranges, PROXY header, admission) and its
-connect tries (``lbd.net.connect``).
+connect tries (``lbd.net.connect``); its end is recorded by ``lbd.net.tcp_end``.
 
-Flow control is cross-coupled: when one side's transport buffer passes its high-water mark
-(``pause_writing``), the *other* side stops reading, so a slow reader never makes lbd buffer
-more than about one transport buffer per direction. EOF is propagated as a half-close
-(``write_eof``) and ``eof_received`` returns True, so the other direction keeps flowing until it
-finishes too. A reset is propagated as a reset (SO_LINGER 0), never turned into a clean close.
+Both sockets are plain non-blocking sockets in the worker's ``Reactor`` (one epoll set; see
+there why not the event loop's transports). Flow control is cross-coupled: what one side's
+socket cannot take is kept (``lbd.net.tcp_socket``) and the *other* side is not read until it
+has gone, so a slow reader never makes lbd hold more than one read per direction. EOF is
+passed on as a half-close (``shutdown(SHUT_WR)``, once the kept bytes went), so the other
+direction keeps flowing until it finishes too. A reset is passed on as a reset (SO_LINGER 0).
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
-from typing import cast
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
-from lbd.net import connect, proxy_protocol, tcp_accept
+from lbd.net import connect, tcp_accept, tcp_end
 from lbd.net.connect import ConnectTry
-from lbd.net.connections import (
-    ConnectionSet,
-    ListenerView,
-    connection_id,
-    log_closed,
-    next_serial,
-    send_reset,
-)
+from lbd.net.connections import ConnectionSet, ListenerView, connection_id, next_serial
 from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address, HeaderReader
-from lbd.net.splice import BULK_READ, SPLICE_AVAILABLE, SplicePump
-from lbd.net.tcp_upstream import Upstream
+from lbd.net.reactor import HANGUP, READABLE, WRITABLE
+from lbd.net.splice import BULK_READ, SplicePump, switch_to_splice
+from lbd.net.tcp_socket import DONTWAIT, READ_SIZE, VIEW, SocketWriter, set_reset
+from lbd.net.tcp_upstream import ROUNDS, Upstream
 
-# Client bytes held while the upstream connect is in flight; past this, reading pauses.
-PENDING_LIMIT = 16 * 1024  # as HAProxy's default buffer: bounded even for a full queue
 
-
-class Downstream(asyncio.Protocol):
+class Downstream(SocketWriter):
     """The client side of a proxied connection; owns the connection's lifetime."""
 
     __slots__ = (
         "_drain_timer",
-        "_half_closed_timer",
-        "_pending",
+        "_half_closed_at",
         "_serial",
         "addresses",
         "admission",
@@ -59,31 +51,44 @@ class Downstream(asyncio.Protocol):
         "listener",
         "loop",
         "max_duration_timer",
+        "pending",
         "pumps",
+        "reactor",
+        "reading",
         "received",
         "route",
         "sent",
         "started",
-        "transport",
         "trying",
         "upstream",
         "upstream_eof",
     )
 
-    def __init__(self, listener: ListenerView, connections: ConnectionSet[Downstream]) -> None:
+    def __init__(
+        self,
+        connections: ConnectionSet[Downstream],
+        listener: ListenerView,
+        sock: _socket.socket,
+        peer: tuple[str, int] | tuple[str, int, int, int],
+    ) -> None:
+        """A connection the listener just accepted (``sock``, from ``peer``): watched from
+        now on, and through its accept phase at once."""
+        self.sock: _socket.socket | None = sock
+        self.out, self.out_eof = None, False
         self.listener = listener
-        self.route = listener.route  # kept for the connection's life, even if re-pointed
+        self.route = route = listener.route  # kept for the connection's life, even if re-pointed
         self.connections = connections
-        self.transport: asyncio.Transport | None = None
+        self.loop = loop = listener.loop
+        self.reactor = reactor = listener.reactor
         self.upstream: Upstream | None = None
         self.endpoint: UpstreamEndpoint | None = None
         # Bytes that arrived before the upstream existed; None (not an empty list) the rest of
         # the time: one object less per idle connection.
-        self._pending: list[bytes] | None = None
+        self.pending: list[bytes] | None = None
         self.trying: ConnectTry | None = None  # the connect try in flight (lbd.net.connect)
         self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it (lbd.net.idle)
         self._drain_timer: asyncio.TimerHandle | None = None
-        self._half_closed_timer: asyncio.TimerHandle | None = None
+        self._half_closed_at = 0.0  # when one side finished (0: neither has)
         self.max_duration_timer: asyncio.TimerHandle | None = None
         # "queued" or "admitted" while this connection is in its route's Admission.
         self.admission: str | None = None
@@ -91,15 +96,18 @@ class Downstream(asyncio.Protocol):
         self.header: HeaderReader | None = None
         # (client, destination) as a trusted PROXY header said; else the socket's own.
         self.addresses: tuple[Address, Address] | None = None
-        self.client, self.client_port = "", 0  # the port: for hashOn: clientIPPort
-        self.client_eof = self.upstream_eof = False
-        self.closed = False
+        self.client, self.client_port = peer[0], peer[1]  # the port: for hashOn: clientIPPort
+        self.client_eof = self.upstream_eof = self.closed = False
+        self.reading = True  # False while the upstream holds bytes it could not send yet
         self.received = 0  # bytes from the client
         self.sent = 0  # bytes from the upstream, written to the client
-        self.started = self.last_activity = 0.0
+        self.started = self.last_activity = loop.time()
         self._serial = 0  # numbered when first logged (see ``id``): no int object per connection
         # [upward, downward] splice pumps once a direction went bulk (lbd.net.splice).
         self.pumps: list[SplicePump | None] | None = None
+        route.stats.downstream_cx_total += 1
+        reactor.add(sock.fileno(), self.on_event)
+        tcp_accept.accepted(self)
 
     @property
     def id(self) -> str:
@@ -109,34 +117,21 @@ class Downstream(asyncio.Protocol):
             self._serial = next_serial()
         return connection_id(self._serial)
 
-    def keep(self, data: bytes) -> None:
-        """Hold bytes that arrive before the upstream exists. Reading goes on meanwhile, so a
-        client that resets or closes while lbd is still connecting is noticed at once (and its
-        connect given up); past PENDING_LIMIT bytes reading pauses until the upstream exists."""
-        pending = self._pending
-        if pending is None:
-            pending = self._pending = [data]
-        else:
-            pending.append(data)
-        if sum(map(len, pending)) > PENDING_LIMIT and self.transport is not None:
-            self.transport.pause_reading()
-
-    # -- asyncio.Protocol, client side -------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = transport = cast(asyncio.Transport, transport)
-        self.loop = loop = self.listener.loop
-        self.started = self.last_activity = loop.time()
-        self.route.stats.downstream_cx_total += 1
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.client, self.client_port = peer[0], peer[1]
-        tcp_accept.accepted(self)
+    def reject(self) -> None:
+        """Refuse a connection in its accept phase: reset it, nothing else to release."""
+        self.closed = True
+        sock = self.sock
+        if sock is not None:
+            set_reset(sock)
+            self.reactor.close(sock)
+            self.sock = None
 
     def track(self) -> None:
         self.route.stats.downstream_cx_active += 1
         self.connections.add(self)
+
+    def untrack(self) -> None:
+        self.connections.discard(self)
 
     def count_under_new_limits(self) -> None:
         tcp_accept.count_under_new_limits(self)
@@ -151,27 +146,85 @@ class Downstream(asyncio.Protocol):
         self.admission = "admitted"
         connect.try_next(self, [])
 
-    def data_received(self, data: bytes) -> None:
-        header = self.header
-        if header is not None:
-            tcp_accept.feed_header(self, header, data)
-            return
-        self.received += len(data)
-        self.last_activity = self.loop.time()
-        upstream = self.upstream
-        if upstream is not None:
-            upstream.transport.write(data)
-            if len(data) >= BULK_READ:
-                self.splice(True)
-        else:
-            self.keep(data)
+    def local_address(self) -> str | None:
+        """The address the client connected to (a system call: not on the hot path)."""
+        try:
+            return str(self.sock.getsockname()[0]) if self.sock is not None else None
+        except OSError:
+            return None
 
-    def eof_received(self) -> bool:
-        if self.header is not None:
-            tcp_accept.bad_header(self, "closed before the header ended")
-            return False
-        self.client_ended()
-        return True
+    # -- the client socket (Reactor events) ----------------------------------------------------
+
+    def on_event(self, events: int) -> None:
+        if events & WRITABLE and self.out is not None:
+            try:
+                drained = self.flush()
+            except OSError:
+                self.finish("client_reset", abort=True)
+                return
+            if drained:
+                self.client_drained()
+        if events & READABLE:
+            self.read(events & HANGUP != 0)
+
+    def read(self, drain: bool = True) -> None:
+        """Read and pass it upstream, as ``Upstream.read`` does the other way."""
+        sock = self.sock
+        for _ in range(ROUNDS):
+            if not self.reading or self.client_eof or self.closed:
+                return
+            assert sock is not None
+            try:
+                count = sock.recv_into(VIEW, READ_SIZE, DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.finish("client_reset", abort=True)
+                return
+            if not count:
+                self.client_eof = True
+                if self.header is not None:
+                    tcp_accept.bad_header(self, "closed before the header ended")
+                else:
+                    self.client_ended()
+                return
+            header = self.header
+            if header is not None:
+                tcp_accept.feed_header(self, header, bytes(VIEW[:count]))
+            else:
+                self.received += count
+                self.last_activity = self.loop.time()
+                upstream = self.upstream
+                if upstream is None:
+                    tcp_accept.keep(self, bytes(VIEW[:count]))
+                else:
+                    try:
+                        whole = upstream.send(VIEW[:count])
+                    except OSError:
+                        self.finish("upstream_reset", abort=True)
+                        return
+                    if not whole:
+                        self.reading = False  # until the upstream took it: upstream_drained
+                        return
+                    if count >= BULK_READ:
+                        self.splice(True)
+            if count < READ_SIZE and not drain:
+                return
+        self.loop.call_soon(self.read)  # more may be queued: after the loop's other work
+
+    def upstream_drained(self) -> None:
+        """The upstream took what it held: the client may be read again."""
+        if not self.spliced(True):
+            self.reading = True
+            self.read()
+        self._maybe_completed()
+
+    def client_drained(self) -> None:
+        """The client took what it held: the upstream may be read again."""
+        upstream = self.upstream
+        if upstream is not None and not self.spliced(False):
+            upstream.resume()
+        self._maybe_completed()
 
     def client_ended(self) -> None:
         """The client finished sending (FIN): pass the half-close on."""
@@ -179,84 +232,73 @@ class Downstream(asyncio.Protocol):
         upstream = self.upstream
         if upstream is not None:
             if self.upstream_eof:
-                self.finish("completed")
-            elif not upstream.transport.is_closing():
-                upstream.transport.write_eof()
+                if upstream.out is not None:
+                    upstream.write_eof()
+                self._maybe_completed()  # else the close sends the FIN: no shutdown needed
+                return
+            upstream.write_eof()
         self.half_closed()
 
     def upstream_ended(self) -> None:
         """The endpoint finished sending (FIN): pass the half-close on."""
         self.upstream_eof = True
-        if self.client_eof:
-            self.finish("completed")
-        else:
-            assert self.transport is not None
-            if not self.transport.is_closing():
-                self.transport.write_eof()
+        if not self.client_eof:
+            self.write_eof()
             self.half_closed()
+            return
+        if self.out is not None:
+            self.write_eof()
+        self._maybe_completed()  # else the close sends the FIN: no shutdown needed
+
+    def _maybe_completed(self) -> None:
+        """Both sides finished and everything kept was sent: the connection is complete."""
+        upstream = self.upstream
+        if (
+            self.client_eof
+            and self.upstream_eof
+            and self.out is None
+            and upstream is not None
+            and upstream.out is None
+            and not self.closed
+        ):
+            self.finish("completed")
 
     def half_closed(self) -> None:
-        """One side finished: the other gets ``halfClosedTimeout`` to finish too."""
-        if self._half_closed_timer is None and not self.closed:
-            timeout = self.route.tunables.half_closed_timeout
-            self._half_closed_timer = self.loop.call_later(timeout, self._half_closed_expired)
+        """One side finished: the other gets ``halfClosedTimeout`` to finish too (a deadline
+        in the idle wheel, not a timer: most connections end right after)."""
+        if self._half_closed_at or self.closed:
+            return
+        self._half_closed_at = self.loop.time()
+        self.file_idle()
 
-    def _half_closed_expired(self) -> None:
-        self.route.stats.downstream_cx_half_closed_timeout_total += 1
-        self.finish("half_closed_timeout")
+    def file_idle(self) -> None:
+        """File the connection in the idle wheel under its next deadline."""
+        tunables = self.route.tunables
+        deadline = self.last_activity + tunables.idle_timeout
+        if self._half_closed_at:
+            deadline = min(deadline, self._half_closed_at + tunables.half_closed_timeout)
+        self.connections.idle.file(self, deadline)
 
     def max_duration_reached(self) -> None:
         self.route.stats.downstream_cx_max_duration_reached_total += 1
         self.finish("max_duration")
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.closed:
-            self.finish("client_reset" if exc else "client_closed", abort=exc is not None)
-
-    def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.transport.pause_reading()
-
-    def resume_writing(self) -> None:
-        upstream = self.upstream
-        if upstream is not None and not upstream.transport.is_closing() and not self.spliced(False):
-            upstream.transport.resume_reading()
-
     # -- splice (lbd.net.splice) ----------------------------------------------------------------
 
     def spliced(self, upward: bool) -> bool:
-        """This direction moves by splice: its source transport must stay paused."""
+        """This direction moves by splice: its source is not read here."""
         pumps = self.pumps
         return pumps is not None and pumps[0 if upward else 1] is not None
 
     def splice(self, upward: bool) -> None:
-        """A bulk read in this direction: move it with splice(2) from now on, once nothing is
-        left in the destination transport's buffer (else the next bulk read tries again)."""
+        """A bulk read in this direction: move it with splice(2) from now on (lbd.net.splice)."""
         upstream = self.upstream
-        if (
-            not SPLICE_AVAILABLE
-            or self.route.tunables.splice == "off"
-            or self.closed
-            or upstream is None
-            or self.spliced(upward)
-        ):
-            return
-        client = self.transport
-        assert client is not None
-        source, destination = (
-            (client, upstream.transport) if upward else (upstream.transport, client)
-        )
-        try:
-            pump = SplicePump.between(self.loop, source, destination, self, upward)
-        except OSError:
-            self.route.stats.splice_fallbacks_total += 1
-            return
-        if pump is None:
+        if upstream is None or self.closed or self.route.tunables.splice == "off":
             return
         if self.pumps is None:
             self.pumps = [None, None]
-        self.pumps[0 if upward else 1] = pump
-        self.route.stats.splice_switches_total += 1
+        source, destination = (self, upstream) if upward else (upstream, self)
+        switch_to_splice(self.loop, source, destination, self, self.pumps, upward, self.route.stats)
 
     def pumped(self, upward: bool, count: int) -> None:
         if upward:
@@ -283,52 +325,29 @@ class Downstream(asyncio.Protocol):
         connect.retry_elsewhere(self, upstream, why)
 
     def detach_upstream(self) -> None:
+        """Drop (and reset) the upstream half: its endpoint failed before any byte passed."""
         upstream, self.upstream, self.endpoint = self.upstream, None, None
-        if upstream is not None and not upstream.transport.is_closing():
-            upstream.transport.abort()
+        if upstream is not None:
+            upstream.close(abort=True)
         self.connections.idle.remove(self)
-
-    def attach(self, upstream: Upstream) -> None:
-        """Called from the upstream's ``connection_made``: start moving bytes."""
-        if self.closed or upstream.timed_out:
-            upstream.transport.abort()
-            return
-        upstream.attached = True
-        self.upstream = upstream
-        self.endpoint = upstream.endpoint
-        transport = upstream.transport
-        version = self.route.tunables.proxy_protocol
-        if version is not None:
-            transport.write(proxy_protocol.outgoing(version, *self._addresses()))
-        if self._pending:
-            transport.write(b"".join(self._pending))
-        self._pending = None
-        if self.client_eof:
-            transport.write_eof()
-        else:
-            assert self.transport is not None
-            self.transport.resume_reading()
-        self.connections.idle.file(self, self.last_activity + self.route.tunables.idle_timeout)
-
-    def _addresses(self) -> tuple[Address, Address]:
-        """(client, destination): as a trusted PROXY header said, else the socket's own."""
-        if self.addresses is not None:
-            return self.addresses
-        assert self.transport is not None
-        peer = self.transport.get_extra_info("peername")
-        local = self.transport.get_extra_info("sockname")
-        return (peer[0], peer[1]), (local[0], local[1])
 
     def check_idle(self) -> None:
         """Called by the idle wheel when the deadline this connection was filed under passed."""
         if self.closed:
             return
-        deadline = self.last_activity + self.route.tunables.idle_timeout
-        if self.loop.time() >= deadline:
-            self.route.stats.downstream_cx_idle_timeout_total += 1
+        now = self.loop.time()
+        tunables = self.route.tunables
+        stats = self.route.stats
+        half_closed = self._half_closed_at
+        if half_closed and now >= half_closed + tunables.half_closed_timeout:
+            stats.downstream_cx_half_closed_timeout_total += 1
+            self.finish("half_closed_timeout")
+            return
+        if now >= self.last_activity + tunables.idle_timeout:
+            stats.downstream_cx_idle_timeout_total += 1
             self.finish("idle_timeout")
-        else:
-            self.connections.idle.file(self, deadline)
+            return
+        self.file_idle()
 
     # -- draining (reload, shutdown) ---------------------------------------------------------
 
@@ -349,7 +368,6 @@ class Downstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        route = self.route
         if self.pumps is not None:
             for pump in self.pumps:
                 if pump is not None:
@@ -361,37 +379,19 @@ class Downstream(asyncio.Protocol):
         if self.header is not None:
             self.header.close()
         self.connections.idle.remove(self)
-        for timer in (self._drain_timer, self._half_closed_timer, self.max_duration_timer):
+        for timer in (self._drain_timer, self.max_duration_timer):
             if timer is not None:
                 timer.cancel()
-        for transport in (self.transport, self.upstream.transport if self.upstream else None):
-            if transport is None or transport.is_closing():
-                continue
+        sock = self.sock
+        if sock is not None:
             if abort:
-                send_reset(transport)
-            else:
-                transport.close()
-        endpoint = self.endpoint
-        if endpoint is not None:
-            route.pool.release(endpoint)
-            self.endpoint = None
-            endpoint.stats.upstream_bytes_sent_total += self.received
-            endpoint.stats.upstream_bytes_received_total += self.sent
-        if self.admission is not None:
-            queued, self.admission = self.admission == "queued", None
-            if route.admission is not None:
-                route.admission.quit(self, queued)
-        stats = route.stats
-        stats.downstream_cx_active -= 1
-        stats.downstream_bytes_received_total += self.received
-        stats.downstream_bytes_sent_total += self.sent
-        stats.downstream_cx_length_seconds.observe(self.loop.time() - self.started)
-        self.connections.discard(self)
-        if route.tunables.access_log:
-            log_closed(self, self.upstream.endpoint if self.upstream else None, reason)
-        # No reference cycle outlives the connection (client and endpoint halves, transports,
-        # timers): refcounting frees it at once, and the cyclic GC never has to look at it.
-        self.upstream = None
-        self.transport = None
-        self.pumps = None
-        self._drain_timer = self._half_closed_timer = self.max_duration_timer = None
+                set_reset(sock)
+            self.reactor.close(sock)
+        if self.upstream is not None:
+            self.upstream.close(abort)
+        tcp_end.account(self, reason)
+        # No reference cycle outlives the connection (client and endpoint halves, bound
+        # methods in the reactor, timers): refcounting frees it at once, and the cyclic GC
+        # never has to look at it.
+        self.upstream = self.sock = self.pumps = None
+        self._drain_timer = self.max_duration_timer = None

@@ -14,29 +14,52 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from typing import Protocol
 
 from lbd.endpoints.route import Route
+from lbd.net.idle import IdleWheel
+from lbd.net.reactor import Reactor
 from lbd.net.udp_session import UdpSession
+
+
+class Drained(Protocol):
+    """What a drain takes over from the listener it came from."""
+
+    loop: asyncio.AbstractEventLoop
+    reactor: Reactor  # the sessions' sockets stay watched there
+    idle: IdleWheel  # their idle deadlines stay filed there
+    view: memoryview
+
+    @property
+    def route(self) -> Route: ...
 
 
 class UdpDrain:
     """The sessions of one handed-over UDP listener (a ``SessionOwner`` for them)."""
 
-    __slots__ = ("_deadline", "_done", "_route", "_timer", "loop", "sessions", "sock", "view")
+    __slots__ = (
+        "_deadline",
+        "_done",
+        "_route",
+        "_timer",
+        "idle",
+        "loop",
+        "reactor",
+        "sessions",
+        "sock",
+        "view",
+    )
 
     def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        route: Route,
-        sessions: dict[object, UdpSession],
-        view: memoryview,
+        self, listener: Drained, sock: socket.socket, sessions: dict[object, UdpSession]
     ) -> None:
-        """``sock``: the listening socket, no longer read here; ``view``: a receive buffer."""
-        self.loop = loop
+        """``sock``: the listener's socket, no longer read here."""
+        self.loop = loop = listener.loop
+        self.reactor = listener.reactor
+        self.idle = listener.idle
         self.sock: socket.socket | None = sock  # replies leave through it
-        self.view = view
-        self._route = route
+        self.view = listener.view
+        self._route = route = listener.route
         self.sessions = sessions
         for session in sessions.values():
             session.listener = self

@@ -62,11 +62,18 @@ class FaultyUdpSession(UdpSession):
             received += 1
             nbytes += n
             self._pass(faults, False, view[:n])
+            if self.replies is not None:
+                self.replies -= 1
+                if not self.replies:
+                    break
         if received:
             self.last_activity = listener.loop.time()
             stats = listener.route.stats
             stats.udp_upstream_datagrams_received_total += received
             stats.udp_upstream_bytes_received_total += nbytes
+            if self.replies == 0:
+                stats.udp_sess_ended_total.replied += 1
+                self.finish("replied")
 
     def _pass(self, faults: RouteFaults, upward: bool, data: memoryview) -> None:
         """One datagram through the faults of its direction; then on its way (or not)."""

@@ -6,7 +6,8 @@ picks the endpoint; later datagrams and every reply use the same socket; replies
 the listener socket from exactly the address and port the client sent to, so a client with a
 connected socket accepts them.
 
-Sockets are driven by ``add_reader`` and plain non-blocking calls, not DatagramTransports:
+Sockets are driven by the worker's ``Reactor`` (one epoll set) and plain non-blocking calls, not
+DatagramTransports:
 - a wildcard listener needs recvmsg/sendmsg with IP_PKTINFO, which transports do not expose;
 - a session must exist the moment its first datagram arrives; ``create_datagram_endpoint`` is
   a coroutine (a Task per session, and a queue for the datagrams that arrive meanwhile);
@@ -31,10 +32,12 @@ import structlog
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol, udp_faults
+from lbd.net.idle import IdleWheel
 from lbd.net.listener import ListenerSocket
+from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
 from lbd.net.udp_drain import UdpDrain
-from lbd.net.udp_session import BATCH, Ancillary, Client, UdpSession, connect_upstream
+from lbd.net.udp_session import Ancillary, Client, UdpSession, connect_upstream, next_batch
 
 log = structlog.get_logger("lbd.udp")
 
@@ -49,8 +52,11 @@ class UdpListener:
         "_anc_level",
         "_anc_type",
         "_inherited",
+        "batch",
         "filtered",
+        "idle",
         "loop",
+        "reactor",
         "reuse_port",
         "sessions",
         "sock",
@@ -85,7 +91,10 @@ class UdpListener:
         # One receive buffer per listener, shared by its sessions: every datagram is sent on
         # before the next is read, so nothing in it outlives one callback.
         self.view = memoryview(bytearray(RECV_SIZE))
+        self.idle = IdleWheel()  # the sessions' idle deadlines, one timer for all
+        self.batch = 1  # datagrams read at the next wakeup (next_batch)
         self.loop: asyncio.AbstractEventLoop
+        self.reactor: Reactor  # the socket and every session's socket are watched here
 
     @property
     def route(self) -> Route:
@@ -99,12 +108,8 @@ class UdpListener:
     def bound(self) -> tuple[str, int]:
         return self.socket.address, self.socket.port
 
-    def check(self) -> None:
-        self.socket.check()
-
-    @property
-    def destroyed(self) -> bool:
-        return False  # a UDP socket's errors come with the datagrams that failed (counted)
+    def sockets(self) -> list[socket.socket]:
+        return [] if self.sock is None else [self.sock]
 
     @property
     def removed(self) -> bool:
@@ -153,9 +158,9 @@ class UdpListener:
         sock, self.sock = self.sock, None
         if sock is None:
             return None
-        self.loop.remove_reader(sock.fileno())
+        self.reactor.remove(sock.fileno())  # no longer read here
         sessions, self.sessions = self.sessions, {}
-        return UdpDrain(self.loop, sock, self.route, sessions, self.view)  # no longer read here
+        return UdpDrain(self, sock, sessions)
 
     # -- SocketHandler: the ListenerSocket opens and shuts the socket --------------------------
 
@@ -168,7 +173,7 @@ class UdpListener:
         sock = self.sock
         if sock is not None:
             self.sock = None
-            self.loop.remove_reader(sock.fileno())
+            self.reactor.remove(sock.fileno())
             sock.close()
 
     def pool_changed(self, pool: Pool) -> None:
@@ -185,22 +190,26 @@ class UdpListener:
         return bind_udp_listener(address, port, reuse_port=self.reuse_port)
 
     def _add_reader(self, sock: socket.socket) -> None:
+        # The loop's reactor closes while it watches nothing: ask for it each time.
+        self.reactor = Reactor.of(self.loop)
         reader = self._on_readable_pktinfo if self.wildcard else self._on_readable
-        self.loop.add_reader(sock.fileno(), reader)
+        self.reactor.add(sock.fileno(), reader, LEVEL)
 
     # -- client → endpoint -------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, events: int = 0) -> None:
         sock = self.sock
         if sock is None:
             return
         view = self.view
         sessions = self.sessions
         received = nbytes = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n, client = sock.recvfrom_into(view)
             except BlockingIOError:
+                dry = True
                 break
             except OSError:
                 self.route.stats.udp_errors_total.downstream_rx += 1
@@ -212,9 +221,10 @@ class UdpListener:
                 session = self._open_session(client, client, None)
                 if session is not None:
                     session.forward(view[:n])
+        self.batch = next_batch(self.batch, received, dry)
         self._count(received, nbytes)
 
-    def _on_readable_pktinfo(self) -> None:
+    def _on_readable_pktinfo(self, events: int = 0) -> None:
         """A wildcard listener: the key and the reply's source come from IP_PKTINFO."""
         sock = self.sock
         if sock is None:
@@ -222,10 +232,12 @@ class UdpListener:
         view = self.view
         sessions = self.sessions
         received = nbytes = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n, ancdata, _flags, client = sock.recvmsg_into([view], _ANC_SIZE)
             except BlockingIOError:
+                dry = True
                 break
             except OSError:
                 self.route.stats.udp_errors_total.downstream_rx += 1
@@ -239,6 +251,7 @@ class UdpListener:
                 session = self._open_session(key, client, self._reply_ancillary(local))
                 if session is not None:
                     session.forward(view[:n])
+        self.batch = next_batch(self.batch, received, dry)
         self._count(received, nbytes)
 
     def _local_address(self, ancdata: list[tuple[int, int, bytes]]) -> bytes:
@@ -311,8 +324,8 @@ class UdpListener:
         kind = UdpSession if route.faults is None else udp_faults.session_kind(route.faults)
         session = kind(self, key, client, endpoint, sock, ancillary, header)
         self.sessions[key] = session
+        self.reactor.add(sock.fileno(), session.on_event, LEVEL)
         route.pool.acquire(endpoint)
         stats.udp_sess_total += 1
         stats.udp_sess_active += 1
-        self.loop.add_reader(sock.fileno(), session.on_readable)
         return session

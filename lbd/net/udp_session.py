@@ -2,12 +2,20 @@
 
 Client datagrams go out on the session's socket (``forward``); each reply leaves through the
 listener's socket from exactly the address and port the client sent to (``on_readable``). The
-session ends on idle timeout, when its endpoint leaves the eligible set, or on an ICMP error
-from the endpoint, so the client's next datagram picks again.
+session ends on idle timeout, when its endpoint leaves the eligible set, on an ICMP error from
+the endpoint (so the client's next datagram picks again), or after its last expected reply.
+
+A session is made for every new client address, and a resolver sends each query from a new
+port: so a session costs what a query costs. Its socket is non-blocking from ``socket()`` with
+the kernel's default buffers (no fcntl, no setsockopt), joins the worker's ``Reactor`` (one
+epoll_ctl; closing it is all it takes to leave), and its idle deadline is an entry in the
+listener's idle wheel, not a timer. A session that ends after its reply (``replies``) closes
+there and then: nothing of it is left to expire.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
 import socket
@@ -17,13 +25,26 @@ import structlog
 
 from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
+from lbd.net.idle import Idler, IdleWheel
+from lbd.net.reactor import Reactor
 
 log = structlog.get_logger("lbd.udp")
 
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
-BATCH = 64  # datagrams read per wakeup: one busy socket cannot hold the loop for long
-# Per session: room for a few maximum-size datagrams, not more (65,536 sessions times this).
-SESSION_BUFFER = 256 * 1024
+BATCH = 64  # datagrams read per wakeup at most: one busy socket cannot hold the loop for long
+
+
+def next_batch(batch: int, received: int, dry: bool) -> int:
+    """How many datagrams to read at a socket's next wakeup. Sockets are level-triggered, so
+    whatever is left is reported again: reading until EAGAIN (a system call and an exception)
+    only pays for bursts. A wakeup that found the socket dry reads what it read this time (at
+    least one) next time; one that read its whole batch reads twice as many."""
+    if dry:
+        return received or 1
+    return min(BATCH, batch * 2) if received == batch else batch
+
+
+_DGRAM = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
 # Errors a connected UDP socket reports for an ICMP error from its peer.
 ICMP_ERRNOS = frozenset(
     {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EMSGSIZE, errno.EPROTO}
@@ -37,6 +58,8 @@ class SessionOwner(Protocol):
     """What a session needs of its listener (``lbd.net.udp_listener.UdpListener``)."""
 
     loop: asyncio.AbstractEventLoop
+    reactor: Reactor  # the loop's epoll set: the session's socket joins it
+    idle: IdleWheel  # the idle deadlines of the listener's sessions
     sock: socket.socket | None  # the listener socket replies leave through
     view: memoryview  # the listener's receive buffer, shared by its sessions
     sessions: dict[object, UdpSession]
@@ -45,12 +68,11 @@ class SessionOwner(Protocol):
     def route(self) -> Route: ...
 
 
-def connect_upstream(endpoint: UpstreamEndpoint) -> socket.socket:
-    sock = socket.socket(endpoint.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
+def connect_upstream(endpoint: UpstreamEndpoint) -> _socket.socket:
+    # The default buffers (net.core.rmem_default, ~208 KiB) hold a few maximum-size
+    # datagrams, as a session needs, and cost no system call.
+    sock = _socket.socket(endpoint.family, _DGRAM, socket.IPPROTO_UDP)
     try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SESSION_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SESSION_BUFFER)
         # Connected: the kernel filters replies to this endpoint and reports its ICMP errors.
         sock.connect((endpoint.address, endpoint.port))
     except OSError:
@@ -63,15 +85,17 @@ class UdpSession:
     """One client of one listener, bound to one endpoint through one connected socket."""
 
     __slots__ = (
-        "_timer",
         "ancillary",
+        "batch",
         "client",
         "closed",
         "endpoint",
         "header",
+        "idle_bucket",
         "key",
         "last_activity",
         "listener",
+        "replies",
         "sock",
     )
 
@@ -81,10 +105,13 @@ class UdpSession:
         key: object,
         client: Client,
         endpoint: UpstreamEndpoint,
-        sock: socket.socket,
+        sock: _socket.socket,
         ancillary: Ancillary | None,
         header: bytes | None = None,
+        replies: int | None = None,
     ) -> None:
+        """``replies``: the session ends after this many replies (None: on idle only), as
+        nginx's ``proxy_responses``."""
         self.listener = listener
         # PROXY protocol v2 (proxyProtocol: v2): sent before every datagram, since each one may
         # reach the endpoint on its own, as HAProxy's and AWS NLB's UDP proxies do.
@@ -94,11 +121,13 @@ class UdpSession:
         self.endpoint = endpoint
         self.sock = sock
         self.ancillary = ancillary  # IP_PKTINFO for the reply's source (wildcard listeners)
+        self.replies = replies
+        self.batch = 1  # replies read at the next wakeup (next_batch)
         self.closed = False
-        loop = listener.loop
-        self.last_activity = loop.time()
-        timeout = listener.route.tunables.udp_idle_timeout
-        self._timer = loop.call_at(self.last_activity + timeout, self._check_idle)
+        self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it
+        self.last_activity = now = listener.loop.time()
+        listener.idle.file(self, now + listener.route.tunables.udp_idle_timeout)
+        # The listener adds the socket to its reactor (one of these may hand over to another).
 
     def forward(self, data: memoryview) -> bool:
         """Send one client datagram to the endpoint. False: the session has ended (an earlier
@@ -122,6 +151,9 @@ class UdpSession:
         listener.route.stats.udp_upstream_datagrams_sent_total += 1
         return True
 
+    def on_event(self, events: int) -> None:
+        self.on_readable()
+
     def on_readable(self) -> None:
         """Endpoint → client: each reply leaves through the listener socket."""
         listener = self.listener
@@ -133,10 +165,12 @@ class UdpSession:
         client = self.client
         ancillary = self.ancillary
         received = nbytes = sent = 0
-        for _ in range(BATCH):
+        dry = False
+        for _ in range(self.batch):
             try:
                 n = sock.recv_into(view)
             except BlockingIOError:
+                dry = True
                 break
             except OSError as error:
                 self._upstream_error(error, reading=True)
@@ -154,25 +188,34 @@ class UdpSession:
                 listener.route.stats.udp_errors_total.downstream_tx += 1
                 continue
             sent += 1
+            if self.replies is not None:
+                self.replies -= 1
+                if not self.replies:
+                    break
+        self.batch = next_batch(self.batch, received, dry)
         if received:
             self.last_activity = listener.loop.time()
             stats = listener.route.stats
             stats.udp_upstream_datagrams_received_total += received
             stats.udp_upstream_bytes_received_total += nbytes
             stats.udp_downstream_datagrams_sent_total += sent
+        if self.replies == 0:
+            stats.udp_sess_ended_total.replied += 1
+            self.finish("replied")  # nothing of it is left: no idle deadline, no socket
 
     def hand_over(self, kind: type[UdpSession]) -> UdpSession:
         """Carry on as a session of ``kind`` (its port's faults went on or off): the same socket,
         endpoint and idle deadline; this object retires without closing anything."""
         listener = self.listener
+        listener.idle.remove(self)
         successor = kind(
             listener, self.key, self.client, self.endpoint, self.sock, self.ancillary, self.header
         )
-        successor.last_activity = self.last_activity
-        self._timer.cancel()
+        successor.last_activity = last = self.last_activity
+        listener.idle.file(successor, last + listener.route.tunables.udp_idle_timeout)
         self.closed = True
         listener.sessions[self.key] = successor
-        listener.loop.add_reader(self.sock.fileno(), successor.on_readable)
+        listener.reactor.retarget(self.sock.fileno(), successor.on_event)
         return successor
 
     def _upstream_error(self, error: OSError, *, reading: bool = False) -> None:
@@ -189,14 +232,15 @@ class UdpSession:
         else:
             stats.udp_errors_total.upstream_tx += 1  # e.g. ENOBUFS or a firewall's EPERM: dropped
 
-    def _check_idle(self) -> None:
+    def check_idle(self) -> None:
+        """Called by the idle wheel when the deadline it was filed under passed."""
         listener = self.listener
         deadline = self.last_activity + listener.route.tunables.udp_idle_timeout
         if listener.loop.time() >= deadline:
             listener.route.stats.udp_sess_ended_total.idle_timeout += 1
             self.finish("idle_timeout")
         else:
-            self._timer = listener.loop.call_at(deadline, self._check_idle)
+            listener.idle.file(self, deadline)
 
     def finish(self, reason: str) -> None:
         """End the session once: stop reading, close the socket, release the endpoint."""
@@ -204,9 +248,8 @@ class UdpSession:
             return
         self.closed = True
         listener = self.listener
-        self._timer.cancel()
-        listener.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
+        listener.idle.remove(self)
+        listener.reactor.close(self.sock)
         if listener.sessions.get(self.key) is self:
             del listener.sessions[self.key]
         route = listener.route

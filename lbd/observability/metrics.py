@@ -141,8 +141,9 @@ _TABLE: tuple[MetricSpec, ...] = (
     _endpoint(
         "upstream_cx_closed_before_data_total",
         C,
-        "Connections the endpoint closed or reset before a byte passed either way (a backend "
-        "that died with connections in its accept queue): the client was retried elsewhere.",
+        "Connections the endpoint closed or reset before a byte (or the client's FIN) passed "
+        "(a backend that died with connections in its accept queue): the client was retried "
+        "elsewhere.",
     ),
     _endpoint("upstream_bytes_sent_total", C, "Bytes sent to the endpoint."),
     _endpoint("upstream_bytes_received_total", C, "Bytes received from the endpoint."),
@@ -176,7 +177,8 @@ _TABLE: tuple[MetricSpec, ...] = (
     _udp(
         "udp_sess_ended_total",
         C,
-        "UDP sessions ended early, by reason (idle_timeout; endpoint_gone).",
+        "UDP sessions ended early, by reason (idle_timeout; endpoint_gone; replied: got the "
+        "replies it expected).",
         label="reason",
     ),
     _udp("udp_downstream_datagrams_received_total", C, "Datagrams received from clients."),

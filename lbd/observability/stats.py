@@ -82,6 +82,7 @@ class UdpEnds:
 
     idle_timeout: int = 0
     endpoint_gone: int = 0  # its endpoint left the eligible set
+    replied: int = 0  # it got the replies it expected (nginx's proxy_responses)
 
 
 @dataclass(slots=True)

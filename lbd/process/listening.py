@@ -1,21 +1,30 @@
-"""The supervisor's TCP listening sockets: bound once here, shared by every worker.
+"""The supervisor's TCP listening sockets: one SO_REUSEPORT copy per worker, bound here.
 
-Every worker accepts from the same sockets (measured against one SO_REUSEPORT socket per
-worker in docs/configuration.md, "Workers"): the accept queue belongs to the supervisor, so a
-worker that dies or is replaced loses no queued connection, a reload binds each new listener
-once, and a seamless restart hands one set of sockets to the next lbd. UDP listeners are bound
-by each worker with SO_REUSEPORT instead: the kernel hashes a client's address to one socket,
-so a client's datagrams keep reaching the worker that holds its session.
+With one socket shared by every worker, a burst of connections lands on whichever worker wakes
+first (8 simultaneous connections: 8/0 in most rounds); with a copy per worker the kernel
+hashes each connection to one copy, so the workers share them. The supervisor keeps every
+copy, so a worker that dies or is replaced loses no queued connection (its replacement gets the
+same copy, queue and all). A seamless restart hands every copy over; a successor with fewer
+workers gives the extra copies to its workers to accept from too (closing one would reset the
+connections queued in it), one with more binds more copies. Sockets inherited without
+SO_REUSEPORT (an older lbd's one shared socket) stay shared by every worker.
+
+A worker stops listening on a port without endpoints by ``shutdown()`` of its copy and listens
+again with ``listen()`` on the same socket (``lbd.net.tcp_listener``): the copies the supervisor
+keeps do not keep the port open, and the kernel refuses once every worker has done so. UDP
+listeners are bound by each worker with SO_REUSEPORT: the kernel hashes a client's address to
+one socket, so a client's datagrams keep reaching the worker that holds its session.
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Iterable
 from typing import Literal
 
 from lbd.config.model import Config, ListenerSpec, listeners_of
-from lbd.net.sockets import InheritedSockets, bind_tcp_listener
+from lbd.net.sockets import InheritedSockets, bind_tcp_listener, copy_key
 from lbd.process.messages import SocketKey
 from lbd.runtime.runtime import ListenerError
 
@@ -32,6 +41,7 @@ class ListeningSockets:
 
     def __init__(self, workers: int, mode: SocketMode, inherited: InheritedSockets) -> None:
         self.mode = mode
+        self.workers = workers
         self.copies = workers if mode == "reuseport" else 1
         self.inherited = inherited  # a predecessor's (seamless restart): taken before binding
         self.sockets: Sockets = {}
@@ -54,21 +64,38 @@ class ListeningSockets:
         return bound
 
     def _bind_one(self, spec: ListenerSpec) -> list[socket.socket]:
-        inherited = self.inherited.take(spec.identity)
+        key = spec.identity
+        inherited = self.inherited.take(key)
         if inherited is not None:
-            return [inherited]
-        reuse = self.mode == "reuseport"
-        first = bind_tcp_listener(spec.address, spec.port, reuse_port=reuse)
-        socks = [first]
-        port = first.getsockname()[1]
+            socks = [inherited, *self.inherited.take_copies(key)]
+            port = spec.port or inherited.getsockname()[1]
+            with contextlib.suppress(OSError):  # not SO_REUSEPORT (an older lbd's): shared
+                self._add_copies(socks, spec.address, port)
+            return socks
+        if self.mode != "reuseport":
+            return [bind_tcp_listener(spec.address, spec.port)]
+        # Every copy bound to the port by number, not 0: a socket bound to port 0 loses its
+        # port when it stops listening, and workers stop listening by shutdown().
+        probe = None
+        port = spec.port
+        if not port:
+            probe = bind_tcp_listener(spec.address, 0, reuse_port=True)
+            port = probe.getsockname()[1]
+        bound: list[socket.socket] = []
         try:
-            for _ in range(self.copies - 1):
-                socks.append(bind_tcp_listener(spec.address, port, reuse_port=True))
+            self._add_copies(bound, spec.address, port)
         except OSError:
-            for sock in socks:
-                sock.close()
+            self.discard({key: bound})
             raise
-        return socks
+        finally:
+            if probe is not None:
+                probe.close()
+        return bound
+
+    def _add_copies(self, socks: list[socket.socket], address: str, port: int) -> None:
+        """Bind SO_REUSEPORT copies until there is one per worker."""
+        while len(socks) < self.copies:
+            socks.append(bind_tcp_listener(address, port, reuse_port=True))
 
     def commit(self, added: Sockets, removed: Iterable[ListenerSpec] = ()) -> None:
         """A config that binds ``added`` and drops ``removed`` now runs (every worker closed
@@ -86,14 +113,28 @@ class ListeningSockets:
     def for_worker(
         self, index: int, sockets: Sockets | None = None
     ) -> tuple[list[SocketKey], list[socket.socket]]:
-        """The keys and the sockets worker ``index`` gets (of ``sockets``; default all)."""
+        """The keys and the sockets worker ``index`` gets (of ``sockets``; default all): its
+        own copy of each listener, and the extra copies it adopts (``copy_key(key, n)``)."""
         socks = self.sockets if sockets is None else sockets
-        keys = list(socks)
-        return keys, [socks[key][index % len(socks[key])] for key in keys]
+        keys: list[SocketKey] = []
+        given: list[socket.socket] = []
+        for key, copies in socks.items():
+            if len(copies) < self.workers:
+                mine = [copies[index % len(copies)]]  # shared
+            else:
+                mine = copies[index :: self.workers]
+            for number, sock in enumerate(mine):
+                keys.append(copy_key(key, number))
+                given.append(sock)
+        return keys, given
 
     def handoff(self) -> dict[SocketKey, socket.socket]:
-        """One socket per TCP listener, for the next lbd of a seamless restart."""
-        return {key: socks[0] for key, socks in self.sockets.items()}
+        """Every copy of every TCP listener, for the next lbd of a seamless restart."""
+        return {
+            copy_key(key, number): sock
+            for key, copies in self.sockets.items()
+            for number, sock in enumerate(copies)
+        }
 
     def close(self) -> None:
         self.discard(self.sockets)

@@ -57,7 +57,7 @@ class Supervisor:
         *,
         workers: int,
         worker_args: list[str],
-        socket_mode: SocketMode = "shared",
+        socket_mode: SocketMode = "reuseport",
         inherited: InheritedSockets | None = None,
         options: LoadOptions | None = None,
     ) -> None:

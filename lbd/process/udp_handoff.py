@@ -10,13 +10,15 @@ that live in the process that read their first datagram. So:
   and lets its sessions finish (``hand_over_udp``, ``lbd.net.udp_drain``): their replies leave
   through its copy of the socket. No datagram waits in a queue nobody reads.
 - With workers each worker binds its own socket per listener with SO_REUSEPORT, and the
-  kernel hashes each client address to one socket of the group. Worker i's sockets go to the
-  successor's worker i (``collect``, ``WorkerSockets``): the group and the hashing do not
-  change, so a client's datagrams keep reaching the same queue, read by the new worker. A
-  successor with more workers binds the extra ones (they join the group); with fewer, the
+  kernel hashes each client address to one socket of the group. Worker i's socket is copy i
+  of its listener (``lbd.net.sockets.copy_key``, as the TCP copies the supervisor keeps) and
+  goes to the successor's worker i (``collect``, ``WorkerSockets``): the group and the hashing
+  do not change, so a client's datagrams keep reaching the same queue, read by the new worker.
+  A successor with more workers binds the extra ones (they join the group); with fewer, the
   sockets nobody took close with the old workers (clients hashed to them move to another
-  socket; what was queued there is lost). Between one process and workers the sockets differ
-  (SO_REUSEPORT or not): the successor cannot bind, fails, and the old lbd serves on.
+  socket; what was queued there is lost). A single-process successor reads copy 0. A single
+  process's socket has no SO_REUSEPORT: a successor with workers cannot bind their further
+  sockets, fails, and the old lbd serves on.
 
 Sockets leave a process as copies (``dup``), closed once sent.
 """
@@ -30,7 +32,7 @@ from collections.abc import Collection, Iterable
 import structlog
 
 from lbd.config.model import ListenerSpec
-from lbd.net.sockets import InheritedSockets
+from lbd.net.sockets import InheritedSockets, copy_key, copy_of
 from lbd.net.udp_drain import UdpDrain
 from lbd.net.udp_listener import UdpListener
 from lbd.process.messages import (
@@ -46,12 +48,6 @@ from lbd.runtime.runtime import Runtime
 log = structlog.get_logger("lbd.process.handoff")
 
 ASK_TIMEOUT_S = 5.0
-WORKER = "worker"
-
-
-def worker_key(key: SocketKey, index: int) -> SocketKey:
-    """The handoff key of worker ``index``'s own socket for the listener ``key``."""
-    return (WORKER, index, *key)
 
 
 def udp_sockets(runtime: Runtime) -> dict[SocketKey, socket.socket]:
@@ -81,7 +77,7 @@ def hand_over_udp(runtime: Runtime, keys: Collection[SocketKey]) -> list[UdpDrai
 
 
 async def collect(pool: WorkerSet) -> dict[SocketKey, socket.socket]:
-    """The supervisor's part: every serving worker's UDP sockets, keyed by ``worker_key``.
+    """The supervisor's part: every serving worker's UDP sockets, worker i's as copy i.
     A worker that does not answer in time keeps its own (the successor's binds new ones)."""
     serving = pool.serving()
     replies = await asyncio.gather(
@@ -93,15 +89,16 @@ async def collect(pool: WorkerSet) -> dict[SocketKey, socket.socket]:
             log.warning("restart: no UDP sockets from a worker", worker=member.index)
             continue
         for key, sock in zip(reply.keys, reply.sockets, strict=True):
-            sockets[worker_key(key, member.index)] = sock
+            sockets[copy_key(key, member.index)] = sock
     return sockets
 
 
 async def successor_serves(pool: WorkerSet, taken: Collection[SocketKey]) -> None:
     """Tell each worker which of its UDP sockets the successor took, before it is stopped."""
     asks = []
+    copies = [copy_of(key) for key in taken]
     for member in pool.serving():
-        keys = [key[2:] for key in taken if key[:2] == (WORKER, member.index)]
+        keys = [key for key, number in copies if number == member.index]
         asks.append(pool.ask(member, SuccessorServes(keys=keys), ASK_TIMEOUT_S))
     for answer in await asyncio.gather(*asks, return_exceptions=True):
         if not isinstance(answer, Acknowledged):
@@ -115,11 +112,11 @@ class WorkerSockets:
     def __init__(self, inherited: InheritedSockets, specs: Iterable[ListenerSpec]) -> None:
         self.by_worker: dict[int, dict[SocketKey, socket.socket]] = {}
         udp = {spec.identity for spec in specs if spec.protocol == "UDP"}
-        for key in list(inherited.sockets):
-            if key[:1] == (WORKER,) and key[2:] in udp:
-                sock = inherited.take(key)
-                assert sock is not None and isinstance(key[1], int)
-                self.by_worker.setdefault(key[1], {})[key[2:]] = sock
+        for handed in list(inherited.sockets):
+            key, number = copy_of(handed)
+            sock = inherited.take(handed) if key in udp else None
+            if sock is not None:
+                self.by_worker.setdefault(number, {})[key] = sock
 
     def for_worker(self, index: int) -> tuple[list[SocketKey], list[socket.socket]]:
         mine = self.by_worker.get(index, {})

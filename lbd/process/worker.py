@@ -21,6 +21,7 @@ import structlog
 from lbd.admin.server import AdminServer, ReloadHook
 from lbd.config.loader import LoadOptions
 from lbd.config.model import Config
+from lbd.net.sockets import copy_key
 from lbd.net.udp_drain import UdpDrain
 from lbd.process.handoff import ADMIN_KEY, Restart
 from lbd.process.kube_mode import KubeMode
@@ -163,12 +164,13 @@ async def serve(
 async def handoff_sockets(
     runtime: Runtime, admin: AdminServer | None
 ) -> dict[SocketKey, socket.socket]:
-    """What a successor takes over: copies of every listening socket (TCP and UDP), and of the
-    admin socket."""
+    """What a successor takes over: copies (``dup``) of every listening socket, TCP and UDP,
+    each copy a TCP listener accepts from included (``copy_key``), and of the admin socket."""
     sockets = {
-        key: listener.sock.dup()
+        copy_key(key, number): sock.dup()
         for key, listener in runtime.listeners.items()
-        if listener.sock is not None and not listener.removed
+        if not listener.removed
+        for number, sock in enumerate(listener.net.sockets())
     }
     if admin is not None and admin.sock is not None:
         sockets[ADMIN_KEY] = admin.sock.dup()

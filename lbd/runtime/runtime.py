@@ -32,7 +32,6 @@ from lbd.net import udp_faults
 from lbd.net.addresses import NodeAddresses
 from lbd.net.connections import ConnectionSet
 from lbd.net.listener import Listener as NetListener
-from lbd.net.listener import ListenerCheck
 from lbd.net.netlink import NetlinkFailure
 from lbd.net.sockets import InheritedSockets
 from lbd.net.tcp_listener import TcpListener
@@ -90,8 +89,8 @@ class Runtime:
         self.sockets = sockets
         self.slots = slots  # several workers: active counts shared through these slots
         self.udp_reuse_port = udp_reuse_port  # several workers: each binds its UDP listeners
-        # Several workers share each TCP listening socket (the supervisor keeps a copy), so
-        # none can REJECT by closing it: without a usable endpoint they reset per connection.
+        # Several workers: the supervisor keeps every copy of each TCP listening socket, so a
+        # worker REJECTs by shutdown() of its copies, not by closing them (lbd.net.tcp_listener).
         self.shared_listeners = shared_listeners
         self.config = empty_like(config)  # what is applied; start() applies `config`
         self._initial = config
@@ -102,12 +101,11 @@ class Runtime:
         self.ready = False  # listeners bound and the config applied; False again at shutdown
         self.connections: ConnectionSet[Downstream] = ConnectionSet()
         # partial, not a lambda: no Python frame per accepted connection
-        self._downstream = functools.partial(Downstream, connections=self.connections)
+        self._downstream = functools.partial(Downstream, self.connections)
         self.routes: dict[RouteKey, Route] = {}
         self.listeners: dict[tuple[object, ...], Listener] = {}
         self.health = HealthRegistry(rng)
         self.reloads = ReloadStatus()  # written by the Reloader, read by /healthz
-        self.checks = ListenerCheck(lambda: (listener.net for listener in self.listeners.values()))
         self.extras = ServiceExtras(self.routes, self.process, self.sync_health)
         # node.manageAddresses: the service addresses on the node. One owner per node: not a
         # worker that shares its supervisor's listeners.
@@ -118,7 +116,6 @@ class Runtime:
     async def start(self) -> None:
         """Bind every listener of the initial config, or none."""
         await self.apply(self._initial)
-        self.checks.start()
         self.ready = True
 
     def plan(self, new: Config) -> Plan:
@@ -180,8 +177,8 @@ class Runtime:
 
     def _draining_addresses(self) -> set[str]:
         """The local addresses open client connections use (they keep an address on)."""
-        local = (c.transport.get_extra_info("sockname") for c in self.connections if c.transport)
-        return {str(address[0]) for address in local if address}
+        local = (c.local_address() for c in self.connections)
+        return {address for address in local if address}
 
     async def release_addresses(self, keep: bool) -> None:
         """On exit, after the drain: the service addresses come off, unless ``keep`` (a
@@ -242,7 +239,8 @@ class Runtime:
             external=spec.external,
             filtered=spec.filtered,
             inherited=self._inherited(spec),
-            pinned=self.shared_listeners,
+            copies=self.sockets.take_copies(spec.identity) if self.sockets is not None else [],
+            shared=self.shared_listeners,
         )
 
     def _inherited(self, spec: ListenerSpec) -> socket.socket | None:
@@ -336,7 +334,6 @@ class Runtime:
         """Shutdown phase 1: close every listening socket and stop the health checks; open
         connections carry on."""
         self.ready = False
-        self.checks.stop()
         self.health.close()
         if self.addresses is not None:
             self.addresses.stop_watching()
@@ -355,5 +352,5 @@ class Runtime:
         """Shutdown phase 3: end whatever is still open."""
         for connection in self.connections:
             connection.finish(reason, abort=True)
-        for lingering in list(self.connections.lingering):  # faults' delayed bytes, mirrors
+        for lingering in list(self.connections.lingering):  # mirrors' last copies
             lingering.abort()
