@@ -13,6 +13,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
+
+from lbd.admin.client import AdminTarget
+
 
 @dataclass
 class LbdProcess:
@@ -146,3 +150,18 @@ async def restart(lbd: LbdProcess, pid_file: Path) -> int:
     successor = int(pid_file.read_text())
     assert successor != lbd.process.pid and alive(successor)
     return successor
+
+
+async def metric(target: AdminTarget, name: str, label: str = "") -> float:
+    """The sum of every series of ``name`` that lbd's /metrics exports (those with ``label``,
+    e.g. ``reason="overflow"``, when given)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(f"http://{target.address}/metrics") as response:
+            text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        if not label or label in line.partition("}")[0]:
+            total += float(line.rsplit(" ", 1)[1])
+    return total

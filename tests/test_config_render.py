@@ -28,6 +28,8 @@ NON_DEFAULT = {
     "drainTimeout": "5s",
     "udpIdleTimeout": "10s",
     "maxUdpSessions": "100",
+    "udpResponses": "2",
+    "udpSessionRate": "50",
     "halfClosedTimeout": "7s",
     "maxConnectionDuration": "2h",
     "accessLog": "true",

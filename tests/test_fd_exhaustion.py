@@ -9,15 +9,19 @@ import os
 import resource
 from pathlib import Path
 
+import aiohttp
 import pytest
 
+from lbd.admin.client import AdminTarget
 from lbd.process.worker import raise_file_limit
-from tests.procs import lbd_process
-from tests.support import document, echo_backend, fresh_ip, service_yaml
+from tests.procs import lbd_process, metric
+from tests.support import document, echo_backend, fresh_ip, service_yaml, until
 
 pytestmark = pytest.mark.slow
 
 MAX_FILES = 64
+REFUSED = "lbd_downstream_cx_refused_total"
+FD_EXHAUSTED = 'reason="fd_exhausted"'
 
 
 def cpu_seconds(pid: int) -> float:
@@ -87,3 +91,53 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_limit() -> None:
         assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def served_or_reset(reader: asyncio.StreamReader, timeout: float) -> str:
+    """What a client that got through connect() sees: the backend's name ("served"), a reset
+    or an end of stream ("shed"), or nothing within ``timeout`` ("waiting")."""
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    except TimeoutError:
+        return "waiting"
+    except OSError:
+        return "shed"
+    return "served" if line == b"b\n" else "shed"
+
+
+async def test_every_connection_shed_at_the_limit_fails_at_once_and_is_counted(
+    tmp_path: Path,
+) -> None:
+    """Connections the kernel queued while lbd had no descriptor are reset at once (not left
+    to hang until the client's timeout) and each one is counted as fd_exhausted."""
+    async with echo_backend("b") as (bh, bp, _):
+        path = tmp_path / "lbd.yaml"
+        path.write_text(document(service_yaml("svc", [(bh, bp)], cluster_ip=fresh_ip())))
+        async with lbd_process(path, max_files=MAX_FILES) as lbd:
+            started = await lbd.wait_event("lbd started")
+            admin = AdminTarget(address=str(started["admin"]))
+            host, port = lbd.listener()
+            before = await metric(admin, REFUSED, FD_EXHAUSTED)
+            clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+            gave_up = 0  # clients whose connect() failed: lbd may reset theirs too, later
+            for _ in range(MAX_FILES + 40):  # lbd can serve about half of MAX_FILES
+                try:
+                    clients.append(await asyncio.wait_for(asyncio.open_connection(host, port), 1))
+                except (OSError, TimeoutError):
+                    gave_up += 1
+            outcomes = await asyncio.gather(*(served_or_reset(r, 2.0) for r, _ in clients))
+            for _, writer in clients:
+                writer.close()
+            assert outcomes.count("waiting") == 0, outcomes
+            shed = outcomes.count("shed")
+            assert shed >= 40 and outcomes.count("served") >= 10, outcomes
+
+            # The admin API had no descriptor either while the clients were held: ask now.
+            async def all_counted() -> bool:
+                with contextlib.suppress(OSError, aiohttp.ClientError):
+                    return await metric(admin, REFUSED, FD_EXHAUSTED) >= before + shed
+                return False
+
+            await until(all_counted, what="every shed connection counted")
+            counted = await metric(admin, REFUSED, FD_EXHAUSTED) - before
+            assert shed <= counted <= shed + gave_up

@@ -8,11 +8,10 @@ import os
 import signal
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from lbd.admin.client import AdminTarget, call
-from tests.procs import LbdProcess, alive, lbd_process, run_cli
+from tests.procs import LbdProcess, alive, lbd_process, metric, run_cli
 from tests.support import (
     dead_port,
     document,
@@ -42,17 +41,6 @@ async def started(lbd: LbdProcess, workers: int = 2) -> tuple[AdminTarget, list[
     assert event["workers"] == workers
     pids = [int(str(e["pid"])) for e in lbd.events if e.get("event") == "worker started"]
     return AdminTarget(address=str(event["admin"])), pids
-
-
-async def metric(target: AdminTarget, name: str) -> float:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-        async with session.get(f"http://{target.address}/metrics") as response:
-            text = await response.text()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 async def test_workers_serve_sum_metrics_and_stop_cleanly(tmp_path: Path) -> None:

@@ -140,6 +140,10 @@ class Tunables:
     drain_timeout: float = 30.0
     udp_idle_timeout: float = 30.0  # a UDP session with no datagram either way for this long ends
     max_udp_sessions: int = DEFAULT_MAX_UDP_SESSIONS  # per UDP port; new clients past it dropped
+    # UDP amplification: the replies each client datagram allows (nginx's proxy_responses; the
+    # session ends once they all came), and new sessions per second from one client address.
+    udp_responses: int | None = None
+    udp_session_rate: int | None = None
     half_closed_timeout: float = 60.0  # after one side finished (sent its FIN)
     max_connection_duration: float | None = None  # any connection, however busy
     access_log: bool = False

@@ -48,6 +48,8 @@ _queue = f.int_between(0, 10_000_000)
 # One session holds one socket (a file descriptor and an ephemeral port): a million is already
 # past what one host's port range can carry towards one endpoint address.
 _max_udp_sessions = f.int_between(1, 1_000_000)
+_udp_responses = f.int_between(1, 1000)  # replies per client datagram
+_udp_session_rate = f.int_between(1, 1_000_000)  # new sessions per second per client address
 _splice_modes = f.one_of(SPLICE_MODES)
 MAGLEV_TABLE_MAX = 1_000_003
 
@@ -128,6 +130,8 @@ TUNABLES: tuple[Tunable, ...] = (
     T("drainTimeout", "drain_timeout", parse_duration),
     T("udpIdleTimeout", "udp_idle_timeout", positive_duration),
     T("maxUdpSessions", "max_udp_sessions", _max_udp_sessions),
+    T("udpResponses", "udp_responses", _optional(_udp_responses)),
+    T("udpSessionRate", "udp_session_rate", _optional(_udp_session_rate)),
     T("halfClosedTimeout", "half_closed_timeout", positive_duration),
     T("maxConnectionDuration", "max_connection_duration", _optional(positive_duration), _seconds),
     T("accessLog", "access_log", f.boolean),

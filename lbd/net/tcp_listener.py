@@ -6,8 +6,11 @@ REJECT by the kernel); a reload keeps an unchanged listener's socket and accept 
 also what each connection it accepts sees of its listener (``ListenerView``). Each wakeup
 accepts a batch (``ACCEPT_BATCH``, or until the queue is empty); accepted sockets inherit
 TCP_NODELAY from the listening socket, so they cost no system call but the accept itself.
-Out of descriptors (EMFILE), accepting pauses for ``ACCEPT_PAUSE_S``: no spinning on a queue
-that cannot be taken from, one log line a second, and each pause counted. A socket that is no
+Out of descriptors (EMFILE), the listener frees a descriptor it keeps spare for the purpose and
+takes the queued connections only to reset them, as libev's and Node's servers do: each client
+fails at once instead of hanging in the queue until its own timeout, each one is counted
+(``fd_exhausted``), and nothing spins (the queue is empty afterwards). Without a spare (it could
+not be taken back), accepting pauses for ``ACCEPT_PAUSE_S`` instead. A socket that is no
 longer listening (``ss -K`` destroyed it: accept fails with EINVAL) leaves the reactor at once
 and is served again (``ListenerSocket.destroyed``): bound anew, or with workers listened on
 again, which heals the copy the supervisor keeps too (it is the same socket).
@@ -20,6 +23,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import os
 import socket
 from collections.abc import Callable, Sequence
 
@@ -31,6 +35,7 @@ from lbd.net.connect import OUT_OF_DESCRIPTORS
 from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import bind_tcp_listener, listen_again
+from lbd.net.tcp_socket import set_reset
 
 log = structlog.get_logger("lbd.tcp")
 
@@ -39,6 +44,31 @@ ACCEPT_PAUSE_S = 0.01
 _GAVE_UP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 Peer = tuple[str, int] | tuple[str, int, int, int]
 ConnectionFactory = Callable[["TcpListener", _socket.socket, Peer], object]
+# Out of descriptors for the process (EMFILE) or the host (ENFILE): a spare one lets lbd accept
+# and reset. ENOBUFS and ENOMEM are memory, which a descriptor does not free: pause.
+_SHEDDABLE = frozenset({errno.EMFILE, errno.ENFILE})
+
+
+class SpareDescriptor:
+    """One descriptor (of /dev/null) held per process, so that at the descriptor limit one
+    more accept can still succeed: free it, accept, reset, close, take it back."""
+
+    fd: int | None = None
+
+    @classmethod
+    def keep(cls) -> None:
+        if cls.fd is None:
+            with contextlib.suppress(OSError):
+                cls.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    @classmethod
+    def release(cls) -> bool:
+        """Free it for a moment; False when there is none."""
+        fd, cls.fd = cls.fd, None
+        if fd is None:
+            return False
+        os.close(fd)
+        return True
 
 
 class TcpListener:
@@ -125,6 +155,7 @@ class TcpListener:
 
     async def start(self) -> None:
         assert self.sock is not None
+        SpareDescriptor.keep()
         self._watch()
         self.socket.follow(self.route, self.external)
 
@@ -202,7 +233,8 @@ class TcpListener:
                 return
             except OSError as error:
                 if error.errno in OUT_OF_DESCRIPTORS:
-                    self._pause(error)
+                    if error.errno not in _SHEDDABLE or not self._shed(sock, family, error):
+                        self._pause(error)
                     return
                 if error.errno in _GAVE_UP:
                     continue  # the client gave up while queued: the next one
@@ -211,13 +243,38 @@ class TcpListener:
                 return
             factory(self, _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd), peer)
 
+    def _shed(self, sock: socket.socket, family: int, error: OSError) -> bool:
+        """No descriptor for a connection: reset the queued ones, with the spare descriptor's
+        slot, and count each. False: no spare to do it with."""
+        if not SpareDescriptor.release():
+            return False
+        shed = 0
+        try:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    fd, _peer = sock._accept()  # type: ignore[attr-defined]
+                except OSError:
+                    break  # the queue is empty (or the slot was taken meanwhile)
+                conn = _socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, fd)
+                set_reset(conn)
+                conn.close()
+                shed += 1
+        finally:
+            SpareDescriptor.keep()
+        self.route.stats.downstream_cx_refused_total.fd_exhausted += shed
+        self._log_exhausted(error, shed)
+        return True
+
     def _pause(self, error: OSError) -> None:
-        """No descriptor for a connection: leave the queues alone for a moment."""
+        """No descriptor for a connection and none to spare: leave the queues alone for a
+        moment (the clients wait in them)."""
         for sock in self.sockets():
             self.reactor.modify(sock.fileno(), 0)
         self._paused = self.loop.call_later(ACCEPT_PAUSE_S, self._resume)
+        self._log_exhausted(error, 0)
+
+    def _log_exhausted(self, error: OSError, shed: int) -> None:
         route = self.route
-        route.stats.downstream_cx_refused_total.fd_exhausted += 1
         now = self.loop.time()
         if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
             route.fd_exhausted_logged_at = now
@@ -226,6 +283,8 @@ class TcpListener:
                 where="accept",
                 route=route.label,
                 error=error.strerror or str(error),
+                shed=shed,
+                shed_total=route.stats.downstream_cx_refused_total.fd_exhausted,
             )
 
     def _resume(self) -> None:

@@ -61,19 +61,15 @@ class FaultyUdpSession(UdpSession):
                 break
             received += 1
             nbytes += n
-            self._pass(faults, False, view[:n])
-            if self.replies is not None:
-                self.replies -= 1
-                if not self.replies:
-                    break
+            if self.replies is None or self.take_reply():
+                self._pass(faults, False, view[:n])
         if received:
             self.last_activity = listener.loop.time()
             stats = listener.route.stats
             stats.udp_upstream_datagrams_received_total += received
             stats.udp_upstream_bytes_received_total += nbytes
             if self.replies == 0:
-                stats.udp_sess_ended_total.replied += 1
-                self.finish("replied")
+                self.all_replied()
 
     def _pass(self, faults: RouteFaults, upward: bool, data: memoryview) -> None:
         """One datagram through the faults of its direction; then on its way (or not)."""
@@ -123,8 +119,8 @@ class FaultyUdpSession(UdpSession):
                 self._send(side == 0, data, 1)
 
     def _send(self, upward: bool, data: bytes | memoryview, copies: int) -> None:
-        if self.sock.fileno() < 0:
-            return  # the session ended meanwhile
+        if upward and self.sock.fileno() < 0:
+            return  # the session ended meanwhile (a reply held back still leaves: in flight)
         for _ in range(copies):
             if upward:
                 super().forward(data)  # type: ignore[arg-type]  # bytes work as a memoryview

@@ -37,6 +37,7 @@ from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import IP_PKTINFO, bind_udp_listener
 from lbd.net.udp_drain import UdpDrain
+from lbd.net.udp_rate import SourceRate
 from lbd.net.udp_session import Ancillary, Client, UdpSession, connect_upstream, next_batch
 
 log = structlog.get_logger("lbd.udp")
@@ -56,6 +57,7 @@ class UdpListener:
         "filtered",
         "idle",
         "loop",
+        "rates",
         "reactor",
         "reuse_port",
         "sessions",
@@ -93,6 +95,7 @@ class UdpListener:
         self.view = memoryview(bytearray(RECV_SIZE))
         self.idle = IdleWheel()  # the sessions' idle deadlines, one timer for all
         self.batch = 1  # datagrams read at the next wakeup (next_batch)
+        self.rates: SourceRate | None = None  # udpSessionRate's buckets, from its first use
         self.loop: asyncio.AbstractEventLoop
         self.reactor: Reactor  # the socket and every session's socket are watched here
 
@@ -298,10 +301,17 @@ class UdpListener:
                 )
             return None
         if self.filtered and not route.allows(client[0]):
-            stats.udp_sess_dropped_total.source_range += (
-                1  # dropped: no ICMP per client without raw sockets
-            )
+            # Dropped: no ICMP per client without raw sockets.
+            stats.udp_sess_dropped_total.source_range += 1
             return None
+        rate = route.tunables.udp_session_rate
+        if rate is not None:
+            rates = self.rates
+            if rates is None:
+                rates = self.rates = SourceRate()
+            if not rates.allow(client[0], rate, self.loop.time()):
+                stats.udp_sess_dropped_total.rate += 1
+                return None
         eligible = route.pool.eligible(self.external)
         endpoint = route.pick(eligible, client[0], self.loop.time(), (), client[1])
         if endpoint is None:

@@ -9,8 +9,13 @@ A session is made for every new client address, and a resolver sends each query 
 port: so a session costs what a query costs. Its socket is non-blocking from ``socket()`` with
 the kernel's default buffers (no fcntl, no setsockopt), joins the worker's ``Reactor`` (one
 epoll_ctl; closing it is all it takes to leave), and its idle deadline is an entry in the
-listener's idle wheel, not a timer. A session that ends after its reply (``replies``) closes
-there and then: nothing of it is left to expire.
+listener's idle wheel, not a timer.
+
+With ``udpResponses: N`` (nginx's ``proxy_responses``) each client datagram allows N replies:
+a reply beyond what the client's datagrams allowed is dropped and counted, so an endpoint that
+answers one byte with ten large datagrams cannot turn lbd into an amplifier for a spoofed
+source; and once every allowed reply has come, the session ends there and then (what is still
+queued on its socket is read and dropped), so nothing of a DNS query is left to expire.
 """
 
 from __future__ import annotations
@@ -108,10 +113,7 @@ class UdpSession:
         sock: _socket.socket,
         ancillary: Ancillary | None,
         header: bytes | None = None,
-        replies: int | None = None,
     ) -> None:
-        """``replies``: the session ends after this many replies (None: on idle only), as
-        nginx's ``proxy_responses``."""
         self.listener = listener
         # PROXY protocol v2 (proxyProtocol: v2): sent before every datagram, since each one may
         # reach the endpoint on its own, as HAProxy's and AWS NLB's UDP proxies do.
@@ -121,7 +123,9 @@ class UdpSession:
         self.endpoint = endpoint
         self.sock = sock
         self.ancillary = ancillary  # IP_PKTINFO for the reply's source (wildcard listeners)
-        self.replies = replies
+        # Replies the client's datagrams still allow (udpResponses); None: no cap. A reload
+        # that changes udpResponses applies to the sessions that start after it.
+        self.replies: int | None = None if listener.route.tunables.udp_responses is None else 0
         self.batch = 1  # replies read at the next wakeup (next_batch)
         self.closed = False
         self.idle_bucket: set[Idler] | None = None  # where the idle wheel filed it
@@ -149,6 +153,8 @@ class UdpSession:
             self._upstream_error(error)
             return self.closed is False
         listener.route.stats.udp_upstream_datagrams_sent_total += 1
+        if self.replies is not None:
+            self.replies += listener.route.tunables.udp_responses or 0
         return True
 
     def on_event(self, events: int) -> None:
@@ -177,6 +183,8 @@ class UdpSession:
                 break
             received += 1
             nbytes += n
+            if self.replies is not None and not self.take_reply():
+                continue
             try:
                 if ancillary is None:
                     out.sendto(view[:n], client)
@@ -188,10 +196,6 @@ class UdpSession:
                 listener.route.stats.udp_errors_total.downstream_tx += 1
                 continue
             sent += 1
-            if self.replies is not None:
-                self.replies -= 1
-                if not self.replies:
-                    break
         self.batch = next_batch(self.batch, received, dry)
         if received:
             self.last_activity = listener.loop.time()
@@ -200,8 +204,30 @@ class UdpSession:
             stats.udp_upstream_bytes_received_total += nbytes
             stats.udp_downstream_datagrams_sent_total += sent
         if self.replies == 0:
-            stats.udp_sess_ended_total.replied += 1
-            self.finish("replied")  # nothing of it is left: no idle deadline, no socket
+            self.all_replied()
+
+    def take_reply(self) -> bool:
+        """udpResponses: whether one more reply may go to the client (else it is counted)."""
+        if self.replies:
+            self.replies -= 1
+            return True
+        self.listener.route.stats.udp_replies_capped_total += 1
+        return False
+
+    def all_replied(self) -> None:
+        """Every reply the client's datagrams allowed has come: end the session (nothing of it
+        is left: no idle deadline, no socket). Replies already queued are read and counted as
+        capped; later ones meet a closed port (the kernel answers ICMP port unreachable)."""
+        view = self.listener.view
+        stats = self.listener.route.stats
+        for _ in range(BATCH):
+            try:
+                self.sock.recv_into(view)
+            except OSError:  # BlockingIOError: nothing more queued
+                break
+            stats.udp_replies_capped_total += 1
+        stats.udp_sess_ended_total.replied += 1
+        self.finish("replied")
 
     def hand_over(self, kind: type[UdpSession]) -> UdpSession:
         """Carry on as a session of ``kind`` (its port's faults went on or off): the same socket,
@@ -212,6 +238,7 @@ class UdpSession:
             listener, self.key, self.client, self.endpoint, self.sock, self.ancillary, self.header
         )
         successor.last_activity = last = self.last_activity
+        successor.replies = self.replies
         listener.idle.file(successor, last + listener.route.tunables.udp_idle_timeout)
         self.closed = True
         listener.sessions[self.key] = successor

@@ -48,7 +48,7 @@ _TABLE: tuple[MetricSpec, ...] = (
         "Client connections reset at once, by reason (no_endpoint: none eligible; overflow: "
         "over maxConnections with the queue full; queue_timeout: waited queueTimeout; "
         "endpoint_limits: every endpoint at maxConnectionsPerEndpoint; fd_exhausted: no "
-        "descriptor for the upstream socket; proxy_header_invalid: a trusted source sent no "
+        "descriptor for it or its upstream socket; proxy_header_invalid: a trusted source sent no "
         "valid PROXY header; source_range: outside loadBalancerSourceRanges; fault: a refuse "
         "fault).",
         label="reason",
@@ -171,7 +171,7 @@ _TABLE: tuple[MetricSpec, ...] = (
         C,
         "New UDP clients whose datagram was dropped, by reason (overflow: maxUdpSessions "
         "reached; no_endpoint; create_fail: no upstream socket; source_range: outside "
-        "loadBalancerSourceRanges).",
+        "loadBalancerSourceRanges; rate: its address over udpSessionRate).",
         label="reason",
     ),
     _udp(
@@ -187,6 +187,11 @@ _TABLE: tuple[MetricSpec, ...] = (
     _udp("udp_upstream_datagrams_sent_total", C, "Datagrams sent to endpoints."),
     _udp("udp_upstream_datagrams_received_total", C, "Datagrams received from endpoints."),
     _udp("udp_upstream_bytes_received_total", C, "Bytes received from endpoints."),
+    _udp(
+        "udp_replies_capped_total",
+        C,
+        "Replies from endpoints dropped: more than the client's datagrams allow (udpResponses).",
+    ),
     _udp(
         "udp_errors_total",
         C,

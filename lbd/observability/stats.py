@@ -54,7 +54,7 @@ class Refusals:
     overflow: int = 0  # over maxConnections with the queue full
     queue_timeout: int = 0  # waited queueTimeout in the queue
     endpoint_limits: int = 0  # admitted, then every endpoint was at maxConnectionsPerEndpoint
-    fd_exhausted: int = 0  # no descriptor left for the upstream socket
+    fd_exhausted: int = 0  # no descriptor left for it (at accept) or its upstream socket
     proxy_header_invalid: int = 0  # a trusted source sent no valid PROXY header
     source_range: int = 0  # outside loadBalancerSourceRanges
     fault: int = 0  # a refuse fault (docs/faults.md)
@@ -74,6 +74,7 @@ class UdpDrops:
     no_endpoint: int = 0
     create_fail: int = 0  # no upstream socket (out of ports or descriptors)
     source_range: int = 0  # outside loadBalancerSourceRanges
+    rate: int = 0  # over udpSessionRate: its address starts sessions too fast
 
 
 @dataclass(slots=True)
@@ -152,6 +153,7 @@ class RouteStats:
     udp_upstream_datagrams_sent_total: int = 0
     udp_upstream_datagrams_received_total: int = 0
     udp_upstream_bytes_received_total: int = 0
+    udp_replies_capped_total: int = 0  # replies beyond what udpResponses allows: dropped
     udp_errors_total: UdpErrors = field(default_factory=UdpErrors)
     # mirror: (lbd.net.mirror); the real connection never waits for its copy
     mirror_cx_total: int = 0
