@@ -6,11 +6,14 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
 from lbd.admin.client import AdminTarget, call
+from lbd.process.messages import AdminRequest
+from lbd.process.workers import Overrides
 from tests.procs import LbdProcess, alive, lbd_process, metric, run_cli
 from tests.support import (
     dead_port,
@@ -341,3 +344,36 @@ async def test_client_ip_affinity_holds_whichever_worker_accepts(tmp_path: Path)
             assert len({str(e["connection"]).split("-")[0] for e in closed}) == 2
             lbd.signal(signal.SIGTERM)
             assert await lbd.wait_exit() == 0
+
+
+def test_replayed_overrides_stay_bounded_and_replay_to_the_same_state() -> None:
+    """A replacement worker replays the latest override per kind and target, in order: what
+    the whole history left, from a list bounded by the endpoints (not by the requests)."""
+
+    def request(view: str, port: str = "", weight: str = "") -> AdminRequest:
+        query = {"service": "svc", "endpoint": "127.0.1.1"}
+        query.update({k: v for k, v in (("port", port), ("weight", weight)) if v})
+        return AdminRequest(view=view, query=query)
+
+    def drained_ports(requests: Iterable[AdminRequest]) -> set[str]:
+        state = {"80": False, "443": False}
+        for r in requests:
+            if r.view in ("drain", "enable"):
+                for port in [r.query["port"]] if "port" in r.query else list(state):
+                    state[port] = r.view == "drain"
+        return {port for port, drained in state.items() if drained}
+
+    history = [
+        request("drain"),
+        request("enable", port="80"),
+        request("weight", weight="3"),
+        request("drain"),
+        request("enable", port="443"),
+        *(request("weight", weight=str(n)) for n in range(1000)),
+    ]
+    overrides = Overrides()
+    for r in history:
+        overrides.made(r)
+    assert len(overrides) == 4
+    assert drained_ports(overrides) == drained_ports(history) == {"80"}
+    assert [r.query.get("weight") for r in overrides if r.view == "weight"] == ["999"]

@@ -78,7 +78,7 @@ class SupervisorBackend:
         if first.status == 400:
             raise views.BadRequest(first.error)
         if name in OVERRIDES:
-            pool.overrides.append(request)
+            pool.overrides.made(request)
         elif name in FAULT_CHANGES:
             pool.faults_changed(request, first.body or {})
         return first.body or {}

@@ -18,7 +18,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +78,34 @@ class WorkerSlot:
         )
 
 
+class Overrides:
+    """The admin overrides (drain, enable, weight) a replacement worker must replay.
+
+    Only the latest of each kind (weight, or drain/enable) and target is kept, and a new one
+    moves to the end: replaying them in order leaves every endpoint as the whole history did
+    (the last change that touched an endpoint is always kept, in its place relative to the
+    other kept ones), and the list stays bounded by the endpoints, not the requests.
+    """
+
+    __slots__ = ("latest",)
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str, str, str], AdminRequest] = {}
+
+    def made(self, request: AdminRequest) -> None:
+        query = request.query
+        kind = "weight" if request.view == "weight" else "drained"
+        key = (kind, query.get("service", ""), query.get("port", ""), query.get("endpoint", ""))
+        self.latest.pop(key, None)
+        self.latest[key] = request
+
+    def __iter__(self) -> Iterator[AdminRequest]:
+        return iter(list(self.latest.values()))
+
+    def __len__(self) -> int:
+        return len(self.latest)
+
+
 class WorkerSet:
     def __init__(
         self,
@@ -95,7 +123,7 @@ class WorkerSet:
         self.stats = SupervisorStats()
         self.snapshots = WorkerSnapshots()
         # Admin overrides, replayed to a worker that replaces one.
-        self.overrides: list[AdminRequest] = []
+        self.overrides = Overrides()
         # Faults added over the admin API, by id, with their service port: replayed too.
         self.faults: dict[str, tuple[RouteKey, AdminRequest]] = {}
         # Health verdicts of the probing worker (0), for the others and for replacements.
