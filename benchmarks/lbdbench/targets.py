@@ -51,6 +51,7 @@ class Route:
 
     transport: Transport
     backend: Address
+    replies: int | None = None  # UDP: a session ends after this many replies (None: on idle)
 
 
 @dataclass
@@ -168,6 +169,7 @@ class Lbd(Target):
 
     def command(self, route: Route, workdir: Path) -> list[str]:
         protocol = "" if route.transport == "tcp" else ", protocol: UDP"
+        replies = "" if route.replies is None else f"\n    udpResponses: {route.replies}"
         config = f"""\
 apiVersion: lbd/v1
 node: {{addresses: [127.0.0.5]}}
@@ -177,7 +179,7 @@ services:
   - name: bench
     clusterIP: {self.listen.host}
     ports: [{{port: {self.listen.port}, targetPort: {route.backend.port}{protocol}}}]
-    endpoints: [{route.backend.host}]
+    endpoints: [{route.backend.host}]{replies}
 """
         path = workdir / f"{self.key}.yaml"
         path.write_text(config)
@@ -262,6 +264,7 @@ stream {{
         proxy_pass {route.backend};
         proxy_connect_timeout 1s;
         proxy_timeout {timeout};
+{f"        proxy_responses {route.replies};" if route.replies is not None else ""}
 {f"        proxy_buffer_size {self.buffer_kib}k;" if self.buffer_kib else ""}
     }}
 }}

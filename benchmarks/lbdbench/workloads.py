@@ -423,8 +423,6 @@ class DnsSessions(Workload):
     """A new UDP session per query: how a stub resolver reaches a DNS service (every query
     from a new source port), the commonest UDP traffic in a cluster."""
 
-    key = "dns-sessions"
-    title = "new UDP sessions (DNS queries, a new socket each)"
     transport: Transport = "udp"
     # One query at a time: as for latency, all on one CPU (a cross-CPU wakeup costs more here
     # than any proxy adds), so the rate and p50 are the cost of the path itself.
@@ -435,13 +433,34 @@ class DnsSessions(Workload):
         Metric("cpu_us", "proxy CPU per new UDP session (DNS query)", "µs", False),
     )
 
-    def __init__(self) -> None:
+    def __init__(self, replies: int | None = None) -> None:
+        """``replies``: sessions end after this many replies (lbd's ``udpResponses``, nginx's
+        ``proxy_responses``), as a DNS service is usually set up; None: on idle only."""
         self.backend_address = Address(BACKEND_HOST, 9053)
+        self.replies = replies
+        self.key = "dns-sessions" if replies is None else "dns-replied"
+        self.title = "new UDP sessions (DNS queries, a new socket each)" + (
+            "" if replies is None else f", sessions end after {replies} reply"
+        )
+        if replies is not None:
+            self.metrics = tuple(
+                Metric(m.key, f"{m.title}, ending at the reply", m.unit, m.higher_is_better)
+                for m in DnsSessions.metrics
+            )
+
+    @property
+    def route(self) -> Route:
+        return Route(self.transport, self.backend_address, self.replies)
 
     def describe(self, s: Settings) -> str:
+        ending = (
+            ""
+            if self.replies is None
+            else "; sessions end at the answer (udpResponses: 1, proxy_responses 1)"
+        )
         return (
             f"{s.dns_queries} DNS queries to dnsmasq (hosts file only), one at a time, each from "
-            "a new socket; answered queries/s and send-to-answer p50"
+            f"a new socket; answered queries/s and send-to-answer p50{ending}"
         )
 
     def backend(self, s: Settings) -> AbstractContextManager[object]:
@@ -484,4 +503,5 @@ def all_workloads() -> list[Workload]:
         IdleMemory(),
         UdpRate(),
         DnsSessions(),
+        DnsSessions(replies=1),
     ]
