@@ -338,18 +338,24 @@ def _none_succeeded(connection: Connecting, tries: int) -> None:
 def _out_of_descriptors(connection: Connecting, error: OSError) -> None:
     """No socket for the upstream (EMFILE/ENFILE/ENOBUFS): shed this connection with a reset
     at once, which also frees its descriptor; other endpoints would fail the same."""
-    route = connection.route
-    route.stats.downstream_cx_refused_total.fd_exhausted += 1
-    now = connection.loop.time()
-    if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
+    out_of_descriptors(connection.route, connection.loop.time(), error, "connect", shed=1)
+    connection.finish("fd_exhausted", abort=True)
+
+
+def out_of_descriptors(route: Route, now: float, error: OSError, where: str, shed: int) -> None:
+    """Count ``shed`` connections reset for lack of a descriptor (at ``where``: accept or
+    connect) and log it, at most one line a second per route."""
+    refused = route.stats.downstream_cx_refused_total
+    refused.fd_exhausted += shed
+    if now - route.fd_exhausted_logged_at >= 1.0:
         route.fd_exhausted_logged_at = now
         log.error(
             "out of file descriptors",
+            where=where,
             route=route.label,
             error=error.strerror or str(error),
-            shed_total=route.stats.downstream_cx_refused_total.fd_exhausted,
+            shed_total=refused.fd_exhausted,
         )
-    connection.finish("fd_exhausted", abort=True)
 
 
 def _pick_under_limit(

@@ -31,7 +31,7 @@ import structlog
 
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
-from lbd.net.connect import OUT_OF_DESCRIPTORS
+from lbd.net.connect import OUT_OF_DESCRIPTORS, out_of_descriptors
 from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import bind_tcp_listener, listen_again
@@ -261,8 +261,7 @@ class TcpListener:
                 shed += 1
         finally:
             SpareDescriptor.keep()
-        self.route.stats.downstream_cx_refused_total.fd_exhausted += shed
-        self._log_exhausted(error, shed)
+        out_of_descriptors(self.route, self.loop.time(), error, "accept", shed)
         return True
 
     def _pause(self, error: OSError) -> None:
@@ -271,21 +270,7 @@ class TcpListener:
         for sock in self.sockets():
             self.reactor.modify(sock.fileno(), 0)
         self._paused = self.loop.call_later(ACCEPT_PAUSE_S, self._resume)
-        self._log_exhausted(error, 0)
-
-    def _log_exhausted(self, error: OSError, shed: int) -> None:
-        route = self.route
-        now = self.loop.time()
-        if now - route.fd_exhausted_logged_at >= 1.0:  # at most one line a second
-            route.fd_exhausted_logged_at = now
-            log.error(
-                "out of file descriptors",
-                where="accept",
-                route=route.label,
-                error=error.strerror or str(error),
-                shed=shed,
-                shed_total=route.stats.downstream_cx_refused_total.fd_exhausted,
-            )
+        out_of_descriptors(self.route, self.loop.time(), error, "accept", 0)
 
     def _resume(self) -> None:
         self._paused = None

@@ -100,7 +100,7 @@ class Overrides:
         self.latest[key] = request
 
     def __iter__(self) -> Iterator[AdminRequest]:
-        return iter(list(self.latest.values()))
+        return iter(self.latest.values())
 
     def __len__(self) -> int:
         return len(self.latest)
