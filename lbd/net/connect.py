@@ -24,6 +24,7 @@ from lbd.endpoints.endpoint import UpstreamEndpoint
 from lbd.endpoints.route import Route
 from lbd.net import proxy_protocol, tcp_faults
 from lbd.net.connections import ConnectionSet
+from lbd.net.descriptors import OUT_OF_DESCRIPTORS, out_of_descriptors
 from lbd.net.idle import Idler
 from lbd.net.proxy_protocol import Address
 from lbd.net.reactor import READABLE, Reactor
@@ -38,9 +39,6 @@ log = structlog.get_logger("lbd.tcp")
 # candidate always gets the full connectTimeout, so a one-endpoint service is never cut short.
 MAX_CONNECT_TRIES = 8
 TRY_TIMEOUT_SCALE = (0.25, 0.5)
-# A connect that fails with one of these failed for lack of lbd's own resources, not the
-# endpoint's: it is shed, not retried elsewhere or held against the endpoint.
-OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # non-blocking from the start: no fcntl
 _UNDER_WAY = frozenset({0, errno.EINPROGRESS})
 
@@ -340,22 +338,6 @@ def _out_of_descriptors(connection: Connecting, error: OSError) -> None:
     at once, which also frees its descriptor; other endpoints would fail the same."""
     out_of_descriptors(connection.route, connection.loop.time(), error, "connect", shed=1)
     connection.finish("fd_exhausted", abort=True)
-
-
-def out_of_descriptors(route: Route, now: float, error: OSError, where: str, shed: int) -> None:
-    """Count ``shed`` connections reset for lack of a descriptor (at ``where``: accept or
-    connect) and log it, at most one line a second per route."""
-    refused = route.stats.downstream_cx_refused_total
-    refused.fd_exhausted += shed
-    if now - route.fd_exhausted_logged_at >= 1.0:
-        route.fd_exhausted_logged_at = now
-        log.error(
-            "out of file descriptors",
-            where=where,
-            route=route.label,
-            error=error.strerror or str(error),
-            shed_total=refused.fd_exhausted,
-        )
 
 
 def _pick_under_limit(

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import os
 import socket
 from collections.abc import Callable, Sequence
 
@@ -31,7 +30,12 @@ import structlog
 
 from lbd.endpoints.pool import Pool
 from lbd.endpoints.route import Route
-from lbd.net.connect import OUT_OF_DESCRIPTORS, out_of_descriptors
+from lbd.net.descriptors import (
+    OUT_OF_DESCRIPTORS,
+    SHEDDABLE,
+    SpareDescriptor,
+    out_of_descriptors,
+)
 from lbd.net.listener import ListenerSocket
 from lbd.net.reactor import LEVEL, Reactor
 from lbd.net.sockets import bind_tcp_listener, listen_again
@@ -44,31 +48,6 @@ ACCEPT_PAUSE_S = 0.01
 _GAVE_UP = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 Peer = tuple[str, int] | tuple[str, int, int, int]
 ConnectionFactory = Callable[["TcpListener", _socket.socket, Peer], object]
-# Out of descriptors for the process (EMFILE) or the host (ENFILE): a spare one lets lbd accept
-# and reset. ENOBUFS and ENOMEM are memory, which a descriptor does not free: pause.
-_SHEDDABLE = frozenset({errno.EMFILE, errno.ENFILE})
-
-
-class SpareDescriptor:
-    """One descriptor (of /dev/null) held per process, so that at the descriptor limit one
-    more accept can still succeed: free it, accept, reset, close, take it back."""
-
-    fd: int | None = None
-
-    @classmethod
-    def keep(cls) -> None:
-        if cls.fd is None:
-            with contextlib.suppress(OSError):
-                cls.fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-    @classmethod
-    def release(cls) -> bool:
-        """Free it for a moment; False when there is none."""
-        fd, cls.fd = cls.fd, None
-        if fd is None:
-            return False
-        os.close(fd)
-        return True
 
 
 class TcpListener:
@@ -233,7 +212,7 @@ class TcpListener:
                 return
             except OSError as error:
                 if error.errno in OUT_OF_DESCRIPTORS:
-                    if error.errno not in _SHEDDABLE or not self._shed(sock, family, error):
+                    if error.errno not in SHEDDABLE or not self._shed(sock, family, error):
                         self._pause(error)
                     return
                 if error.errno in _GAVE_UP:
