@@ -19,6 +19,7 @@ import asyncio
 import base64
 import contextlib
 import copy
+import itertools
 import json
 import ssl
 from collections.abc import AsyncIterator
@@ -99,6 +100,7 @@ class FakeApiServer:
         self.tokens_seen: set[str] = set()
         self.lists: dict[str, int] = {kind: 0 for kind in COLLECTIONS}
         self.pages: dict[str, list[Obj]] = {}  # continue token -> the rest of a list
+        self._tokens = itertools.count()  # every continue token is new (lists run concurrently)
         self.held: dict[str, asyncio.Event] = {}  # kind -> lists of it wait until it is set
         self._runner: web.AppRunner | None = None
         self._transports: set[asyncio.BaseTransport] = set()
@@ -226,7 +228,7 @@ class FakeApiServer:
         page, remaining = rest[:limit], rest[limit:]
         meta: Obj = {"resourceVersion": str(self.version)}
         if remaining:
-            next_token = base64.b64encode(json.dumps([self.version, len(self.pages)]).encode())
+            next_token = base64.b64encode(json.dumps([self.version, next(self._tokens)]).encode())
             meta["continue"] = next_token.decode()
             meta["remainingItemCount"] = len(remaining)
             self.pages[meta["continue"]] = remaining
