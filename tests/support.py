@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
 import inspect
 import itertools
@@ -426,11 +427,11 @@ async def send_hashed(
     total: int,
     seed: bytes,
     block_size: int = 65536,
-    first: Callable[[], bool] | None = None,
+    pace: Callable[[int], bool] | None = None,
 ) -> str:
     """Write ``total`` bytes in ``block_size`` writes, each starting with its offset (so a
-    reordered or repeated block changes the hash), then FIN; returns their SHA-256. ``first``:
-    after the first block, wait until it holds before sending the rest."""
+    reordered or repeated block changes the hash), then FIN; returns their SHA-256. ``pace``:
+    after each block, wait until ``pace(bytes sent so far)`` holds."""
     digest = hashlib.sha256()
     block = hashlib.sha256(seed).digest() * (block_size // 32)
     sent = 0
@@ -439,20 +440,24 @@ async def send_hashed(
         digest.update(chunk)
         writer.write(chunk)
         await writer.drain()
-        if first is not None and not sent:
-            await until(first)
         sent += len(chunk)
+        if pace is not None:
+            await until(functools.partial(pace, sent))
     writer.write_eof()
     return digest.hexdigest()
 
 
-async def receive_hashed(reader: asyncio.StreamReader) -> tuple[str, int]:
-    """Read to EOF: (SHA-256, byte count)."""
+async def receive_hashed(
+    reader: asyncio.StreamReader, progress: Callable[[int], None] | None = None
+) -> tuple[str, int]:
+    """Read to EOF: (SHA-256, byte count). ``progress(bytes so far)`` after each read."""
     digest = hashlib.sha256()
     total = 0
     while chunk := await reader.read(1024 * 1024):
         digest.update(chunk)
         total += len(chunk)
+        if progress is not None:
+            progress(total)
     return digest.hexdigest(), total
 
 
